@@ -1,0 +1,160 @@
+"""The executor pool: ready queue, delayed queue, concurrency limits, one attempt at a time per task.
+
+Dispatch is event-driven: a submit, a finished attempt or a due delay wakes
+the loop; there is no fixed-interval polling. The store is single-owner, so
+the queue lives in memory and the database is its durable copy: a task is
+handed to a free slot as soon as its insert has committed, and its `running`
+mark rides the next group commit.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import anyio
+from anyio.abc import TaskGroup
+
+from sidequest.executors.base import TaskContext
+from sidequest.models import PRIORITY_RANK, utcnow
+from sidequest.storage.base import TaskRecord
+
+
+@dataclass
+class RunningAttempt:
+    task: TaskRecord
+    ctx: TaskContext
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    stop_reason: str | None = None  # "cancelled" | "shutdown"
+
+
+_READY = ("queued", "retrying")
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        max_concurrency: int,
+        agent_limit: Callable[[str], int | None],
+        start_attempt: Callable[[TaskRecord], RunningAttempt],
+        run_attempt: Callable[[RunningAttempt], Awaitable[None]],
+        is_ready: Callable[[str], TaskRecord | None],
+    ) -> None:
+        self.max_concurrency = max_concurrency
+        self._agent_limit = agent_limit
+        self._start_attempt = start_attempt
+        self._run_attempt = run_attempt
+        self._is_ready = is_ready
+        self._ready: list[tuple[int, int, str]] = []
+        self._delayed: list[tuple[datetime, int, str]] = []
+        self._blocked: dict[str, deque[tuple[int, int, str]]] = defaultdict(deque)
+        self.running: dict[str, RunningAttempt] = {}
+        self._per_agent: dict[str, int] = defaultdict(int)
+        self._wake = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+        self.accepting = True
+        self._tg: TaskGroup | None = None
+
+    # ---- queueing --------------------------------------------------------
+
+    def enqueue(self, task: TaskRecord) -> None:
+        due = task.next_attempt_at if task.status == "retrying" else task.not_before
+        if due is not None and due > utcnow():
+            heapq.heappush(self._delayed, (due, task.seq, task.id))
+        else:
+            heapq.heappush(self._ready, (PRIORITY_RANK[task.priority], task.seq, task.id))
+        self._wake.set()
+
+    def queued_count(self) -> int:
+        return len(self._ready) + len(self._delayed) + sum(len(q) for q in self._blocked.values())
+
+    # ---- the loop --------------------------------------------------------
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            while True:
+                self._promote_due()
+                self._fill_slots(tg)
+                timeout = self._until_next_due()
+                with anyio.move_on_after(timeout):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+
+    def _promote_due(self) -> None:
+        if not self._delayed:
+            return
+        now = utcnow()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, seq, task_id = heapq.heappop(self._delayed)
+            task = self._is_ready(task_id)
+            if task is not None:
+                heapq.heappush(self._ready, (PRIORITY_RANK[task.priority], seq, task_id))
+
+    def _until_next_due(self) -> float:
+        if not self._delayed:
+            return math.inf
+        return max(0.0, (self._delayed[0][0] - utcnow()).total_seconds())
+
+    def _fill_slots(self, tg: TaskGroup) -> None:
+        while self.accepting and self._ready and len(self.running) < self.max_concurrency:
+            entry = heapq.heappop(self._ready)
+            task = self._is_ready(entry[2])
+            if task is None:
+                continue  # cancelled while queued
+            limit = self._agent_limit(task.agent)
+            if limit is not None and self._per_agent[task.agent] >= limit:
+                self._blocked[task.agent].append(entry)
+                continue
+            attempt = self._start_attempt(task)
+            self.running[task.id] = attempt
+            self._per_agent[task.agent] += 1
+            self._idle = anyio.Event()
+            tg.start_soon(self._guarded, attempt)
+
+    async def _guarded(self, attempt: RunningAttempt) -> None:
+        try:
+            await self._run_attempt(attempt)
+        finally:
+            task = attempt.task
+            self.running.pop(task.id, None)
+            self._per_agent[task.agent] -= 1
+            blocked = self._blocked.get(task.agent)
+            while blocked:
+                heapq.heappush(self._ready, blocked.popleft())
+            if not self.running:
+                self._idle.set()
+            self._wake.set()
+
+    # ---- stopping --------------------------------------------------------
+
+    async def drain(self, grace: float) -> list[str]:
+        """Stop starting work; let running attempts finish for `grace` seconds, then stop them.
+
+        Returns the ids of tasks that were stopped (the engine puts them back in the queue).
+        """
+        self.accepting = False
+        with anyio.move_on_after(grace):
+            await self._idle.wait()
+        stopped = list(self.running)
+        for attempt in list(self.running.values()):
+            attempt.stop_reason = "shutdown"
+            attempt.ctx._cancel()
+            attempt.scope.cancel()
+        with anyio.move_on_after(5):
+            await self._idle.wait()
+        return stopped
+
+    def cancel_running(self, task_id: str) -> bool:
+        attempt = self.running.get(task_id)
+        if attempt is None:
+            return False
+        attempt.stop_reason = "cancelled"
+        attempt.ctx._cancel()
+        attempt.scope.cancel()
+        return True

@@ -1,0 +1,732 @@
+"""Engine: submit, cancel, get, list, notifications — the API every surface calls.
+
+The engine owns its store (DuckDB allows one writing process), so the
+state of unfinished work lives in memory with the database as its durable
+copy. Reads first wait for writes already enqueued (read-your-writes), then
+go to the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import anyio
+
+from sidequest.agents import AgentRegistry
+from sidequest.config import Settings
+from sidequest.engine.dispatcher import Dispatcher, RunningAttempt
+from sidequest.engine.errors import InvalidRequest, NotFound
+from sidequest.engine.notifier import Listener, Notifier
+from sidequest.engine.retry import backoff_delay
+from sidequest.executors.base import ExecutionResult, PermanentError, TaskContext
+from sidequest.models import (
+    AgentInfo,
+    Attempt,
+    CancelResult,
+    Notification,
+    NotificationKind,
+    NotificationPage,
+    Progress,
+    ResultPage,
+    RetryBackoff,
+    StatusReport,
+    TaskInfo,
+    TaskOptions,
+    TaskStatus,
+    TaskSubmitted,
+    WorkflowInfo,
+    WorkflowPage,
+    WorkflowStatus,
+    utcnow,
+)
+from sidequest.storage.base import (
+    AttemptRecord,
+    LoadedState,
+    ResultRecord,
+    Store,
+    TaskRecord,
+    UsageRecord,
+    WorkflowQuery,
+    WorkflowRecord,
+)
+
+log = logging.getLogger(__name__)
+
+_NOTIFY_PREVIEW = 200
+_FINISHED = {s.value for s in (TaskStatus.completed, TaskStatus.failed, TaskStatus.cancelled)}
+
+
+def new_id(prefix: str) -> str:
+    """Unguessable: an id is a capability to read and cancel a task."""
+    return f"{prefix}_{secrets.token_urlsafe(16)}"
+
+
+def default_scope() -> str:
+    return os.environ.get("CLAUDE_PROJECT_DIR") or os.getcwd()
+
+
+def _short(text: str | None, limit: int) -> str:
+    if not text:
+        return ""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Engine:
+    def __init__(self, settings: Settings, store: Store | None = None, registry: AgentRegistry | None = None):
+        self.settings = settings
+        if store is None:
+            from sidequest.storage.duckdb import DuckDBStore
+
+            store = DuckDBStore(settings.database_path)
+        self.store = store
+        self.agents = registry or AgentRegistry.from_settings(settings)
+        self.worker_id = new_id("w")
+        self.notifier = Notifier(store)
+        self.dispatcher = Dispatcher(
+            settings.max_concurrency,
+            self._agent_limit,
+            self._start_attempt,
+            self._run_attempt,
+            self._ready_task,
+        )
+        self._live: dict[str, TaskRecord] = {}
+        self._workflows: dict[str, WorkflowRecord] = {}
+        self._wf_open: Counter[str] = Counter()
+        self._wf_counts: dict[str, Counter[str]] = {}
+        self._idempotency: dict[tuple[str, str], str] = {}
+        self._inserting: dict[str, anyio.Event] = {}
+        self._seq = 0
+        self._loop_thread: int | None = None
+        self._started = False
+
+    # ---- lifecycle -------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Engine]:
+        """Open the store, recover lapsed work, run the pool; on exit drain gracefully."""
+        state = await anyio.to_thread.run_sync(self.store.open)
+        self._loop_thread = threading.get_ident()
+        try:
+            self._load(state)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.store.run_writer, self.notifier.committed)
+                tg.start_soon(self.dispatcher.run)
+                tg.start_soon(self._renew_leases)
+                self._started = True
+                try:
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._shutdown()
+                    tg.cancel_scope.cancel()
+        finally:
+            self._started = False
+            await anyio.to_thread.run_sync(self.store.close)
+
+    def _load(self, state: LoadedState) -> None:
+        self._seq = state.max_seq
+        self.notifier.start_at(state.max_cursor)
+        self._workflows = dict(state.live_workflows)
+        for wid, counts in state.workflow_counts.items():
+            self._wf_counts[wid] = Counter({s: n for s, n in counts.items() if s in _FINISHED})
+            self._wf_open[wid] = sum(n for s, n in counts.items() if s not in _FINISHED)
+        for task in state.live_tasks:
+            self._live[task.id] = task
+            if task.idempotency_key:
+                self._idempotency[(task.scope, task.idempotency_key)] = task.id
+        exclusive = getattr(self.store, "exclusive", True)
+        now = utcnow()
+        for task in state.live_tasks:
+            if task.status == TaskStatus.running:
+                lapsed = exclusive or task.lease_expires_at is None or task.lease_expires_at <= now
+                if lapsed:
+                    self._recover_lapsed(task, now)
+                    continue
+            if task.id in self._live:
+                self.dispatcher.enqueue(task)
+        # A workflow left running with nothing open (a crash between writes) is finished now.
+        for wid in [w for w in self._workflows if self._wf_open[w] <= 0]:
+            self._finish_workflow(wid, now)
+
+    def _recover_lapsed(self, task: TaskRecord, now: datetime) -> None:
+        """The process running this attempt died: count the attempt, retry or fail."""
+        error = f"attempt {task.attempts} was lost: the process running it stopped and its lease lapsed"
+        self.store.add_attempt(
+            AttemptRecord(task.id, task.attempts, "lost", task.started_at, now, error, task.worker_id)
+        )
+        log.warning("task %s: %s", task.id, error)
+        self._after_failure(task, error, permanent=False, now=now, immediate=True)
+
+    async def _shutdown(self) -> None:
+        stopped = await self.dispatcher.drain(self.settings.shutdown_grace)
+        if stopped:
+            log.info("put %d running task(s) back in the queue at shutdown", len(stopped))
+        await self.store.flush()
+
+    async def _renew_leases(self) -> None:
+        interval = max(0.05, self.settings.lease_seconds / 3)
+        while True:
+            await anyio.sleep(interval)
+            expires = utcnow() + timedelta(seconds=self.settings.lease_seconds)
+            for attempt in self.dispatcher.running.values():
+                attempt.task.lease_expires_at = expires
+                self.store.update_task(attempt.task)
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        return self.notifier.add_listener(listener)
+
+    # ---- submit ----------------------------------------------------------
+
+    def list_agents(self) -> list[AgentInfo]:
+        return self.agents.infos()
+
+    def _validate_submit(self, agent: str, prompt: str, options: TaskOptions) -> None:
+        if self.agents.get(agent) is None:
+            known = ", ".join(self.agents.names()) or "none are configured; add [agents.NAME] to the config"
+            raise InvalidRequest(f"unknown agent {agent!r}; known agents: {known}")
+        if not prompt.strip():
+            raise InvalidRequest("prompt is empty; say what the agent should do")
+        size = len(prompt.encode("utf-8"))
+        if size > self.settings.max_prompt_bytes:
+            raise InvalidRequest(
+                f"prompt is {size} bytes, over the {self.settings.max_prompt_bytes}-byte limit "
+                "(max_prompt_bytes in the config); pass a file path or a summary instead"
+            )
+        if options.timeout is not None and options.timeout > self.settings.max_timeout:
+            raise InvalidRequest(
+                f"timeout {options.timeout:g}s is over the {self.settings.max_timeout:g}s maximum "
+                "(max_timeout in the config)"
+            )
+
+    async def submit(self, agent: str, prompt: str, options: TaskOptions | None = None) -> TaskSubmitted:
+        """Durably record a task and hand it to the pool; returns once the row is committed."""
+        self._require_running()
+        options = options or TaskOptions()
+        self._validate_submit(agent, prompt, options)
+        scope = options.scope or default_scope()
+
+        if options.idempotency_key:
+            existing = self._idempotency.get((scope, options.idempotency_key))
+            if existing is not None:
+                return await self._existing_submission(existing)
+
+        now = utcnow()
+        new_workflow: WorkflowRecord | None = None
+        reopen: WorkflowRecord | None = None
+        if options.workflow_id:
+            workflow = self._workflows.get(options.workflow_id) or await self.store.get_workflow(
+                options.workflow_id
+            )
+            if workflow is None:
+                raise NotFound(
+                    f"unknown workflow_id {options.workflow_id!r}; omit it to start a new workflow "
+                    "or pass workflow_name to name one"
+                )
+            if options.scope and options.scope != workflow.scope:
+                raise InvalidRequest(
+                    f"workflow {workflow.id} belongs to scope {workflow.scope!r}, not {options.scope!r}"
+                )
+            scope = workflow.scope
+            if workflow.id not in self._workflows:
+                reopen = workflow
+        else:
+            new_workflow = WorkflowRecord(
+                id=new_id("wf"),
+                name=options.workflow_name or agent,
+                scope=scope,
+                status=WorkflowStatus.running.value,
+                created_at=now,
+                updated_at=now,
+            )
+        workflow_id = options.workflow_id or new_workflow.id  # type: ignore[union-attr]
+
+        if options.idempotency_key:  # re-check: the workflow lookup may have awaited
+            existing = self._idempotency.get((scope, options.idempotency_key))
+            if existing is not None:
+                return await self._existing_submission(existing)
+
+        not_before = options.not_before
+        if options.delay:
+            not_before = now + timedelta(seconds=options.delay)
+        timeout = options.timeout if options.timeout is not None else self.settings.default_timeout
+        self._seq += 1
+        task = TaskRecord(
+            id=new_id("t"),
+            seq=self._seq,
+            workflow_id=workflow_id,
+            agent=agent,
+            prompt=prompt,
+            status=TaskStatus.queued.value,
+            priority=options.priority,
+            scope=scope,
+            options=options.model_dump(mode="json", exclude_defaults=True),
+            max_retries=options.max_retries,
+            created_at=now,
+            updated_at=now,
+            idempotency_key=options.idempotency_key,
+            callback_url=str(options.callback_url) if options.callback_url else None,
+            timeout_s=timeout,
+            not_before=not_before,
+        )
+        inserted = anyio.Event()
+        self._inserting[task.id] = inserted
+        if options.idempotency_key:
+            self._idempotency[(scope, options.idempotency_key)] = task.id
+        try:
+            await self.store.insert([new_workflow] if new_workflow else [], [task])
+        except BaseException:
+            if options.idempotency_key:
+                self._idempotency.pop((scope, options.idempotency_key), None)
+            raise
+        finally:
+            self._inserting.pop(task.id, None)
+            inserted.set()
+
+        self._live[task.id] = task
+        if new_workflow is not None:
+            self._workflows[new_workflow.id] = new_workflow
+            self._wf_counts[new_workflow.id] = Counter()
+        elif reopen is not None:
+            reopen.status, reopen.updated_at, reopen.finished_at = WorkflowStatus.running.value, now, None
+            self._workflows[reopen.id] = reopen
+            self._wf_counts[reopen.id] = Counter(
+                {s: n for s, n in (await self.store.workflow_counts([reopen.id]))[reopen.id].items()}
+            )
+            self._wf_counts[reopen.id].pop(TaskStatus.queued.value, None)
+            self.store.update_workflow(reopen)
+        self._wf_open[workflow_id] += 1
+        self.dispatcher.enqueue(task)
+        return TaskSubmitted(
+            task_id=task.id, workflow_id=workflow_id, status=TaskStatus(task.status), created_at=task.created_at
+        )
+
+    async def _existing_submission(self, task_id: str) -> TaskSubmitted:
+        pending = self._inserting.get(task_id)
+        if pending is not None:
+            await pending.wait()
+        task = self._live.get(task_id) or await self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"task {task_id} for this idempotency key was not recorded; submit again")
+        return TaskSubmitted(
+            task_id=task.id,
+            workflow_id=task.workflow_id,
+            status=TaskStatus(task.status),
+            created_at=task.created_at,
+            deduplicated=True,
+        )
+
+    def _require_running(self) -> None:
+        if not self._started:
+            raise InvalidRequest("the engine is not running")
+
+    # ---- running attempts ------------------------------------------------
+
+    def _agent_limit(self, agent: str) -> int | None:
+        found = self.agents.get(agent)
+        return found.max_concurrency if found else None
+
+    def _ready_task(self, task_id: str) -> TaskRecord | None:
+        task = self._live.get(task_id)
+        if task is None or task.status not in (TaskStatus.queued, TaskStatus.retrying):
+            return None
+        return task
+
+    def _start_attempt(self, task: TaskRecord) -> RunningAttempt:
+        now = utcnow()
+        task.status = TaskStatus.running.value
+        task.attempts += 1
+        task.started_at = now
+        task.updated_at = now
+        task.next_attempt_at = None
+        task.worker_id = self.worker_id
+        task.lease_expires_at = now + timedelta(seconds=self.settings.lease_seconds)
+        self.store.update_task(task)
+        ctx = TaskContext(
+            task_id=task.id,
+            workflow_id=task.workflow_id,
+            agent=task.agent,
+            attempt=task.attempts,
+            scope=task.scope,
+            metadata=dict(task.options.get("metadata", {})),
+            _on_progress=lambda p, m: self._call_in_loop(self._progress, task, p, m),
+            _on_usage=lambda u: self._call_in_loop(self.store.add_usage, u),
+        )
+        return RunningAttempt(task=task, ctx=ctx)
+
+    def _call_in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Executors may report from a worker thread; engine state is only touched on the loop."""
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            anyio.from_thread.run_sync(fn, *args)
+
+    def _progress(self, task: TaskRecord, percent: float | None, message: str | None) -> None:
+        if task.status != TaskStatus.running:
+            return
+        if percent is not None:
+            task.progress_percent = percent
+        if message is not None:
+            task.progress_message = _short(message, 1000)
+        task.updated_at = utcnow()
+        self.store.update_task(task)
+
+    async def _run_attempt(self, attempt: RunningAttempt) -> None:
+        task, ctx = attempt.task, attempt.ctx
+        agent = self.agents.get(task.agent)
+        outcome: str
+        detail: str | ExecutionResult
+        with attempt.scope:
+            try:
+                if agent is None:
+                    raise PermanentError(f"agent {task.agent!r} is no longer configured")
+                if task.timeout_s:
+                    with anyio.fail_after(task.timeout_s):
+                        detail = await agent.executor.run(task.prompt, ctx)
+                else:
+                    detail = await agent.executor.run(task.prompt, ctx)
+                outcome = "completed"
+            except TimeoutError:
+                outcome, detail = "timed_out", f"timed out after {task.timeout_s:g}s"
+            except PermanentError as exc:
+                outcome, detail = "failed_permanently", str(exc) or type(exc).__name__
+            except Exception as exc:
+                outcome, detail = "failed", f"{type(exc).__name__}: {exc}"
+        if attempt.stop_reason is not None:
+            outcome, detail = attempt.stop_reason, attempt.stop_reason
+        self._finish_attempt(task, outcome, detail)
+
+    def _finish_attempt(self, task: TaskRecord, outcome: str, detail: str | ExecutionResult) -> None:
+        now = utcnow()
+        started = task.started_at
+        error = None if isinstance(detail, ExecutionResult) else detail
+        history_status = {"failed_permanently": "failed", "shutdown": "interrupted"}.get(outcome, outcome)
+        self.store.add_attempt(
+            AttemptRecord(task.id, task.attempts, history_status, started, now, error, self.worker_id)
+        )
+        task.worker_id = None
+        task.lease_expires_at = None
+        task.updated_at = now
+        if outcome == "cancelled" or task.status == TaskStatus.cancelled:
+            return  # cancel() already recorded the final state
+        if outcome == "shutdown":
+            task.status = TaskStatus.queued.value
+            task.attempts -= 1  # an interrupted attempt is not one of the task's tries
+            self.store.update_task(task)
+            return
+        if outcome == "completed":
+            assert isinstance(detail, ExecutionResult)
+            self._complete(task, detail, now)
+            return
+        self._after_failure(task, str(detail), permanent=outcome == "failed_permanently", now=now)
+
+    def _complete(self, task: TaskRecord, result: ExecutionResult, now: datetime) -> None:
+        task.status = TaskStatus.completed.value
+        task.finished_at = now
+        task.error = None
+        task.progress_percent = 100.0
+        task.result_preview = result.content[: self.settings.result_preview_chars]
+        self.store.add_result(ResultRecord(task.id, result.content_type, result.content, now))
+        self.store.update_task(task)
+        self.notifier.emit(
+            NotificationKind.task_completed,
+            task.workflow_id,
+            task.scope,
+            f"Task {task.id} ({task.agent}) completed: {_short(result.content, _NOTIFY_PREVIEW)}",
+            task_id=task.id,
+        )
+        self._task_finished(task, now)
+
+    def _after_failure(
+        self, task: TaskRecord, error: str, permanent: bool, now: datetime, immediate: bool = False
+    ) -> None:
+        task.failures += 1
+        task.error = _short(error, 4000) if len(error) > 4000 else error
+        task.worker_id = None
+        task.lease_expires_at = None
+        task.updated_at = now
+        if permanent or task.failures > task.max_retries:
+            task.status = TaskStatus.failed.value
+            task.finished_at = now
+            self.store.update_task(task)
+            tries = f"after {task.attempts} attempt{'s' if task.attempts != 1 else ''}"
+            self.notifier.emit(
+                NotificationKind.task_failed,
+                task.workflow_id,
+                task.scope,
+                f"Task {task.id} ({task.agent}) failed {tries}: {_short(error, _NOTIFY_PREVIEW)}",
+                task_id=task.id,
+            )
+            self._task_finished(task, now)
+            return
+        if immediate:  # a lost attempt is not the task's fault: run it again now
+            task.status = TaskStatus.queued.value
+            task.next_attempt_at = None
+        else:
+            policy = RetryBackoff.model_validate(task.options.get("retry_backoff", {}))
+            task.status = TaskStatus.retrying.value
+            task.next_attempt_at = now + timedelta(seconds=backoff_delay(policy, task.failures))
+        self.store.update_task(task)
+        self.dispatcher.enqueue(task)
+
+    def _task_finished(self, task: TaskRecord, now: datetime) -> None:
+        self._live.pop(task.id, None)
+        if task.idempotency_key:
+            key = (task.scope, task.idempotency_key)
+            if self._idempotency.get(key) == task.id:
+                del self._idempotency[key]
+        wid = task.workflow_id
+        self._wf_counts.setdefault(wid, Counter())[task.status] += 1
+        self._wf_open[wid] -= 1
+        if self._wf_open[wid] <= 0:
+            self._finish_workflow(wid, now)
+
+    def _finish_workflow(self, wid: str, now: datetime) -> None:
+        workflow = self._workflows.pop(wid, None)
+        counts = self._wf_counts.pop(wid, Counter())
+        self._wf_open.pop(wid, None)
+        if workflow is None:
+            return
+        if counts[TaskStatus.failed.value]:
+            status = WorkflowStatus.failed
+        elif counts[TaskStatus.completed.value]:
+            status = WorkflowStatus.completed
+        else:
+            status = WorkflowStatus.cancelled
+        workflow.status, workflow.updated_at, workflow.finished_at = status.value, now, now
+        self.store.update_workflow(workflow)
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if n)
+        self.notifier.emit(
+            NotificationKind.workflow_completed,
+            wid,
+            workflow.scope,
+            f"Workflow {workflow.name!r} ({wid}) finished {status.value}: {summary or 'no tasks'}",
+        )
+
+    # ---- cancel ----------------------------------------------------------
+
+    async def cancel(self, task_id: str | None = None, workflow_id: str | None = None) -> CancelResult:
+        if bool(task_id) == bool(workflow_id):
+            raise InvalidRequest("give exactly one of task_id or workflow_id")
+        if task_id:
+            if task_id in self._live:
+                self._cancel_live(self._live[task_id])
+                return CancelResult(cancelled=[task_id])
+            await self.store.flush()
+            task = await self.store.get_task(task_id)
+            if task is None:
+                raise NotFound(f"unknown task_id {task_id!r}")
+            return CancelResult(cancelled=[], already_finished=[task_id])
+        assert workflow_id is not None
+        await self.store.flush()
+        if workflow_id not in self._workflows and await self.store.get_workflow(workflow_id) is None:
+            raise NotFound(f"unknown workflow_id {workflow_id!r}")
+        live = [t for t in list(self._live.values()) if t.workflow_id == workflow_id]
+        finished = [t.id for t in await self.store.get_tasks(workflow_id) if t.id not in self._live]
+        for task in live:
+            self._cancel_live(task)
+        return CancelResult(cancelled=[t.id for t in live], already_finished=finished)
+
+    def _cancel_live(self, task: TaskRecord) -> None:
+        now = utcnow()
+        self.dispatcher.cancel_running(task.id)
+        task.status = TaskStatus.cancelled.value
+        task.finished_at = now
+        task.updated_at = now
+        task.next_attempt_at = None
+        self.store.update_task(task)
+        self.notifier.emit(
+            NotificationKind.task_cancelled,
+            task.workflow_id,
+            task.scope,
+            f"Task {task.id} ({task.agent}) was cancelled",
+            task_id=task.id,
+        )
+        self._task_finished(task, now)
+
+    # ---- reads -----------------------------------------------------------
+
+    def _task_info(self, task: TaskRecord, result_chars: int | None = None) -> TaskInfo:
+        progress = None
+        if task.progress_percent is not None or task.progress_message:
+            progress = Progress(percent=task.progress_percent, message=task.progress_message)
+        options = task.options
+        return TaskInfo(
+            task_id=task.id,
+            workflow_id=task.workflow_id,
+            agent=task.agent,
+            status=TaskStatus(task.status),
+            priority=task.priority,  # type: ignore[arg-type]
+            scope=task.scope,
+            created_at=task.created_at,
+            started_at=task.started_at,
+            finished_at=task.finished_at,
+            not_before=task.not_before,
+            next_attempt_at=task.next_attempt_at,
+            attempts=task.attempts,
+            max_retries=task.max_retries,
+            timeout=task.timeout_s,
+            progress=progress,
+            result_preview=task.result_preview,
+            result_chars=result_chars,
+            error=task.error,
+            tags=list(options.get("tags", [])),
+            metadata=dict(options.get("metadata", {})),
+        )
+
+    async def get_task(self, task_id: str, history: bool = True) -> TaskInfo:
+        await self.store.flush()
+        task = await self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"unknown task_id {task_id!r}")
+        sizes = await self.store.get_result_size([task_id])
+        info = self._task_info(task, sizes.get(task_id))
+        if history:
+            info.attempt_history = [
+                Attempt(attempt=a.attempt, status=a.status, started_at=a.started_at, finished_at=a.finished_at, error=a.error)
+                for a in await self.store.get_attempts(task_id)
+            ]
+        return info
+
+    def _workflow_info(
+        self, workflow: WorkflowRecord, counts: dict[str, int], tasks: list[TaskInfo] | None = None
+    ) -> WorkflowInfo:
+        return WorkflowInfo(
+            workflow_id=workflow.id,
+            name=workflow.name,
+            status=WorkflowStatus(workflow.status),
+            scope=workflow.scope,
+            created_at=workflow.created_at,
+            updated_at=workflow.updated_at,
+            finished_at=workflow.finished_at,
+            counts=counts,
+            tasks=tasks,
+        )
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowInfo:
+        await self.store.flush()
+        workflow = await self.store.get_workflow(workflow_id)
+        if workflow is None:
+            raise NotFound(f"unknown workflow_id {workflow_id!r}")
+        tasks = await self.store.get_tasks(workflow_id)
+        sizes = await self.store.get_result_size([t.id for t in tasks if t.status == TaskStatus.completed])
+        counts = dict(Counter(t.status for t in tasks))
+        infos = [self._task_info(t, sizes.get(t.id)) for t in tasks]
+        return self._workflow_info(workflow, counts, infos)
+
+    async def status(self, task_id: str | None = None, workflow_id: str | None = None) -> StatusReport:
+        if bool(task_id) == bool(workflow_id):
+            raise InvalidRequest("give exactly one of task_id or workflow_id")
+        if task_id:
+            return StatusReport(kind="task", task=await self.get_task(task_id))
+        return StatusReport(kind="workflow", workflow=await self.get_workflow(workflow_id))  # type: ignore[arg-type]
+
+    async def _list(self, query: WorkflowQuery) -> WorkflowPage:
+        await self.store.flush()
+        rows, total = await self.store.list_workflows(query)
+        counts = await self.store.workflow_counts([w.id for w in rows])
+        infos = [self._workflow_info(w, counts.get(w.id, {})) for w in rows]
+        next_offset = query.offset + len(rows) if query.offset + len(rows) < total else None
+        return WorkflowPage(workflows=infos, total=total, next_offset=next_offset)
+
+    async def list_active_workflows(
+        self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0
+    ) -> WorkflowPage:
+        query = WorkflowQuery(
+            scope=None if all_scopes else (scope or default_scope()), finished=False, limit=limit, offset=offset
+        )
+        return await self._list(query)
+
+    async def workflow_history(
+        self,
+        scope: str | None = None,
+        all_scopes: bool = False,
+        status: list[WorkflowStatus] | None = None,
+        agent: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> WorkflowPage:
+        statuses = [s.value for s in status or []]
+        if WorkflowStatus.running.value in statuses:
+            raise InvalidRequest("history lists finished workflows; use list_active_workflows for running ones")
+        query = WorkflowQuery(
+            scope=None if all_scopes else (scope or default_scope()),
+            finished=True,
+            statuses=statuses,
+            agent=agent,
+            since=since,
+            until=until,
+            limit=limit,
+            offset=offset,
+        )
+        return await self._list(query)
+
+    async def notifications(
+        self,
+        scope: str | None = None,
+        all_scopes: bool = False,
+        since: int | None = None,
+        workflow_id: str | None = None,
+        mark_delivered: bool = True,
+        include_delivered: bool = False,
+        limit: int = 50,
+    ) -> NotificationPage:
+        await self.store.flush()
+        since = since or 0
+        rows = await self.store.list_notifications(
+            None if all_scopes else (scope or default_scope()), since, workflow_id, include_delivered, limit
+        )
+        if mark_delivered:
+            self.store.mark_delivered([r.cursor for r in rows if r.delivered_at is None], utcnow())
+        items = [
+            Notification(
+                cursor=r.cursor,
+                kind=NotificationKind(r.kind),
+                task_id=r.task_id,
+                workflow_id=r.workflow_id,
+                scope=r.scope,
+                message=r.message,
+                created_at=r.created_at,
+                delivered=r.delivered_at is not None,
+            )
+            for r in rows
+        ]
+        next_cursor = rows[-1].cursor if rows else since
+        return NotificationPage(notifications=items, next_cursor=next_cursor)
+
+    async def get_result(self, task_id: str, offset: int = 0, max_chars: int = 20_000) -> ResultPage:
+        await self.store.flush()
+        task = await self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"unknown task_id {task_id!r}")
+        page = await self.store.get_result_page(task_id, offset, max_chars)
+        if page is None:
+            return ResultPage(
+                task_id=task_id, status=TaskStatus(task.status), offset=offset, total_chars=0, content="", error=task.error
+            )
+        content_type, content, total = page
+        if offset > total:
+            raise InvalidRequest(f"offset {offset} is past the end of the result ({total} characters)")
+        end = offset + len(content)
+        return ResultPage(
+            task_id=task_id,
+            status=TaskStatus(task.status),
+            content_type=content_type,  # type: ignore[arg-type]
+            offset=offset,
+            total_chars=total,
+            content=content,
+            next_offset=end if end < total else None,
+        )
+
+    def record_usage(self, usage: UsageRecord) -> None:
+        self.store.add_usage(usage)

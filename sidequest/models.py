@@ -1,0 +1,270 @@
+"""Pydantic models shared by every surface (MCP tools, REST, CLI) and the engine.
+
+The same models validate input at every boundary, so a bad option is rejected
+with the same message whichever way it arrived.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
+
+MAX_DURATION_SECONDS = 30 * 24 * 3600.0
+"""Nothing we run should need more than 30 days; a larger value is a typo."""
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like "90s", "30m", "2h", "1d", "500ms"."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '90s', '30m', '2h'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(
+                f"{value!r} is not a duration; use seconds (e.g. 90) or a string like '90s', '30m', '2h', '1d'"
+            )
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError("a duration is a number of seconds or a string like '90s', '30m', '2h'")
+    if seconds != seconds or seconds < 0:  # NaN or negative
+        raise ValueError(f"a duration must be zero or positive, got {value!r}")
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"{value!r} is longer than the 30-day maximum")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Naive datetimes are taken to be UTC: the store keeps UTC only."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+class TaskStatus(StrEnum):
+    queued = "queued"
+    waiting = "waiting"
+    running = "running"
+    retrying = "retrying"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({TaskStatus.completed, TaskStatus.failed, TaskStatus.cancelled})
+
+
+class WorkflowStatus(StrEnum):
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class NotificationKind(StrEnum):
+    task_completed = "task_completed"
+    task_failed = "task_failed"
+    task_cancelled = "task_cancelled"
+    workflow_completed = "workflow_completed"
+
+
+Priority = Literal["high", "normal", "low"]
+PRIORITY_RANK: dict[str, int] = {"high": 0, "normal": 1, "low": 2}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetryBackoff(_Strict):
+    """Exponential backoff with jitter and a cap: delay = min(max, initial * factor^(n-1)), jittered down."""
+
+    initial: Duration = Field(default=2.0, description="delay before the first retry (seconds or '2s')")
+    factor: float = Field(default=2.0, ge=1.0, le=10.0, description="growth per failed attempt")
+    max: Duration = Field(default=300.0, description="cap on any one delay")
+    jitter: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="fraction of the delay that is randomised (0 = none)"
+    )
+
+
+Tag = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class TaskOptions(_Strict):
+    """Options of `task_async`. Unknown keys are rejected by name."""
+
+    priority: Priority = "normal"
+    timeout: Duration | None = Field(default=None, description="per-attempt limit: seconds or '90s'/'30m'/'2h'")
+    max_retries: int = Field(default=3, ge=0, le=20)
+    retry_backoff: RetryBackoff = Field(default_factory=RetryBackoff)
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    workflow_id: str | None = Field(default=None, min_length=1, max_length=100)
+    workflow_name: str | None = Field(default=None, min_length=1, max_length=200)
+    delay: Duration | None = Field(default=None, description="start no sooner than this long from now")
+    not_before: datetime | None = Field(default=None, description="start no sooner than this UTC time")
+    callback_url: AnyHttpUrl | None = Field(default=None, description="stored; delivery comes later")
+    scope: str | None = Field(default=None, min_length=1, max_length=1000)
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_positive(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError("timeout must be more than zero seconds")
+        return value
+
+    @field_validator("not_before")
+    @classmethod
+    def _not_before_utc(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> TaskOptions:
+        if self.workflow_id and self.workflow_name:
+            raise ValueError("give workflow_id (join a workflow) or workflow_name (start one), not both")
+        if self.delay is not None and self.not_before is not None:
+            raise ValueError("give delay or not_before, not both")
+        return self
+
+
+class Progress(BaseModel):
+    percent: float | None = None
+    message: str | None = None
+
+
+class Attempt(BaseModel):
+    attempt: int
+    status: str
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+
+
+class TaskInfo(BaseModel):
+    """What a client sees of one task."""
+
+    task_id: str
+    workflow_id: str
+    agent: str
+    status: TaskStatus
+    priority: Priority
+    scope: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    not_before: datetime | None = None
+    next_attempt_at: datetime | None = None
+    attempts: int = 0
+    max_retries: int = 0
+    timeout: float | None = None
+    progress: Progress | None = None
+    result_preview: str | None = None
+    result_chars: int | None = None
+    error: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    attempt_history: list[Attempt] | None = None
+
+
+class TaskSubmitted(BaseModel):
+    task_id: str
+    workflow_id: str
+    status: TaskStatus
+    created_at: datetime
+    deduplicated: bool = Field(
+        default=False, description="true when idempotency_key matched an unfinished task, returned instead"
+    )
+
+
+class WorkflowInfo(BaseModel):
+    workflow_id: str
+    name: str
+    status: WorkflowStatus
+    scope: str
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+    tasks: list[TaskInfo] | None = None
+
+
+class WorkflowPage(BaseModel):
+    workflows: list[WorkflowInfo]
+    total: int
+    next_offset: int | None = None
+
+
+class StatusReport(BaseModel):
+    """`check_workflow_status`: one task, or a workflow and all its tasks."""
+
+    kind: Literal["task", "workflow"]
+    task: TaskInfo | None = None
+    workflow: WorkflowInfo | None = None
+
+
+class ResultPage(BaseModel):
+    task_id: str
+    status: TaskStatus
+    content_type: Literal["text", "json"] | None = None
+    offset: int
+    total_chars: int
+    content: str
+    next_offset: int | None = Field(default=None, description="pass as offset to read on; null at the end")
+    error: str | None = None
+
+
+class Notification(BaseModel):
+    cursor: int
+    kind: NotificationKind
+    task_id: str | None = None
+    workflow_id: str
+    scope: str
+    message: str
+    created_at: datetime
+    delivered: bool = False
+
+
+class NotificationPage(BaseModel):
+    notifications: list[Notification]
+    next_cursor: int = Field(description="pass as `since` next time")
+
+
+class CancelResult(BaseModel):
+    cancelled: list[str] = Field(description="task ids cancelled by this call")
+    already_finished: list[str] = Field(default_factory=list)
+
+
+class AgentInfo(BaseModel):
+    name: str
+    executor: str
+    description: str = ""
+    max_concurrency: int | None = None

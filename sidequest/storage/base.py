@@ -1,0 +1,236 @@
+"""What the engine needs from a database, and the records it passes.
+
+The engine owns behaviour; a store only persists and reads. Writes are
+enqueued and group-committed by the store (DuckDB pays per statement, so a
+store that committed each write alone would cap us at a few hundred tasks/s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+
+class StoreError(Exception):
+    """The store cannot be used (locked, newer than this code, unreadable)."""
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    id: str
+    seq: int
+    workflow_id: str
+    agent: str
+    prompt: str
+    status: str
+    priority: str
+    scope: str
+    options: dict[str, Any]
+    max_retries: int
+    created_at: datetime
+    updated_at: datetime
+    idempotency_key: str | None = None
+    callback_url: str | None = None
+    schedule_id: str | None = None
+    attempts: int = 0
+    failures: int = 0
+    timeout_s: float | None = None
+    not_before: datetime | None = None
+    next_attempt_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress_percent: float | None = None
+    progress_message: str | None = None
+    error: str | None = None
+    result_preview: str | None = None
+    worker_id: str | None = None
+    lease_expires_at: datetime | None = None
+
+    def mutable_state(self) -> tuple[Any, ...]:
+        """Snapshot of the columns that change after insert, in TASK_MUTABLE_COLUMNS order."""
+        return (
+            self.id,
+            self.status,
+            self.attempts,
+            self.failures,
+            self.updated_at,
+            self.next_attempt_at,
+            self.started_at,
+            self.finished_at,
+            self.progress_percent,
+            self.progress_message,
+            self.error,
+            self.result_preview,
+            self.worker_id,
+            self.lease_expires_at,
+        )
+
+
+TASK_MUTABLE_COLUMNS = (
+    "id",
+    "status",
+    "attempts",
+    "failures",
+    "updated_at",
+    "next_attempt_at",
+    "started_at",
+    "finished_at",
+    "progress_percent",
+    "progress_message",
+    "error",
+    "result_preview",
+    "worker_id",
+    "lease_expires_at",
+)
+
+
+@dataclass(slots=True)
+class WorkflowRecord:
+    id: str
+    name: str
+    scope: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    task_id: str
+    attempt: int
+    status: str
+    started_at: datetime | None
+    finished_at: datetime
+    error: str | None
+    worker_id: str | None
+
+
+@dataclass(slots=True)
+class ResultRecord:
+    task_id: str
+    content_type: str
+    content: str
+    created_at: datetime
+
+
+@dataclass(slots=True)
+class NotificationRecord:
+    cursor: int
+    kind: str
+    task_id: str | None
+    workflow_id: str
+    scope: str
+    message: str
+    created_at: datetime
+    delivered_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    task_id: str
+    attempt: int
+    model: str | None
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    cost_usd: float | None
+    recorded_at: datetime
+
+
+@dataclass(slots=True)
+class Committed:
+    """What one group commit made durable; the engine turns it into push events."""
+
+    task_ids: set[str] = field(default_factory=set)
+    workflow_ids: set[str] = field(default_factory=set)
+    notifications: list[NotificationRecord] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class LoadedState:
+    """What the engine needs in memory at start."""
+
+    live_tasks: list[TaskRecord]
+    max_seq: int
+    max_cursor: int
+    live_workflows: dict[str, WorkflowRecord]
+    workflow_counts: dict[str, dict[str, int]]
+
+
+@dataclass(slots=True)
+class WorkflowQuery:
+    scope: str | None  # None = every scope
+    finished: bool  # False: workflows with unfinished tasks; True: finished workflows
+    statuses: Sequence[str] = ()
+    agent: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 20
+    offset: int = 0
+
+
+class Store(Protocol):
+    def open(self) -> LoadedState: ...
+
+    def close(self) -> None: ...
+
+    async def run_writer(self, on_commit: Callable[[Committed], None]) -> None:
+        """Serve writes until cancelled; after each commit call on_commit."""
+        ...
+
+    async def insert(self, workflows: Sequence[WorkflowRecord], tasks: Sequence[TaskRecord]) -> None:
+        """Insert and wait until durable."""
+        ...
+
+    def update_task(self, task: TaskRecord) -> None: ...
+
+    def update_workflow(self, workflow: WorkflowRecord) -> None: ...
+
+    def add_attempt(self, attempt: AttemptRecord) -> None: ...
+
+    def add_result(self, result: ResultRecord) -> None: ...
+
+    def add_notification(self, notification: NotificationRecord) -> None: ...
+
+    def add_usage(self, usage: UsageRecord) -> None: ...
+
+    def mark_delivered(self, cursors: Sequence[int], at: datetime) -> None: ...
+
+    async def flush(self) -> None:
+        """Wait until everything enqueued so far is durable (read-your-writes)."""
+        ...
+
+    async def get_task(self, task_id: str) -> TaskRecord | None: ...
+
+    async def get_tasks(self, workflow_id: str) -> list[TaskRecord]: ...
+
+    async def get_attempts(self, task_id: str) -> list[AttemptRecord]: ...
+
+    async def get_result_size(self, task_ids: Sequence[str]) -> dict[str, int]: ...
+
+    async def get_result_page(self, task_id: str, offset: int, limit: int) -> tuple[str, str, int] | None:
+        """(content_type, content slice, total chars), or None when there is no result."""
+        ...
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None: ...
+
+    async def list_workflows(self, query: WorkflowQuery) -> tuple[list[WorkflowRecord], int]: ...
+
+    async def workflow_counts(self, workflow_ids: Sequence[str]) -> dict[str, dict[str, int]]: ...
+
+    async def list_notifications(
+        self,
+        scope: str | None,
+        since: int,
+        workflow_id: str | None,
+        include_delivered: bool,
+        limit: int,
+    ) -> list[NotificationRecord]: ...
+
+    async def count_rows(self) -> dict[str, int]:
+        """Row counts per table (for tests that check a rejected call wrote nothing)."""
+        ...

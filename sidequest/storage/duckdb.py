@@ -1,0 +1,563 @@
+"""The embedded store: one DuckDB file, one writer, group commit.
+
+DuckDB costs ~2-5 ms per statement whatever its size and aborts a
+transaction when two writers touch one row. So exactly one writer task owns
+every write; writes that arrive while a commit is in flight wait for the
+next one and go in together, one statement per kind of write (task updates
+coalesced so only the latest state of each task is written).
+Reads run on per-thread cursors and never block the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+import duckdb
+
+from sidequest.storage.base import (
+    AttemptRecord,
+    Committed,
+    LoadedState,
+    NotificationRecord,
+    ResultRecord,
+    StoreError,
+    TaskRecord,
+    UsageRecord,
+    WorkflowQuery,
+    WorkflowRecord,
+)
+from sidequest.storage.queries import load_queries
+
+log = logging.getLogger(__name__)
+
+Q = load_queries("sidequest.storage", "duckdb.sql")
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def migrations() -> list[tuple[int, str]]:
+    """(version, sql) in order: schema.sql is version 1, then sidequest/migrations/NNNN_*.sql."""
+    package = resources.files("sidequest")
+    found = [(1, package.joinpath("schema.sql").read_text(encoding="utf-8"))]
+    folder = package.joinpath("migrations")
+    if folder.is_dir():
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            match = _MIGRATION_NAME.match(entry.name)
+            if match:
+                found.append((int(match.group(1)), entry.read_text(encoding="utf-8")))
+    return found
+
+
+def _naive(value: datetime | None) -> datetime | None:
+    """UTC-aware → naive UTC for a TIMESTAMP column."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return None if value is None else value.replace(tzinfo=UTC)
+
+
+_TASK_COLUMNS = [f.name for f in TaskRecord.__dataclass_fields__.values()]  # type: ignore[attr-defined]
+_TIME_FIELDS = {
+    "created_at",
+    "updated_at",
+    "not_before",
+    "next_attempt_at",
+    "started_at",
+    "finished_at",
+    "lease_expires_at",
+}
+
+
+def _task_from_row(columns: Sequence[str], row: Sequence[Any]) -> TaskRecord:
+    values = dict(zip(columns, row, strict=True))
+    kwargs = {}
+    for name in _TASK_COLUMNS:
+        value = values[name]
+        if name in _TIME_FIELDS:
+            value = _aware(value)
+        elif name == "options":
+            value = json.loads(value) if isinstance(value, str) else (value or {})
+        kwargs[name] = value
+    return TaskRecord(**kwargs)
+
+
+def _workflow_from_row(row: Sequence[Any]) -> WorkflowRecord:
+    return WorkflowRecord(
+        id=row[0],
+        name=row[1],
+        scope=row[2],
+        status=row[3],
+        created_at=_aware(row[4]),  # type: ignore[arg-type]
+        updated_at=_aware(row[5]),  # type: ignore[arg-type]
+        finished_at=_aware(row[6]),
+    )
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """Row-major → column-major lists, for unnest() parameters."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(col) for col in zip(*rows, strict=True)]
+
+
+@dataclass
+class _Pending:
+    """Writes waiting for the next group commit."""
+
+    workflows_new: list[WorkflowRecord] = field(default_factory=list)
+    tasks_new: list[TaskRecord] = field(default_factory=list)
+    task_updates: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    workflow_updates: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    results: list[ResultRecord] = field(default_factory=list)
+    notifications: list[NotificationRecord] = field(default_factory=list)
+    usage: list[UsageRecord] = field(default_factory=list)
+    delivered: list[tuple[list[int], datetime]] = field(default_factory=list)
+    waiters: list[anyio.Event] = field(default_factory=list)
+    error: BaseException | None = None
+
+    def empty(self) -> bool:
+        return not (
+            self.workflows_new
+            or self.tasks_new
+            or self.task_updates
+            or self.workflow_updates
+            or self.attempts
+            or self.results
+            or self.notifications
+            or self.usage
+            or self.delivered
+            or self.waiters
+        )
+
+
+class DuckDBStore:
+    """The store for one DuckDB file, owned by this process alone."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._cursors_lock = threading.Lock()
+        self._pending = _Pending()
+        self._has_work = anyio.Event()
+        self._inflight: _Pending | None = None
+        self._inflight_done: anyio.Event | None = None
+        self._writer_limiter = anyio.CapacityLimiter(1)
+        self._writer_running = False
+
+    # ---- lifecycle -------------------------------------------------------
+
+    def open(self) -> LoadedState:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._con = duckdb.connect(str(self.path))
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise StoreError(
+                    f"{self.path} is in use by another process (DuckDB allows one writer per file); "
+                    "stop the other sidequest process or point SIDEQUEST_HOME elsewhere"
+                ) from exc
+            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+        self._migrate()
+        return self._load_state()
+
+    def close(self) -> None:
+        with self._cursors_lock:
+            for cursor in self._cursors:
+                try:
+                    cursor.close()
+                except duckdb.Error:
+                    pass
+            self._cursors.clear()
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    def _migrate(self) -> None:
+        con = self._require()
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL)"
+        )
+        current = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]  # type: ignore[index]
+        available = migrations()
+        newest = available[-1][0]
+        if current > newest:
+            raise StoreError(
+                f"{self.path} has schema version {current}, newer than this sidequest understands "
+                f"(up to {newest}); upgrade sidequest or use another data dir"
+            )
+        for version, sql in available:
+            if version <= current:
+                continue
+            con.execute("BEGIN")
+            try:
+                con.execute(sql)
+                con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _naive(datetime.now(UTC))])
+                con.execute("COMMIT")
+            except duckdb.Error:
+                con.execute("ROLLBACK")
+                raise
+            log.info("applied schema version %d to %s", version, self.path)
+
+    def schema_version(self) -> int:
+        row = self._require().execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def _load_state(self) -> LoadedState:
+        con = self._require()
+        cur = con.execute(Q["live_tasks"])
+        columns = [d[0] for d in cur.description]  # type: ignore[union-attr]
+        live = [_task_from_row(columns, row) for row in cur.fetchall()]
+        max_seq = con.execute(Q["max_seq"]).fetchone()[0]  # type: ignore[index]
+        max_cursor = con.execute(Q["max_cursor"]).fetchone()[0]  # type: ignore[index]
+        workflows = {row[0]: _workflow_from_row(row) for row in con.execute(Q["live_workflows"]).fetchall()}
+        counts: dict[str, dict[str, int]] = {wid: {} for wid in workflows}
+        for wid, status, n in con.execute(Q["counts_for_running_workflows"]).fetchall():
+            counts.setdefault(wid, {})[status] = int(n)
+        return LoadedState(live, int(max_seq), int(max_cursor), workflows, counts)
+
+    def _require(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            raise StoreError("the store is not open")
+        return self._con
+
+    # ---- writes ----------------------------------------------------------
+
+    async def run_writer(self, on_commit: Callable[[Committed], None]) -> None:
+        self._writer_running = True
+        try:
+            while True:
+                await self._has_work.wait()
+                self._has_work = anyio.Event()
+                batch, self._pending = self._pending, _Pending()
+                if batch.empty():
+                    continue
+                done = anyio.Event()
+                self._inflight, self._inflight_done = batch, done
+                try:
+                    committed = await anyio.to_thread.run_sync(
+                        self._commit, batch, limiter=self._writer_limiter
+                    )
+                except Exception as exc:
+                    log.exception("group commit failed; %d waiters get the error", len(batch.waiters))
+                    batch.error = exc
+                    committed = None
+                finally:
+                    self._inflight, self._inflight_done = None, None
+                    done.set()
+                    for waiter in batch.waiters:
+                        waiter.set()
+                if committed is not None:
+                    try:
+                        on_commit(committed)
+                    except Exception:
+                        log.exception("on_commit listener failed")
+        finally:
+            self._writer_running = False
+            # Anything still pending is written synchronously so a clean stop loses nothing.
+            batch, self._pending = self._pending, _Pending()
+            if not batch.empty() and self._con is not None:
+                try:
+                    self._commit(batch)
+                except Exception as exc:
+                    batch.error = exc
+                    log.exception("final commit failed")
+            for waiter in batch.waiters:
+                waiter.set()
+
+    def _wake(self) -> None:
+        self._has_work.set()
+
+    async def _wait(self, pending: _Pending) -> None:
+        event = anyio.Event()
+        pending.waiters.append(event)
+        self._wake()
+        if not self._writer_running:
+            # No writer task (tests of the store alone, or shutdown): commit inline.
+            batch, self._pending = self._pending, _Pending()
+            await anyio.to_thread.run_sync(self._commit, batch, limiter=self._writer_limiter)
+            for waiter in batch.waiters:
+                waiter.set()
+        await event.wait()
+        if pending.error is not None:
+            raise StoreError(f"write failed: {pending.error}") from pending.error
+
+    async def insert(self, workflows: Sequence[WorkflowRecord], tasks: Sequence[TaskRecord]) -> None:
+        pending = self._pending
+        pending.workflows_new.extend(workflows)
+        pending.tasks_new.extend(tasks)
+        await self._wait(pending)
+
+    def update_task(self, task: TaskRecord) -> None:
+        self._pending.task_updates[task.id] = task.mutable_state()
+        self._wake()
+
+    def update_workflow(self, workflow: WorkflowRecord) -> None:
+        self._pending.workflow_updates[workflow.id] = (
+            workflow.id,
+            workflow.status,
+            workflow.updated_at,
+            workflow.finished_at,
+        )
+        self._wake()
+
+    def add_attempt(self, attempt: AttemptRecord) -> None:
+        self._pending.attempts.append(attempt)
+        self._wake()
+
+    def add_result(self, result: ResultRecord) -> None:
+        self._pending.results.append(result)
+        self._wake()
+
+    def add_notification(self, notification: NotificationRecord) -> None:
+        self._pending.notifications.append(notification)
+        self._wake()
+
+    def add_usage(self, usage: UsageRecord) -> None:
+        self._pending.usage.append(usage)
+        self._wake()
+
+    def mark_delivered(self, cursors: Sequence[int], at: datetime) -> None:
+        if cursors:
+            self._pending.delivered.append((list(cursors), at))
+            self._wake()
+
+    async def flush(self) -> None:
+        if not self._pending.empty():
+            await self._wait(self._pending)
+        elif self._inflight_done is not None:
+            inflight = self._inflight
+            await self._inflight_done.wait()
+            if inflight is not None and inflight.error is not None:
+                raise StoreError(f"write failed: {inflight.error}") from inflight.error
+
+    def _commit(self, batch: _Pending) -> Committed:
+        """Runs on the writer thread: one transaction, one statement per kind of write."""
+        con = self._require()
+        committed = Committed()
+        con.execute("BEGIN")
+        try:
+            if batch.workflows_new:
+                rows = [
+                    (w.id, w.name, w.scope, w.status, _naive(w.created_at), _naive(w.updated_at), None)
+                    for w in batch.workflows_new
+                ]
+                con.execute(Q["insert_workflows"], _columns(rows, 7))
+                committed.workflow_ids.update(w.id for w in batch.workflows_new)
+            if batch.tasks_new:
+                rows = [
+                    (
+                        t.id,
+                        t.seq,
+                        t.workflow_id,
+                        t.agent,
+                        t.prompt,
+                        t.status,
+                        t.priority,
+                        t.scope,
+                        json.dumps(t.options),
+                        t.idempotency_key,
+                        t.callback_url,
+                        t.schedule_id,
+                        t.attempts,
+                        t.failures,
+                        t.max_retries,
+                        t.timeout_s,
+                        _naive(t.created_at),
+                        _naive(t.updated_at),
+                        _naive(t.not_before),
+                    )
+                    for t in batch.tasks_new
+                ]
+                con.execute(Q["insert_tasks"], _columns(rows, 19))
+                committed.task_ids.update(t.id for t in batch.tasks_new)
+            if batch.task_updates:
+                rows = []
+                for state in batch.task_updates.values():
+                    row = list(state)
+                    for i in (4, 5, 6, 7, 13):  # the timestamp columns of mutable_state()
+                        row[i] = _naive(row[i])
+                    rows.append(row)
+                con.execute(Q["update_tasks"], _columns(rows, 14))
+                committed.task_ids.update(batch.task_updates)
+            if batch.workflow_updates:
+                rows = [
+                    (wid, status, _naive(updated), _naive(finished))
+                    for wid, status, updated, finished in batch.workflow_updates.values()
+                ]
+                con.execute(Q["update_workflows"], _columns(rows, 4))
+                committed.workflow_ids.update(batch.workflow_updates)
+            if batch.attempts:
+                rows = [
+                    (a.task_id, a.attempt, a.status, _naive(a.started_at), _naive(a.finished_at), a.error, a.worker_id)
+                    for a in batch.attempts
+                ]
+                con.execute(Q["insert_attempts"], _columns(rows, 7))
+            if batch.results:
+                rows = [
+                    (r.task_id, r.content_type, r.content, len(r.content), _naive(r.created_at))
+                    for r in batch.results
+                ]
+                con.execute(Q["insert_results"], _columns(rows, 5))
+            if batch.notifications:
+                rows = [
+                    (n.cursor, n.kind, n.task_id, n.workflow_id, n.scope, n.message, _naive(n.created_at))
+                    for n in batch.notifications
+                ]
+                con.execute(Q["insert_notifications"], _columns(rows, 7))
+                committed.notifications.extend(batch.notifications)
+            if batch.usage:
+                rows = [
+                    (
+                        u.task_id,
+                        u.attempt,
+                        u.model,
+                        u.input_tokens,
+                        u.output_tokens,
+                        u.cache_creation_input_tokens,
+                        u.cache_read_input_tokens,
+                        u.cost_usd,
+                        _naive(u.recorded_at),
+                    )
+                    for u in batch.usage
+                ]
+                con.execute(Q["insert_usage"], _columns(rows, 9))
+            for cursors, at in batch.delivered:
+                con.execute(Q["mark_delivered"], [cursors, _naive(at)])
+            con.execute("COMMIT")
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+            raise
+        return committed
+
+    # ---- reads -----------------------------------------------------------
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None:
+            cursor = self._require().cursor()
+            self._local.cursor = cursor
+            with self._cursors_lock:
+                self._cursors.append(cursor)
+        return cursor
+
+    async def _read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        return await anyio.to_thread.run_sync(lambda: fn(self._cursor()))
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        def run(cur: duckdb.DuckDBPyConnection) -> TaskRecord | None:
+            result = cur.execute(Q["get_task"], [task_id])
+            row = result.fetchone()
+            if row is None:
+                return None
+            return _task_from_row([d[0] for d in result.description], row)  # type: ignore[union-attr]
+
+        return await self._read(run)
+
+    async def get_tasks(self, workflow_id: str) -> list[TaskRecord]:
+        def run(cur: duckdb.DuckDBPyConnection) -> list[TaskRecord]:
+            result = cur.execute(Q["get_tasks_of_workflow"], [workflow_id])
+            columns = [d[0] for d in result.description]  # type: ignore[union-attr]
+            return [_task_from_row(columns, row) for row in result.fetchall()]
+
+        return await self._read(run)
+
+    async def get_attempts(self, task_id: str) -> list[AttemptRecord]:
+        def run(cur: duckdb.DuckDBPyConnection) -> list[AttemptRecord]:
+            rows = cur.execute(Q["get_attempts"], [task_id]).fetchall()
+            return [
+                AttemptRecord(r[0], r[1], r[2], _aware(r[3]), _aware(r[4]), r[5], r[6])  # type: ignore[arg-type]
+                for r in rows
+            ]
+
+        return await self._read(run)
+
+    async def get_result_size(self, task_ids: Sequence[str]) -> dict[str, int]:
+        if not task_ids:
+            return {}
+        ids = list(task_ids)
+        rows = await self._read(lambda cur: cur.execute(Q["result_sizes"], [ids]).fetchall())
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def get_result_page(self, task_id: str, offset: int, limit: int) -> tuple[str, str, int] | None:
+        row = await self._read(lambda cur: cur.execute(Q["result_page"], [task_id, offset, limit]).fetchone())
+        if row is None:
+            return None
+        return row[0], row[1] or "", int(row[2])
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        row = await self._read(lambda cur: cur.execute(Q["get_workflow"], [workflow_id]).fetchone())
+        return None if row is None else _workflow_from_row(row)
+
+    async def list_workflows(self, query: WorkflowQuery) -> tuple[list[WorkflowRecord], int]:
+        params = [
+            query.scope,
+            query.finished,
+            list(query.statuses),
+            query.agent,
+            _naive(query.since),
+            _naive(query.until),
+            query.limit,
+            query.offset,
+        ]
+        rows = await self._read(lambda cur: cur.execute(Q["list_workflows"], params).fetchall())
+        total = int(rows[0][7]) if rows else 0
+        return [_workflow_from_row(r) for r in rows], total
+
+    async def workflow_counts(self, workflow_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        ids = list(workflow_ids)
+        if not ids:
+            return {}
+        rows = await self._read(lambda cur: cur.execute(Q["workflow_counts"], [ids]).fetchall())
+        counts: dict[str, dict[str, int]] = {wid: {} for wid in ids}
+        for wid, status, n in rows:
+            counts[wid][status] = int(n)
+        return counts
+
+    async def list_notifications(
+        self,
+        scope: str | None,
+        since: int,
+        workflow_id: str | None,
+        include_delivered: bool,
+        limit: int,
+    ) -> list[NotificationRecord]:
+        params = [scope, since, workflow_id, include_delivered, limit]
+        rows = await self._read(lambda cur: cur.execute(Q["list_notifications"], params).fetchall())
+        return [
+            NotificationRecord(r[0], r[1], r[2], r[3], r[4], r[5], _aware(r[6]), _aware(r[7]))  # type: ignore[arg-type]
+            for r in rows
+        ]
+
+    async def count_rows(self) -> dict[str, int]:
+        tables = [
+            "workflow_executions",
+            "task_executions",
+            "task_attempts",
+            "task_results",
+            "notifications",
+            "token_usage",
+        ]
+
+        def run(cur: duckdb.DuckDBPyConnection) -> dict[str, int]:
+            return {t: int(cur.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}  # type: ignore[index]
+
+        return await self._read(run)

@@ -1,0 +1,89 @@
+"""Small agents for tests, benchmarks and trying sidequest by hand.
+
+Point an `[agents.NAME]` table at them, e.g. `callable = "sidequest.testing.agents:echo"`.
+Prompts that steer them are plain text so a test can say what should happen.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from sidequest.executors.base import PermanentError, TaskContext
+
+
+async def echo(prompt: str, ctx: TaskContext) -> str:
+    """Returns the prompt."""
+    return prompt
+
+
+async def noop(prompt: str, ctx: TaskContext) -> None:
+    """Does nothing: for measuring the engine alone."""
+    return None
+
+
+def echo_sync(prompt: str, ctx: TaskContext) -> str:
+    return prompt
+
+
+async def json_result(prompt: str, ctx: TaskContext) -> dict[str, Any]:
+    return {"prompt": prompt, "length": len(prompt), "attempt": ctx.attempt}
+
+
+async def sleep(prompt: str, ctx: TaskContext) -> str:
+    """Sleeps for the number of seconds in the prompt, reporting progress, then returns 'slept N'."""
+    seconds = float(prompt.split()[0])
+    steps = 10
+    for i in range(steps):
+        ctx.report_progress(100 * i / steps, f"step {i + 1} of {steps}")
+        await anyio.sleep(seconds / steps)
+    return f"slept {seconds:g}"
+
+
+def sleep_sync(prompt: str, ctx: TaskContext) -> str:
+    """A blocking sleeper that polls for cancellation, as a well-behaved sync callable should."""
+    deadline = time.monotonic() + float(prompt.split()[0])
+    while time.monotonic() < deadline:
+        if ctx.is_cancelled:
+            return "stopped early"
+        ctx.report_progress(None, "sleeping")
+        time.sleep(0.01)
+    return "slept"
+
+
+async def fail(prompt: str, ctx: TaskContext) -> str:
+    raise RuntimeError(f"failing on purpose: {prompt}")
+
+
+async def fail_permanently(prompt: str, ctx: TaskContext) -> str:
+    raise PermanentError(f"cannot do this: {prompt}")
+
+
+async def flaky(prompt: str, ctx: TaskContext) -> str:
+    """Fails until attempt N (prompt: 'succeed on N'), then succeeds."""
+    succeed_on = int(prompt.split()[-1])
+    if ctx.attempt < succeed_on:
+        raise RuntimeError(f"attempt {ctx.attempt} fails on purpose")
+    return f"succeeded on attempt {ctx.attempt}"
+
+
+async def record_and_sleep(prompt: str, ctx: TaskContext) -> str:
+    """Appends 'task_id attempt' to the file named in the prompt's first word, then sleeps the second.
+
+    Lets a test that kills the server see which attempts started.
+    """
+    path, seconds = prompt.split()[:2]
+    with Path(path).open("a", encoding="utf-8") as fh:
+        fh.write(f"{ctx.task_id} {ctx.attempt}\n")
+    await anyio.sleep(float(seconds))
+    return f"done on attempt {ctx.attempt}"
+
+
+async def big_result(prompt: str, ctx: TaskContext) -> str:
+    """Returns N characters (prompt: N) of a repeating alphabet."""
+    n = int(prompt)
+    alphabet = "abcdefghijklmnopqrstuvwxyz"
+    return (alphabet * (n // len(alphabet) + 1))[:n]
