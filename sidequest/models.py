@@ -39,7 +39,8 @@ def parse_duration(value: Any) -> float:
         match = _DURATION_RE.match(value)
         if not match:
             raise ValueError(
-                f"{value!r} is not a duration; use seconds (e.g. 90) or a string like '90s', '30m', '2h', '1d'"
+                f"{value!r} is not a duration; "
+                "use seconds (e.g. 90) or a string like '90s', '30m', '2h', '1d'"
             )
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
@@ -122,7 +123,9 @@ class TaskOptions(_Strict):
     """Options of `task_async`. Unknown keys are rejected by name."""
 
     priority: Priority = "normal"
-    timeout: Duration | None = Field(default=None, description="per-attempt limit: seconds or '90s'/'30m'/'2h'")
+    timeout: Duration | None = Field(
+        default=None, description="per-attempt limit: seconds or '90s'/'30m'/'2h'"
+    )
     max_retries: int = Field(default=3, ge=0, le=20)
     retry_backoff: RetryBackoff = Field(default_factory=RetryBackoff)
     tags: list[Tag] = Field(default_factory=list, max_length=32)

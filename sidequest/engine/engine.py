@@ -306,7 +306,10 @@ class Engine:
         self._wf_open[workflow_id] += 1
         self.dispatcher.enqueue(task)
         return TaskSubmitted(
-            task_id=task.id, workflow_id=workflow_id, status=TaskStatus(task.status), created_at=task.created_at
+            task_id=task.id,
+            workflow_id=workflow_id,
+            status=TaskStatus(task.status),
+            created_at=task.created_at,
         )
 
     async def _existing_submission(self, task_id: str) -> TaskSubmitted:
@@ -591,7 +594,13 @@ class Engine:
         info = self._task_info(task, sizes.get(task_id))
         if history:
             info.attempt_history = [
-                Attempt(attempt=a.attempt, status=a.status, started_at=a.started_at, finished_at=a.finished_at, error=a.error)
+                Attempt(
+                    attempt=a.attempt,
+                    status=a.status,
+                    started_at=a.started_at,
+                    finished_at=a.finished_at,
+                    error=a.error,
+                )
                 for a in await self.store.get_attempts(task_id)
             ]
         return info
@@ -641,7 +650,10 @@ class Engine:
         self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0
     ) -> WorkflowPage:
         query = WorkflowQuery(
-            scope=None if all_scopes else (scope or default_scope()), finished=False, limit=limit, offset=offset
+            scope=None if all_scopes else (scope or default_scope()),
+            finished=False,
+            limit=limit,
+            offset=offset,
         )
         return await self._list(query)
 
@@ -658,7 +670,9 @@ class Engine:
     ) -> WorkflowPage:
         statuses = [s.value for s in status or []]
         if WorkflowStatus.running.value in statuses:
-            raise InvalidRequest("history lists finished workflows; use list_active_workflows for running ones")
+            raise InvalidRequest(
+                "history lists finished workflows; use list_active_workflows for running ones"
+            )
         query = WorkflowQuery(
             scope=None if all_scopes else (scope or default_scope()),
             finished=True,
@@ -712,7 +726,12 @@ class Engine:
         page = await self.store.get_result_page(task_id, offset, max_chars)
         if page is None:
             return ResultPage(
-                task_id=task_id, status=TaskStatus(task.status), offset=offset, total_chars=0, content="", error=task.error
+                task_id=task_id,
+                status=TaskStatus(task.status),
+                offset=offset,
+                total_chars=0,
+                content="",
+                error=task.error,
             )
         content_type, content, total = page
         if offset > total:

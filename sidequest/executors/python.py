@@ -27,7 +27,9 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
         try:
             target = getattr(target, part)
         except AttributeError as exc:
-            raise PermanentError(f"{module_name!r} has no attribute {attr_path!r} (callable {spec!r})") from exc
+            raise PermanentError(
+                f"{module_name!r} has no attribute {attr_path!r} (callable {spec!r})"
+            ) from exc
     if not callable(target):
         raise PermanentError(f"{spec!r} is not callable")
     return target
@@ -44,7 +46,9 @@ def to_result(value: Any) -> ExecutionResult:
     try:
         return ExecutionResult(json.dumps(value, ensure_ascii=False, default=_pydantic_default), "json")
     except TypeError as exc:
-        raise PermanentError(f"the agent returned {type(value).__name__}, which is not text or JSON-able") from exc
+        raise PermanentError(
+            f"the agent returned {type(value).__name__}, which is not text or JSON-able"
+        ) from exc
 
 
 def _pydantic_default(value: Any) -> Any:

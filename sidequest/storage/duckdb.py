@@ -10,6 +10,7 @@ Reads run on per-thread cursors and never block the writer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -25,6 +26,7 @@ import anyio
 import duckdb
 
 from sidequest.storage.base import (
+    TASK_MUTABLE_COLUMNS,
     AttemptRecord,
     Committed,
     LoadedState,
@@ -106,11 +108,84 @@ def _workflow_from_row(row: Sequence[Any]) -> WorkflowRecord:
     )
 
 
-def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
-    """Row-major → column-major lists, for unnest() parameters."""
-    if not rows:
-        return [[] for _ in range(width)]
-    return [list(col) for col in zip(*rows, strict=True)]
+_MUTABLE_TIME_INDEXES = tuple(i for i, name in enumerate(TASK_MUTABLE_COLUMNS) if name in _TIME_FIELDS)
+
+_APPENDERS: dict[str, tuple[str, Sequence[str], str, str | None]] = {
+    # name: (table, columns, action, key)
+    "workflows_new": (
+        "workflow_executions",
+        ("id", "name", "scope", "status", "created_at", "updated_at", "finished_at"),
+        "insert",
+        None,
+    ),
+    "tasks_new": (
+        "task_executions",
+        (
+            "id",
+            "seq",
+            "workflow_id",
+            "agent",
+            "prompt",
+            "status",
+            "priority",
+            "scope",
+            "options",
+            "idempotency_key",
+            "callback_url",
+            "schedule_id",
+            "attempts",
+            "failures",
+            "max_retries",
+            "timeout_s",
+            "created_at",
+            "updated_at",
+            "not_before",
+        ),
+        "insert",
+        None,
+    ),
+    "task_updates": ("task_executions", TASK_MUTABLE_COLUMNS, "update", "id"),
+    "workflow_updates": (
+        "workflow_executions",
+        ("id", "status", "updated_at", "finished_at"),
+        "update",
+        "id",
+    ),
+    "attempts": (
+        "task_attempts",
+        ("task_id", "attempt", "status", "started_at", "finished_at", "error", "worker_id"),
+        "insert",
+        None,
+    ),
+    "results": (
+        "task_results",
+        ("task_id", "content_type", "content", "size_chars", "created_at"),
+        "upsert",
+        None,
+    ),
+    "notifications": (
+        "notifications",
+        ("cursor", "kind", "task_id", "workflow_id", "scope", "message", "created_at"),
+        "insert",
+        None,
+    ),
+    "usage": (
+        "token_usage",
+        (
+            "task_id",
+            "attempt",
+            "model",
+            "input_tokens",
+            "output_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+            "cost_usd",
+            "recorded_at",
+        ),
+        "insert",
+        None,
+    ),
+}
 
 
 @dataclass
@@ -159,6 +234,7 @@ class DuckDBStore:
         self._inflight_done: anyio.Event | None = None
         self._writer_limiter = anyio.CapacityLimiter(1)
         self._writer_running = False
+        self._appenders: dict[str, Any] = {}
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -177,12 +253,11 @@ class DuckDBStore:
         return self._load_state()
 
     def close(self) -> None:
+        self._appenders.clear()
         with self._cursors_lock:
             for cursor in self._cursors:
-                try:
+                with contextlib.suppress(duckdb.Error):
                     cursor.close()
-                except duckdb.Error:
-                    pass
             self._cursors.clear()
         if self._con is not None:
             self._con.close()
@@ -191,7 +266,8 @@ class DuckDBStore:
     def _migrate(self) -> None:
         con = self._require()
         con.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL)"
+            "CREATE TABLE IF NOT EXISTS schema_version "
+            "(version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL)"
         )
         current = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]  # type: ignore[index]
         available = migrations()
@@ -346,105 +422,146 @@ class DuckDBStore:
             if inflight is not None and inflight.error is not None:
                 raise StoreError(f"write failed: {inflight.error}") from inflight.error
 
+    def _appender(self, name: str) -> Any:
+        """Appenders are DuckDB's cheapest write path: one per kind of write, reused across commits."""
+        appender = self._appenders.get(name)
+        if appender is None:
+            table, columns, action, key = _APPENDERS[name]
+            kwargs: dict[str, Any] = {"columns": list(columns), "action": action}
+            if key:
+                kwargs["key"] = [key]
+            appender = self._require().appender(table, **kwargs)
+            self._appenders[name] = appender
+        return appender
+
+    def _append(self, name: str, rows: list[tuple[Any, ...]]) -> None:
+        appender = self._appender(name)
+        try:
+            appender.append_rows(rows)
+            appender.flush()
+        except BaseException:
+            self._appenders.pop(name, None)  # a failed appender may hold rows; start afresh
+            raise
+
     def _commit(self, batch: _Pending) -> Committed:
-        """Runs on the writer thread: one transaction, one statement per kind of write."""
+        """Runs on the writer thread: one transaction, one append per kind of write."""
         con = self._require()
         committed = Committed()
         con.execute("BEGIN")
         try:
             if batch.workflows_new:
-                rows = [
-                    (w.id, w.name, w.scope, w.status, _naive(w.created_at), _naive(w.updated_at), None)
-                    for w in batch.workflows_new
-                ]
-                con.execute(Q["insert_workflows"], _columns(rows, 7))
+                self._append(
+                    "workflows_new",
+                    [
+                        (w.id, w.name, w.scope, w.status, _naive(w.created_at), _naive(w.updated_at), None)
+                        for w in batch.workflows_new
+                    ],
+                )
                 committed.workflow_ids.update(w.id for w in batch.workflows_new)
             if batch.tasks_new:
-                rows = [
-                    (
-                        t.id,
-                        t.seq,
-                        t.workflow_id,
-                        t.agent,
-                        t.prompt,
-                        t.status,
-                        t.priority,
-                        t.scope,
-                        json.dumps(t.options),
-                        t.idempotency_key,
-                        t.callback_url,
-                        t.schedule_id,
-                        t.attempts,
-                        t.failures,
-                        t.max_retries,
-                        t.timeout_s,
-                        _naive(t.created_at),
-                        _naive(t.updated_at),
-                        _naive(t.not_before),
-                    )
-                    for t in batch.tasks_new
-                ]
-                con.execute(Q["insert_tasks"], _columns(rows, 19))
+                self._append(
+                    "tasks_new",
+                    [
+                        (
+                            t.id,
+                            t.seq,
+                            t.workflow_id,
+                            t.agent,
+                            t.prompt,
+                            t.status,
+                            t.priority,
+                            t.scope,
+                            json.dumps(t.options),
+                            t.idempotency_key,
+                            t.callback_url,
+                            t.schedule_id,
+                            t.attempts,
+                            t.failures,
+                            t.max_retries,
+                            t.timeout_s,
+                            _naive(t.created_at),
+                            _naive(t.updated_at),
+                            _naive(t.not_before),
+                        )
+                        for t in batch.tasks_new
+                    ],
+                )
                 committed.task_ids.update(t.id for t in batch.tasks_new)
             if batch.task_updates:
                 rows = []
                 for state in batch.task_updates.values():
                     row = list(state)
-                    for i in (4, 5, 6, 7, 13):  # the timestamp columns of mutable_state()
+                    for i in _MUTABLE_TIME_INDEXES:
                         row[i] = _naive(row[i])
-                    rows.append(row)
-                con.execute(Q["update_tasks"], _columns(rows, 14))
+                    rows.append(tuple(row))
+                self._append("task_updates", rows)
                 committed.task_ids.update(batch.task_updates)
             if batch.workflow_updates:
-                rows = [
-                    (wid, status, _naive(updated), _naive(finished))
-                    for wid, status, updated, finished in batch.workflow_updates.values()
-                ]
-                con.execute(Q["update_workflows"], _columns(rows, 4))
+                self._append(
+                    "workflow_updates",
+                    [
+                        (wid, status, _naive(updated), _naive(finished))
+                        for wid, status, updated, finished in batch.workflow_updates.values()
+                    ],
+                )
                 committed.workflow_ids.update(batch.workflow_updates)
             if batch.attempts:
-                rows = [
-                    (a.task_id, a.attempt, a.status, _naive(a.started_at), _naive(a.finished_at), a.error, a.worker_id)
-                    for a in batch.attempts
-                ]
-                con.execute(Q["insert_attempts"], _columns(rows, 7))
+                self._append(
+                    "attempts",
+                    [
+                        (
+                            a.task_id,
+                            a.attempt,
+                            a.status,
+                            _naive(a.started_at),
+                            _naive(a.finished_at),
+                            a.error,
+                            a.worker_id,
+                        )
+                        for a in batch.attempts
+                    ],
+                )
             if batch.results:
-                rows = [
-                    (r.task_id, r.content_type, r.content, len(r.content), _naive(r.created_at))
-                    for r in batch.results
-                ]
-                con.execute(Q["insert_results"], _columns(rows, 5))
+                self._append(
+                    "results",
+                    [
+                        (r.task_id, r.content_type, r.content, len(r.content), _naive(r.created_at))
+                        for r in batch.results
+                    ],
+                )
             if batch.notifications:
-                rows = [
-                    (n.cursor, n.kind, n.task_id, n.workflow_id, n.scope, n.message, _naive(n.created_at))
-                    for n in batch.notifications
-                ]
-                con.execute(Q["insert_notifications"], _columns(rows, 7))
+                self._append(
+                    "notifications",
+                    [
+                        (n.cursor, n.kind, n.task_id, n.workflow_id, n.scope, n.message, _naive(n.created_at))
+                        for n in batch.notifications
+                    ],
+                )
                 committed.notifications.extend(batch.notifications)
             if batch.usage:
-                rows = [
-                    (
-                        u.task_id,
-                        u.attempt,
-                        u.model,
-                        u.input_tokens,
-                        u.output_tokens,
-                        u.cache_creation_input_tokens,
-                        u.cache_read_input_tokens,
-                        u.cost_usd,
-                        _naive(u.recorded_at),
-                    )
-                    for u in batch.usage
-                ]
-                con.execute(Q["insert_usage"], _columns(rows, 9))
+                self._append(
+                    "usage",
+                    [
+                        (
+                            u.task_id,
+                            u.attempt,
+                            u.model,
+                            u.input_tokens,
+                            u.output_tokens,
+                            u.cache_creation_input_tokens,
+                            u.cache_read_input_tokens,
+                            u.cost_usd,
+                            _naive(u.recorded_at),
+                        )
+                        for u in batch.usage
+                    ],
+                )
             for cursors, at in batch.delivered:
                 con.execute(Q["mark_delivered"], [cursors, _naive(at)])
             con.execute("COMMIT")
         except BaseException:
-            try:
+            with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
             raise
         return committed
 

@@ -1,0 +1,105 @@
+"""The HTTP face of `sidequest serve`: MCP over streamable HTTP at /mcp, plus /health.
+
+Local-only by default, and still guarded: any web page the user opens can
+reach 127.0.0.1, so every route but /health needs the bearer token from a
+0600 file in the data dir, and Host/Origin are checked against DNS rebinding.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sidequest import __version__
+
+MCP_PATH = "/mcp"
+PUBLIC_PATHS = frozenset({"/health"})
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def load_or_create_token(path: Path) -> str:
+    """The token is made once and reused, so a client configured with it keeps working across restarts."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        token = ""
+    if token:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)  # someone loosened it; a readable token is a leaked token
+        return token
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never world-readable, not even briefly
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+    os.replace(tmp, path)
+    return token
+
+
+class BearerAuth:
+    """Pure ASGI middleware (BaseHTTPMiddleware would buffer the SSE streams MCP relies on)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS and not self._authorized(scope):
+            response = JSONResponse(
+                {
+                    "error": "unauthorized",
+                    "message": "send 'Authorization: Bearer <token>' (see the token file)",
+                },
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        supplied = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(supplied, self._expected)
+
+
+def transport_security(host: str) -> TransportSecuritySettings:
+    """Only our own host names may appear in Host/Origin; a rebinding attacker's name is refused."""
+    hosts = list(_LOCAL_HOSTS)
+    if host not in hosts and host not in ("0.0.0.0", "::"):
+        hosts.append(f"[{host}]" if ":" in host else host)
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[f"{h}:*" for h in hosts],
+        allowed_origins=[f"{scheme}://{h}:*" for h in hosts for scheme in ("http", "https")],
+    )
+
+
+def build_app(server: MCPServer, token: str, host: str = "127.0.0.1") -> ASGIApp:
+    mcp_app = server.streamable_http_app(
+        streamable_http_path=MCP_PATH, transport_security=transport_security(host)
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        # Mount does not run a sub-app's lifespan; the MCP session manager must run for /mcp to work.
+        async with server.session_manager.run():
+            yield
+
+    async def health(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    app = Starlette(routes=[Route("/health", health), Mount("/", app=mcp_app)], lifespan=lifespan)
+    return BearerAuth(app, token)

@@ -1,0 +1,466 @@
+"""MCP tools and resources: a thin adapter over `Engine`, served over stdio or streamable HTTP.
+
+Every tool calls one engine method and returns the engine's pydantic model, so
+the MCP surface adds no behaviour of its own. Errors become `ToolError`s whose
+text is the engine's message: the model reads it and can correct its call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from mcp.server.context import ServerRequestContext
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp.server.session import ServerSession
+from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated, SubscriptionBus
+from mcp_types import EmptyResult, SubscribeRequestParams, ToolAnnotations, UnsubscribeRequestParams
+from pydantic import BaseModel, Field
+
+from sidequest import __version__
+from sidequest.engine.engine import Engine
+from sidequest.engine.errors import EngineError, NotFound
+from sidequest.models import (
+    AgentInfo,
+    CancelResult,
+    NotificationPage,
+    ResultPage,
+    StatusReport,
+    TaskOptions,
+    TaskSubmitted,
+    WorkflowPage,
+    WorkflowStatus,
+)
+from sidequest.storage.base import Committed
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TASK_URI = "sidequest://tasks/{task_id}"
+WORKFLOW_URI = "sidequest://workflows/{workflow_id}"
+_PUSH_BUFFER = 10_000
+"""Pending resource-updated events; beyond this a burst is dropped (they are hints, rows are the truth)."""
+_SEND_TIMEOUT = 5.0
+"""A legacy client that does not read its stream must not stall pushes to everyone else."""
+
+INSTRUCTIONS = """\
+sidequest runs work in durable background agents so you can keep talking to the user.
+
+When: anything likely to take more than ~30 seconds (research, builds, long test runs, \
+batch edits, reviews) -> task_async. Short things: just do them.
+
+How:
+1. list_agents once to learn the agent names you may launch.
+2. task_async(agent_definition, prompt, options) returns a task_id and workflow_id at once. \
+The prompt must stand alone: the agent sees nothing of this conversation. Group related tasks \
+with options.workflow_name on the first and options.workflow_id on the rest.
+3. Keep working. Don't poll in a tight loop: call get_workflow_notifications between your \
+other steps (each finished task appears there once), or check_workflow_status no more than \
+every 30-60 seconds when you are only waiting.
+4. get_task_result(task_id) reads the output; follow next_offset to page through long results.
+5. cancel_task stops work the user no longer wants.
+
+Tasks survive restarts and are retried on failure (at-least-once: an agent may run twice). \
+Lists show this project's work; pass all_scopes=true to see every project. Resources \
+sidequest://tasks/{id} and sidequest://workflows/{id} send resource-updated on every change.
+"""
+
+
+class AgentList(BaseModel):
+    """`list_agents` result; a list is wrapped so the output has an object schema."""
+
+    agents: list[AgentInfo]
+
+
+# ---- error translation ------------------------------------------------------
+
+
+@contextmanager
+def _tool_errors(tool: str) -> Iterator[None]:
+    """Turn every failure into a message the model can act on; a bare crash would be masked by the SDK."""
+    try:
+        yield
+    except ToolError:
+        raise
+    except EngineError as exc:
+        raise ToolError(str(exc)) from exc
+    except Exception as exc:
+        log.exception("tool %s failed unexpectedly", tool)
+        raise ToolError(
+            f"internal error in sidequest ({type(exc).__name__}: {exc}); the request may not have been "
+            "applied. The server log on stderr has the traceback; retrying is safe for read-only tools."
+        ) from exc
+
+
+async def _run_tool(tool: str, call: Awaitable[T]) -> T:
+    with _tool_errors(tool):
+        return await call
+
+
+# ---- resource-updated push, both protocol eras ------------------------------
+
+
+class ResourcePusher:
+    """Fan out "resource updated" for changed tasks and workflows to every subscribed client.
+
+    The engine calls `on_commit` synchronously on the event loop after each
+    durable commit; it only enqueues. Pumps (one per active server lifespan)
+    do the sending, so a slow client never blocks the engine's writer.
+    2026 clients subscribe through the bus (`subscriptions/listen`); 2025
+    clients through `resources/subscribe`, which MCPServer does not register.
+    """
+
+    def __init__(self, server: MCPServer, bus: SubscriptionBus) -> None:
+        self._bus = bus
+        self._legacy: dict[str, list[ServerSession]] = defaultdict(list)
+        self._send: ObjectSendStream[str]
+        self._receive: ObjectReceiveStream[str]
+        self._send, self._receive = anyio.create_memory_object_stream[str](_PUSH_BUFFER)
+        self._pumps = 0
+        low = server._lowlevel_server  # no public hook for legacy subscribe in mcp 2.3
+        low.add_request_handler("resources/subscribe", SubscribeRequestParams, self._on_subscribe)
+        low.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, self._on_unsubscribe)
+
+    # engine side
+
+    def on_commit(self, committed: Committed) -> None:
+        if not self._pumps:
+            return  # nobody connected: nothing to tell
+        uris = [TASK_URI.format(task_id=t) for t in sorted(committed.task_ids)]
+        uris += [WORKFLOW_URI.format(workflow_id=w) for w in sorted(committed.workflow_ids)]
+        for uri in uris:
+            try:
+                self._send.send_nowait(uri)
+            except anyio.WouldBlock:
+                log.warning("resource-updated buffer full; dropping update for %s", uri)
+                return
+
+    # client side (legacy)
+
+    async def _on_subscribe(
+        self, ctx: ServerRequestContext[Any], params: SubscribeRequestParams
+    ) -> EmptyResult:
+        uri = str(params.uri)
+        conn = ctx.session._connection
+        sessions = self._legacy[uri]
+        if all(s._connection is not conn for s in sessions):
+            sessions.append(ctx.session)
+            # Sending to a closed session silently does nothing, so forget it when the connection ends.
+            conn.exit_stack.callback(self._drop, uri, conn)
+        return EmptyResult()
+
+    async def _on_unsubscribe(
+        self, ctx: ServerRequestContext[Any], params: UnsubscribeRequestParams
+    ) -> EmptyResult:
+        self._drop(str(params.uri), ctx.session._connection)
+        return EmptyResult()
+
+    def _drop(self, uri: str, conn: object) -> None:
+        remaining = [s for s in self._legacy.get(uri, []) if s._connection is not conn]
+        if remaining:
+            self._legacy[uri] = remaining
+        else:
+            self._legacy.pop(uri, None)
+
+    # sending
+
+    @asynccontextmanager
+    async def pumping(self) -> AsyncIterator[None]:
+        """Run one pump for as long as a server lifespan is active."""
+        self._pumps += 1
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump, self._receive.clone())
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            self._pumps -= 1
+
+    async def _pump(self, receive: ObjectReceiveStream[str]) -> None:
+        async with receive:
+            async for uri in receive:
+                await self.resource_updated(uri)
+
+    async def resource_updated(self, uri: str) -> None:
+        await self._bus.publish(ResourceUpdated(uri=uri))
+        for session in list(self._legacy.get(uri, [])):
+            try:
+                with anyio.fail_after(_SEND_TIMEOUT):
+                    await session.send_resource_updated(uri)
+            except Exception:
+                log.info("dropping unreachable legacy subscriber for %s", uri)
+                self._drop(uri, session._connection)
+
+
+# ---- the server ---------------------------------------------------------------
+
+
+def _read_only(title: str) -> ToolAnnotations:
+    return ToolAnnotations(
+        title=title, read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+    )
+
+
+def build_server(engine: Engine, default_scope: str) -> MCPServer:
+    """The MCP server for one running engine; `default_scope` is this client's project."""
+    bus = InMemorySubscriptionBus()
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[None]:
+        async with pusher.pumping():
+            yield
+
+    server = MCPServer(
+        "sidequest",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        subscriptions=bus,
+    )
+    pusher = ResourcePusher(server, bus)
+    engine.add_listener(pusher.on_commit)
+    _register_tools(server, engine, default_scope)
+    _register_resources(server, engine)
+    return server
+
+
+def _register_resources(server: MCPServer, engine: Engine) -> None:
+    @server.resource(
+        TASK_URI,
+        name="task",
+        mime_type="application/json",
+        description="One task's status, progress, result preview and attempt history (TaskInfo JSON).",
+    )
+    async def read_task(task_id: str) -> str:
+        return await _read_resource(lambda: engine.get_task(task_id))
+
+    @server.resource(
+        WORKFLOW_URI,
+        name="workflow",
+        mime_type="application/json",
+        description="A workflow and all its tasks (WorkflowInfo JSON).",
+    )
+    async def read_workflow(workflow_id: str) -> str:
+        return await _read_resource(lambda: engine.get_workflow(workflow_id))
+
+
+async def _read_resource(read: Any) -> str:
+    try:
+        model: BaseModel = await read()
+    except NotFound as exc:
+        raise ResourceNotFoundError(str(exc)) from exc
+    except EngineError as exc:
+        raise ResourceError(str(exc)) from exc
+    except Exception as exc:
+        log.exception("reading a resource failed unexpectedly")
+        raise ResourceError(f"internal error in sidequest ({type(exc).__name__}: {exc})") from exc
+    return json.dumps(model.model_dump(mode="json"))
+
+
+def _with_scope(options: TaskOptions | None, default_scope: str) -> TaskOptions:
+    """The client's project is the scope unless the caller names another."""
+    options = options or TaskOptions()
+    if options.scope:
+        return options
+    return options.model_copy(update={"scope": default_scope})
+
+
+def _register_tools(server: MCPServer, engine: Engine, default_scope: str) -> None:
+    @server.tool(
+        name="task_async",
+        description=(
+            "Start a task in a durable background agent and return at once with task_id and workflow_id. "
+            "Use it for work likely to take more than ~30 seconds; do short things yourself. "
+            "agent_definition is an agent name from list_agents. The prompt must stand alone: the agent "
+            "does not see this conversation. options (all optional): priority high|normal|low; timeout per "
+            "attempt ('90s', '30m', '2h' or seconds); max_retries (0-20, default 3); retry_backoff; tags; "
+            "metadata; idempotency_key (resubmitting the same key returns the unfinished task instead of a "
+            "duplicate); workflow_name to start a named workflow, or workflow_id to add to one; delay or "
+            "not_before to start later. Unknown option keys are rejected. After submitting, keep working: "
+            "check get_workflow_notifications between steps, or check_workflow_status every 30-60 s at "
+            "most; then read get_task_result."
+        ),
+        annotations=ToolAnnotations(
+            title="Start background task",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=True,
+        ),
+    )
+    async def task_async(
+        agent_definition: Annotated[str, Field(description="agent name, as listed by list_agents")],
+        prompt: Annotated[str, Field(description="complete, self-contained instructions for the agent")],
+        options: TaskOptions | None = None,
+    ) -> TaskSubmitted:
+        return await _run_tool(
+            "task_async", engine.submit(agent_definition, prompt, _with_scope(options, default_scope))
+        )
+
+    @server.tool(
+        name="check_workflow_status",
+        description=(
+            "Status of one task (task_id) or of a workflow and all its tasks (workflow_id); give exactly "
+            "one. Shows status (queued, waiting, running, retrying, completed, failed, cancelled), "
+            "progress, attempts and their errors, and a result preview. Poll no more than every 30-60 "
+            "seconds; prefer get_workflow_notifications, which reports each finished task once."
+        ),
+        annotations=_read_only("Check task or workflow status"),
+    )
+    async def check_workflow_status(
+        task_id: str | None = None, workflow_id: str | None = None
+    ) -> StatusReport:
+        return await _run_tool(
+            "check_workflow_status", engine.status(task_id=task_id, workflow_id=workflow_id)
+        )
+
+    @server.tool(
+        name="list_active_workflows",
+        description=(
+            "Workflows of this project that still have unfinished tasks, newest first, with task counts "
+            "by status. all_scopes=true lists every project's. Page with offset = next_offset."
+        ),
+        annotations=_read_only("List active workflows"),
+    )
+    async def list_active_workflows(
+        all_scopes: bool = False,
+        limit: Annotated[int, Field(ge=1, le=100)] = 20,
+        offset: Annotated[int, Field(ge=0)] = 0,
+    ) -> WorkflowPage:
+        return await _run_tool(
+            "list_active_workflows",
+            engine.list_active_workflows(
+                scope=default_scope, all_scopes=all_scopes, limit=limit, offset=offset
+            ),
+        )
+
+    @server.tool(
+        name="get_workflow_notifications",
+        description=(
+            "What finished since you last asked: task completed/failed/cancelled and workflow completed "
+            "events for this project, oldest first. By default each event is returned once "
+            "(mark_delivered=true) and delivered ones are skipped; include_delivered=true shows them again. "
+            "Pass since=next_cursor from the previous call to read only newer events; workflow_id narrows "
+            "to one workflow. Cheap: call it between your other steps instead of polling status."
+        ),
+        annotations=ToolAnnotations(
+            title="Get notifications",
+            read_only_hint=False,  # marks events delivered
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=False,
+        ),
+    )
+    async def get_workflow_notifications(
+        since: Annotated[int | None, Field(ge=0, description="next_cursor of the previous call")] = None,
+        workflow_id: str | None = None,
+        mark_delivered: bool = True,
+        include_delivered: bool = False,
+        all_scopes: bool = False,
+        limit: Annotated[int, Field(ge=1, le=200)] = 50,
+    ) -> NotificationPage:
+        return await _run_tool(
+            "get_workflow_notifications",
+            engine.notifications(
+                scope=default_scope,
+                all_scopes=all_scopes,
+                since=since,
+                workflow_id=workflow_id,
+                mark_delivered=mark_delivered,
+                include_delivered=include_delivered,
+                limit=limit,
+            ),
+        )
+
+    @server.tool(
+        name="get_task_result",
+        description=(
+            "Read a task's output, one page at a time: content holds up to max_chars characters from "
+            "offset; when next_offset is not null, call again with offset=next_offset for the rest. "
+            "A failed task has no content and its error in error. Keep max_chars at the default unless "
+            "you need less."
+        ),
+        annotations=_read_only("Get task result"),
+    )
+    async def get_task_result(
+        task_id: str,
+        offset: Annotated[int, Field(ge=0)] = 0,
+        max_chars: Annotated[int, Field(ge=1, le=50_000)] = 20_000,
+    ) -> ResultPage:
+        return await _run_tool(
+            "get_task_result", engine.get_result(task_id, offset=offset, max_chars=max_chars)
+        )
+
+    @server.tool(
+        name="cancel_task",
+        description=(
+            "Cancel a task (task_id) or every unfinished task of a workflow (workflow_id); give exactly "
+            "one. Running agents are stopped; finished tasks are left as they are and listed in "
+            "already_finished. Cancelling cannot be undone."
+        ),
+        annotations=ToolAnnotations(
+            title="Cancel task or workflow",
+            read_only_hint=False,
+            destructive_hint=True,
+            idempotent_hint=True,
+            open_world_hint=False,
+        ),
+    )
+    async def cancel_task(task_id: str | None = None, workflow_id: str | None = None) -> CancelResult:
+        return await _run_tool("cancel_task", engine.cancel(task_id=task_id, workflow_id=workflow_id))
+
+    @server.tool(
+        name="get_workflow_history",
+        description=(
+            "Finished workflows of this project (completed, failed, cancelled), newest first. Filter by "
+            "status, by agent, by time (since/until, ISO 8601, UTC if no zone). all_scopes=true covers "
+            "every project. Page with offset = next_offset. For running work use list_active_workflows."
+        ),
+        annotations=_read_only("Workflow history"),
+    )
+    async def get_workflow_history(
+        status: list[WorkflowStatus] | None = None,
+        agent: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        all_scopes: bool = False,
+        limit: Annotated[int, Field(ge=1, le=100)] = 20,
+        offset: Annotated[int, Field(ge=0)] = 0,
+    ) -> WorkflowPage:
+        return await _run_tool(
+            "get_workflow_history",
+            engine.workflow_history(
+                scope=default_scope,
+                all_scopes=all_scopes,
+                status=status,
+                agent=agent,
+                since=since,
+                until=until,
+                limit=limit,
+                offset=offset,
+            ),
+        )
+
+    @server.tool(
+        name="list_agents",
+        description=(
+            "The agents you may launch with task_async (name, executor, description, concurrency limit). "
+            "Call it once before your first task_async; the list changes only when the user edits the "
+            "configuration."
+        ),
+        annotations=_read_only("List agents"),
+    )
+    async def list_agents() -> AgentList:
+        with _tool_errors("list_agents"):
+            return AgentList(agents=engine.list_agents())
