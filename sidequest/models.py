@@ -25,7 +25,7 @@ from pydantic import (
 MAX_DURATION_SECONDS = 30 * 24 * 3600.0
 """Nothing we run should need more than 30 days; a larger value is a typo."""
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
