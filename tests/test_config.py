@@ -19,7 +19,8 @@ def write(path: Path, text: str) -> Path:
 def test_config_file_in_the_data_dir_is_used(tmp_path: Path) -> None:
     write(
         tmp_path / "sidequest.toml",
-        'max_concurrency = 7\n[agents.echo]\ncallable = "sidequest.testing.agents:echo"\nmax_concurrency = 2\n',
+        'max_concurrency = 7\n[agents.echo]\ncallable = "sidequest.testing.agents:echo"\n'
+        "max_concurrency = 2\n",
     )
     settings = load_settings(env={"SIDEQUEST_HOME": str(tmp_path)})
     assert settings.home == tmp_path
@@ -56,7 +57,7 @@ def test_default_home_follows_xdg(tmp_path: Path) -> None:
 )
 def test_bad_config_is_an_error_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path / "bad.toml", text)
-    with pytest.raises(ConfigError, match="bad.toml") as info:
+    with pytest.raises(ConfigError, match=r"bad\.toml") as info:
         load_settings(path, env={"SIDEQUEST_HOME": str(tmp_path)})
     assert message in str(info.value)
 
