@@ -30,6 +30,7 @@ AGENTS = {
         "record_and_sleep",
         "json_result",
         "big_result",
+        "bad_unicode",
     )
 }
 FAST = {"initial": 0.01, "max": 0.05}
@@ -361,7 +362,9 @@ async def test_shutdown_puts_running_tasks_back_in_the_queue(tmp_path: Path) -> 
 async def test_rejected_submissions_write_nothing(tmp_path: Path) -> None:
     async with running_engine(tmp_path, max_prompt_bytes=100, max_timeout=3600) as engine:
         before = await engine.store.count_rows()
-        with pytest.raises(InvalidRequest, match="unknown agent 'nope'; known agents: big_result, echo"):
+        with pytest.raises(
+            InvalidRequest, match="unknown agent 'nope'; known agents: bad_unicode, big_result, echo"
+        ):
             await engine.submit("nope", "x")
         with pytest.raises(InvalidRequest, match="over the 100-byte limit"):
             await engine.submit("echo", "x" * 101)
@@ -381,3 +384,18 @@ async def test_a_database_newer_than_the_code_is_refused(tmp_path: Path) -> None
     store.close()
     with pytest.raises(StoreError, match="schema version 999, newer than this sidequest understands"):
         DuckDBStore(tmp_path / "sidequest.duckdb").open()
+
+
+async def test_text_that_is_not_utf8_is_rejected_or_repaired(tmp_path: Path) -> None:
+    async with running_engine(tmp_path) as engine:
+        before = await engine.store.count_rows()
+        with pytest.raises(InvalidRequest, match="prompt is not valid UTF-8"):
+            await engine.submit("echo", "bad \ud800")
+        with pytest.raises(InvalidRequest, match=r"options\.metadata is not valid UTF-8"):
+            await engine.submit("echo", "ok", opts(metadata={"k": "\udcff"}))
+        assert await engine.store.count_rows() == before
+        submitted = await engine.submit("bad_unicode", "go")
+        info = await wait_status(engine, submitted.task_id, TaskStatus.completed)
+        assert info.result_preview == "before ? after"
+        nul = await engine.submit("echo", "a\x00b")
+        assert (await wait_status(engine, nul.task_id, TaskStatus.completed)).result_preview == "a\x00b"

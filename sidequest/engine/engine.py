@@ -8,6 +8,7 @@ go to the database.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -71,6 +72,24 @@ def new_id(prefix: str) -> str:
 
 def default_scope() -> str:
     return os.environ.get("CLAUDE_PROJECT_DIR") or os.getcwd()
+
+
+def _clean(text: str) -> str:
+    """Text from executors may hold lone surrogates; the store takes only valid UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def _require_utf8(field: str, value: str | None) -> None:
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{field} is not valid UTF-8 text (position {exc.start})") from exc
 
 
 def _short(text: str | None, limit: int) -> str:
@@ -195,6 +214,12 @@ class Engine:
             raise InvalidRequest(f"unknown agent {agent!r}; known agents: {known}")
         if not prompt.strip():
             raise InvalidRequest("prompt is empty; say what the agent should do")
+        _require_utf8("prompt", prompt)
+        for field in ("workflow_id", "workflow_name", "idempotency_key", "scope"):
+            _require_utf8(f"options.{field}", getattr(options, field))
+        for tag in options.tags:
+            _require_utf8("options.tags", tag)
+        _require_utf8("options.metadata", json.dumps(options.metadata, ensure_ascii=False))
         size = len(prompt.encode("utf-8"))
         if size > self.settings.max_prompt_bytes:
             raise InvalidRequest(
@@ -378,7 +403,7 @@ class Engine:
         if percent is not None:
             task.progress_percent = percent
         if message is not None:
-            task.progress_message = _short(message, 1000)
+            task.progress_message = _clean(_short(str(message), 1000))
         task.updated_at = utcnow()
         self.store.update_task(task)
 
@@ -410,7 +435,7 @@ class Engine:
     def _finish_attempt(self, task: TaskRecord, outcome: str, detail: str | ExecutionResult) -> None:
         now = utcnow()
         started = task.started_at
-        error = None if isinstance(detail, ExecutionResult) else detail
+        error = None if isinstance(detail, ExecutionResult) else _clean(detail)
         history_status = {"failed_permanently": "failed", "shutdown": "interrupted"}.get(outcome, outcome)
         self.store.add_attempt(
             AttemptRecord(task.id, task.attempts, history_status, started, now, error, self.worker_id)
@@ -429,9 +454,10 @@ class Engine:
             assert isinstance(detail, ExecutionResult)
             self._complete(task, detail, now)
             return
-        self._after_failure(task, str(detail), permanent=outcome == "failed_permanently", now=now)
+        self._after_failure(task, _clean(str(detail)), permanent=outcome == "failed_permanently", now=now)
 
     def _complete(self, task: TaskRecord, result: ExecutionResult, now: datetime) -> None:
+        result.content = _clean(result.content)
         task.status = TaskStatus.completed.value
         task.finished_at = now
         task.error = None

@@ -87,3 +87,9 @@ async def big_result(prompt: str, ctx: TaskContext) -> str:
     n = int(prompt)
     alphabet = "abcdefghijklmnopqrstuvwxyz"
     return (alphabet * (n // len(alphabet) + 1))[:n]
+
+
+async def bad_unicode(prompt: str, ctx: TaskContext) -> str:
+    """Returns text with a lone surrogate, as a careless decoder might."""
+    ctx.report_progress(50, "half \udcff way")
+    return "before \ud800 after"
