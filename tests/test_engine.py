@@ -14,7 +14,7 @@ import pytest
 from sidequest.config import AgentConfig, Settings
 from sidequest.engine import Engine, InvalidRequest, NotFound
 from sidequest.engine.retry import backoff_delay
-from sidequest.models import NotificationKind, RetryBackoff, TaskOptions, TaskStatus
+from sidequest.models import NotificationKind, RetryBackoff, TaskOptions, TaskStatus, utcnow
 from sidequest.storage.base import StoreError
 from sidequest.storage.duckdb import DuckDBStore
 
@@ -399,3 +399,36 @@ async def test_text_that_is_not_utf8_is_rejected_or_repaired(tmp_path: Path) -> 
         assert info.result_preview == "before ? after"
         nul = await engine.submit("echo", "a\x00b")
         assert (await wait_status(engine, nul.task_id, TaskStatus.completed)).result_preview == "a\x00b"
+
+
+async def test_tasks_whose_workflow_row_was_lost_get_it_back(tmp_path: Path) -> None:
+    """The workflow row rides the commit after its task's; a crash in between must not orphan the task."""
+    from sidequest.storage.base import TaskRecord
+    from sidequest.storage.duckdb import _Pending
+
+    store = DuckDBStore(tmp_path / "sidequest.duckdb")
+    store.open()
+    now = utcnow()
+    batch = _Pending()
+    batch.tasks_new.append(
+        TaskRecord(
+            id="t_orphan",
+            seq=1,
+            workflow_id="wf_lost",
+            agent="echo",
+            prompt="still here",
+            status="queued",
+            priority="normal",
+            scope="s",
+            options={"workflow_name": "named"},
+            max_retries=3,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    store._commit(batch)
+    store.close()
+    async with running_engine(tmp_path) as engine:
+        await wait_status(engine, "t_orphan", TaskStatus.completed)
+        workflow = await engine.get_workflow("wf_lost")
+        assert workflow.name == "named" and workflow.status == "completed"

@@ -231,6 +231,7 @@ class DuckDBStore:
         self._pending = _Pending()
         self._has_work = anyio.Event()
         self._inflight: _Pending | None = None
+        self._deferred_workflows: list[WorkflowRecord] = []
         self._inflight_done: anyio.Event | None = None
         self._writer_limiter = anyio.CapacityLimiter(1)
         self._writer_running = False
@@ -296,6 +297,7 @@ class DuckDBStore:
 
     def _load_state(self) -> LoadedState:
         con = self._require()
+        con.execute(Q["recreate_orphan_workflows"])
         cur = con.execute(Q["live_tasks"])
         columns = [d[0] for d in cur.description]  # type: ignore[union-attr]
         live = [_task_from_row(columns, row) for row in cur.fetchall()]
@@ -335,6 +337,7 @@ class DuckDBStore:
                     committed = None
                 finally:
                     self._inflight, self._inflight_done = None, None
+                    self._undefer()
                     done.set()
                     for waiter in batch.waiters:
                         waiter.set()
@@ -346,6 +349,7 @@ class DuckDBStore:
         finally:
             self._writer_running = False
             # Anything still pending is written synchronously so a clean stop loses nothing.
+            self._undefer()
             batch, self._pending = self._pending, _Pending()
             if not batch.empty() and self._con is not None:
                 try:
@@ -355,6 +359,13 @@ class DuckDBStore:
                     log.exception("final commit failed")
             for waiter in batch.waiters:
                 waiter.set()
+
+    def _undefer(self) -> None:
+        """Workflow rows follow their first task's commit (see insert)."""
+        if self._deferred_workflows:
+            self._pending.workflows_new.extend(self._deferred_workflows)
+            self._deferred_workflows = []
+            self._wake()
 
     def _wake(self) -> None:
         self._has_work.set()
@@ -374,9 +385,18 @@ class DuckDBStore:
             raise StoreError(f"write failed: {pending.error}") from pending.error
 
     async def insert(self, workflows: Sequence[WorkflowRecord], tasks: Sequence[TaskRecord]) -> None:
+        """Wait only for the task rows; new workflow rows ride the next commit.
+
+        That keeps one statement off the path `task_async` waits on. A crash in
+        between leaves tasks without their workflow row; `open()` recreates it
+        from the tasks (`orphan_workflows`).
+        """
         pending = self._pending
-        pending.workflows_new.extend(workflows)
         pending.tasks_new.extend(tasks)
+        if self._writer_running:
+            self._deferred_workflows.extend(workflows)
+        else:
+            pending.workflows_new.extend(workflows)
         await self._wait(pending)
 
     def update_task(self, task: TaskRecord) -> None:
@@ -414,13 +434,16 @@ class DuckDBStore:
             self._wake()
 
     async def flush(self) -> None:
-        if not self._pending.empty():
-            await self._wait(self._pending)
-        elif self._inflight_done is not None:
-            inflight = self._inflight
-            await self._inflight_done.wait()
-            if inflight is not None and inflight.error is not None:
-                raise StoreError(f"write failed: {inflight.error}") from inflight.error
+        while not self._pending.empty() or self._deferred_workflows or self._inflight_done is not None:
+            if not self._pending.empty():
+                await self._wait(self._pending)
+            elif self._inflight_done is not None:
+                inflight = self._inflight
+                await self._inflight_done.wait()
+                if inflight is not None and inflight.error is not None:
+                    raise StoreError(f"write failed: {inflight.error}") from inflight.error
+            else:
+                self._undefer()
 
     def _appender(self, name: str) -> Any:
         """Appenders are DuckDB's cheapest write path: one per kind of write, reused across commits."""
@@ -447,7 +470,22 @@ class DuckDBStore:
         """Runs on the writer thread: one transaction, one append per kind of write."""
         con = self._require()
         committed = Committed()
-        con.execute("BEGIN")
+        kinds = sum(
+            bool(x)
+            for x in (
+                batch.workflows_new,
+                batch.tasks_new,
+                batch.task_updates,
+                batch.workflow_updates,
+                batch.attempts,
+                batch.results,
+                batch.notifications,
+                batch.usage,
+            )
+        ) + len(batch.delivered)
+        explicit = kinds > 1  # one statement commits on its own; BEGIN/COMMIT would cost ~0.6 ms more
+        if explicit:
+            con.execute("BEGIN")
         try:
             if batch.workflows_new:
                 self._append(
@@ -558,10 +596,12 @@ class DuckDBStore:
                 )
             for cursors, at in batch.delivered:
                 con.execute(Q["mark_delivered"], [cursors, _naive(at)])
-            con.execute("COMMIT")
+            if explicit:
+                con.execute("COMMIT")
         except BaseException:
-            with contextlib.suppress(duckdb.Error):
-                con.execute("ROLLBACK")
+            if explicit:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
             raise
         return committed
 

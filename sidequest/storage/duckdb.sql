@@ -76,3 +76,14 @@ WHERE cursor > $2
   AND ($4::BOOLEAN OR delivered_at IS NULL)
 ORDER BY cursor
 LIMIT $5;
+
+-- recreate_orphan_workflows --
+-- A crash between a task's commit and its workflow's (which rides the next commit) leaves tasks
+-- without a workflow row: rebuild it from them. The engine then settles its status.
+INSERT INTO workflow_executions (id, name, scope, status, created_at, updated_at, finished_at)
+SELECT t.workflow_id,
+       coalesce(arg_min(t.options->>'workflow_name', t.seq), arg_min(t.agent, t.seq)),
+       arg_min(t.scope, t.seq), 'running', min(t.created_at), max(t.updated_at), NULL
+FROM task_executions t
+WHERE NOT EXISTS (SELECT 1 FROM workflow_executions w WHERE w.id = t.workflow_id)
+GROUP BY t.workflow_id;
