@@ -8,19 +8,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import anyio
+import anyio.lowlevel
 import uvicorn
+from anyio.lowlevel import EventLoopToken
+from mcp.server.stdio import stdio_server
+from pydantic import ValidationError
 
 from sidequest import __version__
-from sidequest.config import ConfigError, Settings, load_settings
+from sidequest.config import ConfigError, Settings, format_validation_error, load_settings
+
+if TYPE_CHECKING:
+    from mcp.server.mcpserver import MCPServer
 
 log = logging.getLogger("sidequest")
 
@@ -100,8 +109,8 @@ def _with_http_overrides(settings: Settings, host: str | None, port: int | None)
         http["port"] = port
     try:
         return Settings.model_validate({**settings.model_dump(), "http": http})
-    except ValueError as exc:
-        raise ConfigError(f"--host/--port: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"--host/--port: {format_validation_error(exc)}") from exc
 
 
 def _default_scope() -> str:
@@ -146,8 +155,63 @@ async def _stdio(settings: Settings) -> None:
             server = build_server(engine, _default_scope())
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_stop_on_signal, tg.cancel_scope)
-                await server.run_stdio_async()  # returns when the client closes stdin
+                log.info("serving MCP over stdio (data dir %s)", settings.home)
+                await _serve_stdio(server)  # returns when the client closes stdin
                 tg.cancel_scope.cancel()
+
+
+async def _serve_stdio(server: MCPServer) -> None:
+    """MCPServer.run_stdio_async, but with a stdin read that a signal can abandon."""
+    stdin = cast(anyio.AsyncFile[str], _StdinLines(_claim_stdin()))
+    async with stdio_server(stdin=stdin) as (read_stream, write_stream):
+        low = server._lowlevel_server
+        await low.run(read_stream, write_stream, low.create_initialization_options())
+
+
+def _claim_stdin() -> TextIO:
+    """Read the protocol from a private copy of fd 0 and point fd 0 at /dev/null, so nothing
+    else in the process (or its children) can consume protocol bytes."""
+    private = os.dup(0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    # closefd=False: an abandoned reader thread may still block on it until the process ends.
+    return os.fdopen(private, "r", encoding="utf-8", errors="replace", closefd=False)
+
+
+class _StdinLines:
+    """Lines of stdin, read by a daemon thread.
+
+    The SDK reads stdin in an anyio worker thread: cancellation waits for it, and
+    interpreter exit joins it, so a SIGTERM'd server would live on until the
+    client wrote another line. A daemon thread is simply left behind at exit.
+    """
+
+    def __init__(self, fp: TextIO) -> None:
+        self._fp = fp
+        self._send, self._receive = anyio.create_memory_object_stream[str](16)
+        self._thread: threading.Thread | None = None
+
+    def __aiter__(self) -> _StdinLines:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._thread is None:
+            token = anyio.lowlevel.current_token()
+            self._thread = threading.Thread(target=self._read, args=(token,), name="stdin", daemon=True)
+            self._thread.start()
+        try:
+            return await self._receive.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    def _read(self, token: EventLoopToken) -> None:
+        try:
+            for line in iter(self._fp.readline, ""):
+                anyio.from_thread.run(self._send.send, line, token=token)
+            anyio.from_thread.run_sync(self._send.close, token=token)
+        except Exception:  # the event loop has ended: we are shutting down, nobody wants the line
+            return
 
 
 # ---- serve ------------------------------------------------------------------

@@ -2,14 +2,13 @@
 -- Times are TIMESTAMP holding UTC (the code converts at the boundary).
 -- Later versions go in sidequest/migrations/NNNN_name.sql, applied in order.
 
+-- A workflow's status is derived from its tasks (see workflow_state), so finishing a task
+-- never costs a second row update.
 CREATE TABLE workflow_executions (
     id            VARCHAR PRIMARY KEY,
     name          VARCHAR NOT NULL,
     scope         VARCHAR NOT NULL,
-    status        VARCHAR NOT NULL,           -- running | completed | failed | cancelled
-    created_at    TIMESTAMP NOT NULL,
-    updated_at    TIMESTAMP NOT NULL,
-    finished_at   TIMESTAMP
+    created_at    TIMESTAMP NOT NULL
 );
 
 CREATE TABLE task_executions (
@@ -111,3 +110,24 @@ CREATE TABLE token_usage (
     cost_usd                     DOUBLE,
     recorded_at                  TIMESTAMP NOT NULL
 );
+
+-- running while any task is unfinished; then failed if any failed, completed if any completed,
+-- else cancelled.
+CREATE VIEW workflow_state AS
+SELECT w.id, w.name, w.scope,
+       CASE
+           WHEN count(t.id) FILTER (WHERE t.status NOT IN ('completed', 'failed', 'cancelled')) > 0 THEN 'running'
+           WHEN count(t.id) FILTER (WHERE t.status = 'failed') > 0 THEN 'failed'
+           WHEN count(t.id) FILTER (WHERE t.status = 'completed') > 0 THEN 'completed'
+           WHEN count(t.id) = 0 THEN 'running'
+           ELSE 'cancelled'
+       END AS status,
+       w.created_at,
+       coalesce(max(t.updated_at), w.created_at) AS updated_at,
+       CASE
+           WHEN count(t.id) FILTER (WHERE t.status NOT IN ('completed', 'failed', 'cancelled')) = 0
+           THEN max(t.finished_at)
+       END AS finished_at
+FROM workflow_executions w
+LEFT JOIN task_executions t ON t.workflow_id = w.id
+GROUP BY w.id, w.name, w.scope, w.created_at;

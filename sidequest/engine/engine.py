@@ -327,7 +327,6 @@ class Engine:
                 {s: n for s, n in (await self.store.workflow_counts([reopen.id]))[reopen.id].items()}
             )
             self._wf_counts[reopen.id].pop(TaskStatus.queued.value, None)
-            self.store.update_workflow(reopen)
         self._wf_open[workflow_id] += 1
         self.dispatcher.enqueue(task)
         return TaskSubmitted(
@@ -516,9 +515,14 @@ class Engine:
         self._wf_counts.setdefault(wid, Counter())[task.status] += 1
         self._wf_open[wid] -= 1
         if self._wf_open[wid] <= 0:
-            self._finish_workflow(wid, now)
+            self._finish_workflow(wid, now, only_agent=task.agent)
 
-    def _finish_workflow(self, wid: str, now: datetime) -> None:
+    def _finish_workflow(self, wid: str, now: datetime, only_agent: str | None = None) -> None:
+        """Emit workflow_completed, except for an unnamed one-task workflow.
+
+        There the task's own notification already says everything; a second
+        one would only cost the model tokens (and the store a row).
+        """
         workflow = self._workflows.pop(wid, None)
         counts = self._wf_counts.pop(wid, Counter())
         self._wf_open.pop(wid, None)
@@ -531,7 +535,8 @@ class Engine:
         else:
             status = WorkflowStatus.cancelled
         workflow.status, workflow.updated_at, workflow.finished_at = status.value, now, now
-        self.store.update_workflow(workflow)
+        if sum(counts.values()) == 1 and workflow.name == only_agent:
+            return
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if n)
         self.notifier.emit(
             NotificationKind.workflow_completed,

@@ -23,7 +23,7 @@ from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated, SubscriptionBus
 from mcp_types import EmptyResult, SubscribeRequestParams, ToolAnnotations, UnsubscribeRequestParams
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from sidequest import __version__
 from sidequest.engine.engine import Engine
@@ -38,6 +38,7 @@ from sidequest.models import (
     TaskSubmitted,
     WorkflowPage,
     WorkflowStatus,
+    as_utc,
 )
 from sidequest.storage.base import Committed
 
@@ -49,6 +50,9 @@ TASK_URI = "sidequest://tasks/{task_id}"
 WORKFLOW_URI = "sidequest://workflows/{workflow_id}"
 _PUSH_BUFFER = 10_000
 """Pending resource-updated events; beyond this a burst is dropped (they are hints, rows are the truth)."""
+_MAX_OFFSET = 1_000_000_000
+"""Far past any real list or result; larger numbers only overflow the database's integer types."""
+_MAX_CURSOR = 2**63 - 1
 _SEND_TIMEOUT = 5.0
 """A legacy client that does not read its stream must not stall pushes to everyone else."""
 
@@ -73,6 +77,11 @@ Tasks survive restarts and are retried on failure (at-least-once: an agent may r
 Lists show this project's work; pass all_scopes=true to see every project. Resources \
 sidequest://tasks/{id} and sidequest://workflows/{id} send resource-updated on every change.
 """
+
+
+Offset = Annotated[int, Field(ge=0, le=_MAX_OFFSET)]
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+"""A time without a zone means UTC, as the tool descriptions promise (the store keeps UTC)."""
 
 
 class AgentList(BaseModel):
@@ -336,7 +345,7 @@ def _register_tools(server: MCPServer, engine: Engine, default_scope: str) -> No
     async def list_active_workflows(
         all_scopes: bool = False,
         limit: Annotated[int, Field(ge=1, le=100)] = 20,
-        offset: Annotated[int, Field(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> WorkflowPage:
         return await _run_tool(
             "list_active_workflows",
@@ -363,7 +372,9 @@ def _register_tools(server: MCPServer, engine: Engine, default_scope: str) -> No
         ),
     )
     async def get_workflow_notifications(
-        since: Annotated[int | None, Field(ge=0, description="next_cursor of the previous call")] = None,
+        since: Annotated[
+            int | None, Field(ge=0, le=_MAX_CURSOR, description="next_cursor of the previous call")
+        ] = None,
         workflow_id: str | None = None,
         mark_delivered: bool = True,
         include_delivered: bool = False,
@@ -395,7 +406,7 @@ def _register_tools(server: MCPServer, engine: Engine, default_scope: str) -> No
     )
     async def get_task_result(
         task_id: str,
-        offset: Annotated[int, Field(ge=0)] = 0,
+        offset: Offset = 0,
         max_chars: Annotated[int, Field(ge=1, le=50_000)] = 20_000,
     ) -> ResultPage:
         return await _run_tool(
@@ -424,19 +435,20 @@ def _register_tools(server: MCPServer, engine: Engine, default_scope: str) -> No
         name="get_workflow_history",
         description=(
             "Finished workflows of this project (completed, failed, cancelled), newest first. Filter by "
-            "status, by agent, by time (since/until, ISO 8601, UTC if no zone). all_scopes=true covers "
-            "every project. Page with offset = next_offset. For running work use list_active_workflows."
+            "status, by agent, by creation time (since/until, ISO 8601, UTC if no zone). "
+            "all_scopes=true covers every project. Page with offset = next_offset. "
+            "For running work use list_active_workflows."
         ),
         annotations=_read_only("Workflow history"),
     )
     async def get_workflow_history(
         status: list[WorkflowStatus] | None = None,
         agent: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: UtcDatetime | None = None,
+        until: UtcDatetime | None = None,
         all_scopes: bool = False,
         limit: Annotated[int, Field(ge=1, le=100)] = 20,
-        offset: Annotated[int, Field(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> WorkflowPage:
         return await _run_tool(
             "get_workflow_history",

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +42,13 @@ from sidequest.storage.base import (
 from sidequest.storage.queries import load_queries
 
 log = logging.getLogger(__name__)
+
+LINGER = 0.005
+"""Seconds background writes wait for a submit to commit first."""
+MAX_DEFER = 0.05
+"""Background writes are never held back longer than this."""
+LINGER_MAX_ROWS = 256
+"""A batch this large is committed without lingering: throughput wins."""
 
 Q = load_queries("sidequest.storage", "duckdb.sql")
 
@@ -112,12 +120,7 @@ _MUTABLE_TIME_INDEXES = tuple(i for i, name in enumerate(TASK_MUTABLE_COLUMNS) i
 
 _APPENDERS: dict[str, tuple[str, Sequence[str], str, str | None]] = {
     # name: (table, columns, action, key)
-    "workflows_new": (
-        "workflow_executions",
-        ("id", "name", "scope", "status", "created_at", "updated_at", "finished_at"),
-        "insert",
-        None,
-    ),
+    "workflows_new": ("workflow_executions", ("id", "name", "scope", "created_at"), "insert", None),
     "tasks_new": (
         "task_executions",
         (
@@ -145,12 +148,6 @@ _APPENDERS: dict[str, tuple[str, Sequence[str], str, str | None]] = {
         None,
     ),
     "task_updates": ("task_executions", TASK_MUTABLE_COLUMNS, "update", "id"),
-    "workflow_updates": (
-        "workflow_executions",
-        ("id", "status", "updated_at", "finished_at"),
-        "update",
-        "id",
-    ),
     "attempts": (
         "task_attempts",
         ("task_id", "attempt", "status", "started_at", "finished_at", "error", "worker_id"),
@@ -160,7 +157,7 @@ _APPENDERS: dict[str, tuple[str, Sequence[str], str, str | None]] = {
     "results": (
         "task_results",
         ("task_id", "content_type", "content", "size_chars", "created_at"),
-        "upsert",
+        "insert",  # a task completes once: its result and its completion share one commit
         None,
     ),
     "notifications": (
@@ -195,21 +192,64 @@ class _Pending:
     workflows_new: list[WorkflowRecord] = field(default_factory=list)
     tasks_new: list[TaskRecord] = field(default_factory=list)
     task_updates: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    workflow_updates: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    touched_workflows: set[str] = field(default_factory=set)
     attempts: list[AttemptRecord] = field(default_factory=list)
     results: list[ResultRecord] = field(default_factory=list)
     notifications: list[NotificationRecord] = field(default_factory=list)
     usage: list[UsageRecord] = field(default_factory=list)
     delivered: list[tuple[list[int], datetime]] = field(default_factory=list)
     waiters: list[anyio.Event] = field(default_factory=list)
+    flush_requested: bool = False
     error: BaseException | None = None
+
+    def has_background(self) -> bool:
+        return self.background_rows() > 0
+
+    def background_rows(self) -> int:
+        return (
+            len(self.workflows_new)
+            + len(self.task_updates)
+            + len(self.attempts)
+            + len(self.results)
+            + len(self.notifications)
+            + len(self.usage)
+            + len(self.delivered)
+        )
+
+    def split_urgent(self) -> tuple[_Pending, _Pending]:
+        """(new tasks and their waiters, everything else)."""
+        urgent = _Pending(tasks_new=self.tasks_new, waiters=self.waiters)
+        rest = _Pending(
+            workflows_new=self.workflows_new,
+            task_updates=self.task_updates,
+            touched_workflows=self.touched_workflows,
+            attempts=self.attempts,
+            results=self.results,
+            notifications=self.notifications,
+            usage=self.usage,
+            delivered=self.delivered,
+        )
+        return urgent, rest
+
+    def absorb(self, newer: _Pending) -> None:
+        """Append writes that arrived later; for a task, its newer state wins."""
+        self.workflows_new += newer.workflows_new
+        self.tasks_new += newer.tasks_new
+        self.task_updates.update(newer.task_updates)
+        self.touched_workflows |= newer.touched_workflows
+        self.attempts += newer.attempts
+        self.results += newer.results
+        self.notifications += newer.notifications
+        self.usage += newer.usage
+        self.delivered += newer.delivered
+        self.waiters += newer.waiters
+        self.flush_requested = self.flush_requested or newer.flush_requested
 
     def empty(self) -> bool:
         return not (
             self.workflows_new
             or self.tasks_new
             or self.task_updates
-            or self.workflow_updates
             or self.attempts
             or self.results
             or self.notifications
@@ -231,6 +271,8 @@ class DuckDBStore:
         self._pending = _Pending()
         self._has_work = anyio.Event()
         self._inflight: _Pending | None = None
+        self._urgent = anyio.Event()
+        self._deferred_since: float | None = None
         self._deferred_workflows: list[WorkflowRecord] = []
         self._inflight_done: anyio.Event | None = None
         self._writer_limiter = anyio.CapacityLimiter(1)
@@ -317,35 +359,40 @@ class DuckDBStore:
     # ---- writes ----------------------------------------------------------
 
     async def run_writer(self, on_commit: Callable[[Committed], None]) -> None:
+        """The one writer. A submit waits for the disk; everything else may wait a little.
+
+        Background writes (running marks, progress, completions) linger up to
+        LINGER seconds for a submit to go first, and when a batch holds new
+        tasks as well as background writes, the tasks are committed alone and
+        the rest goes back to the queue — for at most MAX_DEFER seconds, after
+        which it is committed whatever arrives. So `task_async` pays for one
+        small statement, not for the completion writes of the task before it.
+        """
         self._writer_running = True
         try:
             while True:
                 await self._has_work.wait()
                 self._has_work = anyio.Event()
+                if self._should_linger():
+                    with anyio.move_on_after(LINGER):
+                        await self._urgent.wait()
+                self._urgent = anyio.Event()
                 batch, self._pending = self._pending, _Pending()
                 if batch.empty():
                     continue
-                done = anyio.Event()
-                self._inflight, self._inflight_done = batch, done
-                try:
-                    committed = await anyio.to_thread.run_sync(
-                        self._commit, batch, limiter=self._writer_limiter
-                    )
-                except Exception as exc:
-                    log.exception("group commit failed; %d waiters get the error", len(batch.waiters))
-                    batch.error = exc
-                    committed = None
-                finally:
-                    self._inflight, self._inflight_done = None, None
-                    self._undefer()
-                    done.set()
-                    for waiter in batch.waiters:
-                        waiter.set()
-                if committed is not None:
-                    try:
-                        on_commit(committed)
-                    except Exception:
-                        log.exception("on_commit listener failed")
+                split = batch.tasks_new and not batch.flush_requested and batch.has_background()
+                if split and self._may_defer():
+                    urgent, rest = batch.split_urgent()
+                    await self._commit_batch(urgent, on_commit)
+                    rest.absorb(self._pending)
+                    self._pending = rest
+                    if self._deferred_since is None:
+                        self._deferred_since = time.monotonic()
+                    self._wake()
+                    continue
+                await self._commit_batch(batch, on_commit)
+                if batch.has_background():
+                    self._deferred_since = None
         finally:
             self._writer_running = False
             # Anything still pending is written synchronously so a clean stop loses nothing.
@@ -360,6 +407,40 @@ class DuckDBStore:
             for waiter in batch.waiters:
                 waiter.set()
 
+    def _may_defer(self) -> bool:
+        return self._deferred_since is None or time.monotonic() - self._deferred_since < MAX_DEFER
+
+    def _should_linger(self) -> bool:
+        pending = self._pending
+        return (
+            LINGER > 0
+            and not pending.tasks_new
+            and not pending.waiters
+            and pending.background_rows() < LINGER_MAX_ROWS
+            and self._may_defer()
+        )
+
+    async def _commit_batch(self, batch: _Pending, on_commit: Callable[[Committed], None]) -> None:
+        done = anyio.Event()
+        self._inflight, self._inflight_done = batch, done
+        committed: Committed | None = None
+        try:
+            committed = await anyio.to_thread.run_sync(self._commit, batch, limiter=self._writer_limiter)
+        except Exception as exc:
+            log.exception("group commit failed; %d waiters get the error", len(batch.waiters))
+            batch.error = exc
+        finally:
+            self._inflight, self._inflight_done = None, None
+            self._undefer()
+            done.set()
+            for waiter in batch.waiters:
+                waiter.set()
+        if committed is not None:
+            try:
+                on_commit(committed)
+            except Exception:
+                log.exception("on_commit listener failed")
+
     def _undefer(self) -> None:
         """Workflow rows follow their first task's commit (see insert)."""
         if self._deferred_workflows:
@@ -370,9 +451,11 @@ class DuckDBStore:
     def _wake(self) -> None:
         self._has_work.set()
 
-    async def _wait(self, pending: _Pending) -> None:
+    async def _wait(self, pending: _Pending, flush: bool = False) -> None:
         event = anyio.Event()
         pending.waiters.append(event)
+        pending.flush_requested = pending.flush_requested or flush
+        self._urgent.set()
         self._wake()
         if not self._writer_running:
             # No writer task (tests of the store alone, or shutdown): commit inline.
@@ -401,15 +484,7 @@ class DuckDBStore:
 
     def update_task(self, task: TaskRecord) -> None:
         self._pending.task_updates[task.id] = task.mutable_state()
-        self._wake()
-
-    def update_workflow(self, workflow: WorkflowRecord) -> None:
-        self._pending.workflow_updates[workflow.id] = (
-            workflow.id,
-            workflow.status,
-            workflow.updated_at,
-            workflow.finished_at,
-        )
+        self._pending.touched_workflows.add(task.workflow_id)
         self._wake()
 
     def add_attempt(self, attempt: AttemptRecord) -> None:
@@ -436,7 +511,7 @@ class DuckDBStore:
     async def flush(self) -> None:
         while not self._pending.empty() or self._deferred_workflows or self._inflight_done is not None:
             if not self._pending.empty():
-                await self._wait(self._pending)
+                await self._wait(self._pending, flush=True)
             elif self._inflight_done is not None:
                 inflight = self._inflight
                 await self._inflight_done.wait()
@@ -476,7 +551,6 @@ class DuckDBStore:
                 batch.workflows_new,
                 batch.tasks_new,
                 batch.task_updates,
-                batch.workflow_updates,
                 batch.attempts,
                 batch.results,
                 batch.notifications,
@@ -490,10 +564,7 @@ class DuckDBStore:
             if batch.workflows_new:
                 self._append(
                     "workflows_new",
-                    [
-                        (w.id, w.name, w.scope, w.status, _naive(w.created_at), _naive(w.updated_at), None)
-                        for w in batch.workflows_new
-                    ],
+                    [(w.id, w.name, w.scope, _naive(w.created_at)) for w in batch.workflows_new],
                 )
                 committed.workflow_ids.update(w.id for w in batch.workflows_new)
             if batch.tasks_new:
@@ -534,15 +605,7 @@ class DuckDBStore:
                     rows.append(tuple(row))
                 self._append("task_updates", rows)
                 committed.task_ids.update(batch.task_updates)
-            if batch.workflow_updates:
-                self._append(
-                    "workflow_updates",
-                    [
-                        (wid, status, _naive(updated), _naive(finished))
-                        for wid, status, updated, finished in batch.workflow_updates.values()
-                    ],
-                )
-                committed.workflow_ids.update(batch.workflow_updates)
+                committed.workflow_ids.update(batch.touched_workflows)
             if batch.attempts:
                 self._append(
                     "attempts",

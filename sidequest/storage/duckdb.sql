@@ -16,13 +16,14 @@ SELECT coalesce(max(cursor), 0) FROM notifications;
 
 -- live_workflows --
 -- Workflows that are still running.
-SELECT id, name, scope, status, created_at, updated_at, finished_at FROM workflow_executions WHERE status = 'running';
+SELECT id, name, scope, status, created_at, updated_at, finished_at FROM workflow_state WHERE status = 'running';
 
 -- counts_for_running_workflows --
 -- Task counts by status for every running workflow.
 SELECT t.workflow_id, t.status, count(*) FROM task_executions t
-JOIN workflow_executions w ON w.id = t.workflow_id
-WHERE w.status = 'running' GROUP BY ALL;
+WHERE t.workflow_id IN (
+    SELECT workflow_id FROM task_executions WHERE status NOT IN ('completed', 'failed', 'cancelled')
+) GROUP BY ALL;
 
 -- get_task --
 -- One task by id.
@@ -47,7 +48,7 @@ SELECT content_type, substr(content, $2 + 1, $3), size_chars FROM task_results W
 
 -- get_workflow --
 -- One workflow by id.
-SELECT id, name, scope, status, created_at, updated_at, finished_at FROM workflow_executions WHERE id = $1;
+SELECT id, name, scope, status, created_at, updated_at, finished_at FROM workflow_state WHERE id = $1;
 
 -- workflow_counts --
 -- Task counts by status for some workflows.
@@ -57,7 +58,7 @@ WHERE workflow_id IN (SELECT unnest($1::VARCHAR[])) GROUP BY ALL;
 -- list_workflows --
 -- Workflows filtered by scope, state, agent and time; newest first, paged. Also returns the total.
 SELECT id, name, scope, status, created_at, updated_at, finished_at, count(*) OVER () AS total
-FROM workflow_executions w
+FROM workflow_state w
 WHERE ($1::VARCHAR IS NULL OR w.scope = $1)
   AND (CASE WHEN $2::BOOLEAN THEN w.status <> 'running' ELSE w.status = 'running' END)
   AND (len($3::VARCHAR[]) = 0 OR list_contains($3::VARCHAR[], w.status))
@@ -80,10 +81,10 @@ LIMIT $5;
 -- recreate_orphan_workflows --
 -- A crash between a task's commit and its workflow's (which rides the next commit) leaves tasks
 -- without a workflow row: rebuild it from them. The engine then settles its status.
-INSERT INTO workflow_executions (id, name, scope, status, created_at, updated_at, finished_at)
+INSERT INTO workflow_executions (id, name, scope, created_at)
 SELECT t.workflow_id,
        coalesce(arg_min(t.options->>'workflow_name', t.seq), arg_min(t.agent, t.seq)),
-       arg_min(t.scope, t.seq), 'running', min(t.created_at), max(t.updated_at), NULL
+       arg_min(t.scope, t.seq), min(t.created_at)
 FROM task_executions t
 WHERE NOT EXISTS (SELECT 1 FROM workflow_executions w WHERE w.id = t.workflow_id)
 GROUP BY t.workflow_id;
