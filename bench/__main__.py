@@ -1,0 +1,3 @@
+from bench.engine_bench import main
+
+raise SystemExit(main())
