@@ -441,3 +441,23 @@ async def test_tasks_whose_workflow_row_was_lost_get_it_back(tmp_path: Path) -> 
         await wait_status(engine, "t_orphan", TaskStatus.completed)
         workflow = await engine.get_workflow("wf_lost")
         assert workflow.name == "named" and workflow.status == "completed"
+
+
+async def test_paging_and_time_filters_reject_or_accept_extremes_cleanly(tmp_path: Path) -> None:
+    from datetime import datetime
+
+    async with running_engine(tmp_path) as engine:
+        submitted = await engine.submit("echo", "x", opts(scope="s"))
+        await wait_status(engine, submitted.task_id, TaskStatus.completed)
+        with pytest.raises(InvalidRequest, match="offset must be between 0 and"):
+            await engine.get_result(submitted.task_id, offset=2**62)
+        with pytest.raises(InvalidRequest, match="offset must be between 0 and"):
+            await engine.list_active_workflows(offset=2**63)
+        with pytest.raises(InvalidRequest, match="limit must be between 1 and 200"):
+            await engine.workflow_history(limit=0)
+        with pytest.raises(InvalidRequest, match="since must be a cursor"):
+            await engine.notifications(since=-1)
+        # naive times are UTC, and the far past is just the far past
+        history = await engine.workflow_history(scope="s", since=datetime(1, 1, 1))
+        assert [w.workflow_id for w in history.workflows] == [submitted.workflow_id]
+        assert (await engine.workflow_history(scope="s", until=datetime(2000, 1, 1))).workflows == []

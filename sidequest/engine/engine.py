@@ -46,6 +46,7 @@ from sidequest.models import (
     WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
+    as_utc,
     utcnow,
 )
 from sidequest.storage.base import (
@@ -90,6 +91,17 @@ def _require_utf8(field: str, value: str | None) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidRequest(f"{field} is not valid UTF-8 text (position {exc.start})") from exc
+
+
+MAX_OFFSET = 2**31 - 1
+"""Offsets and cursors beyond this are typos (and overflow the store's integer types)."""
+
+
+def _check_paging(offset: int, limit: int, max_limit: int, limit_name: str = "limit") -> None:
+    if not 0 <= offset <= MAX_OFFSET:
+        raise InvalidRequest(f"offset must be between 0 and {MAX_OFFSET}, got {offset}")
+    if not 1 <= limit <= max_limit:
+        raise InvalidRequest(f"{limit_name} must be between 1 and {max_limit}, got {limit}")
 
 
 def _short(text: str | None, limit: int) -> str:
@@ -670,6 +682,7 @@ class Engine:
         return StatusReport(kind="workflow", workflow=await self.get_workflow(workflow_id))  # type: ignore[arg-type]
 
     async def _list(self, query: WorkflowQuery) -> WorkflowPage:
+        _check_paging(query.offset, query.limit, max_limit=200)
         await self.store.flush()
         rows, total = await self.store.list_workflows(query)
         counts = await self.store.workflow_counts([w.id for w in rows])
@@ -709,8 +722,8 @@ class Engine:
             finished=True,
             statuses=statuses,
             agent=agent,
-            since=since,
-            until=until,
+            since=as_utc(since) if since else None,
+            until=as_utc(until) if until else None,
             limit=limit,
             offset=offset,
         )
@@ -726,6 +739,9 @@ class Engine:
         include_delivered: bool = False,
         limit: int = 50,
     ) -> NotificationPage:
+        if since is not None and not 0 <= since <= MAX_OFFSET:
+            raise InvalidRequest(f"since must be a cursor between 0 and {MAX_OFFSET}, got {since}")
+        _check_paging(0, limit, max_limit=1000)
         await self.store.flush()
         since = since or 0
         rows = await self.store.list_notifications(
@@ -750,6 +766,7 @@ class Engine:
         return NotificationPage(notifications=items, next_cursor=next_cursor)
 
     async def get_result(self, task_id: str, offset: int = 0, max_chars: int = 20_000) -> ResultPage:
+        _check_paging(offset, max_chars, max_limit=1_000_000, limit_name="max_chars")
         await self.store.flush()
         task = await self.store.get_task(task_id)
         if task is None:

@@ -70,8 +70,8 @@ def migrations() -> list[tuple[int, str]]:
 
 def _naive(value: datetime | None) -> datetime | None:
     """UTC-aware → naive UTC for a TIMESTAMP column."""
-    if value is None:
-        return None
+    if value is None or value.tzinfo is None:
+        return value  # naive values are UTC already
     return value.astimezone(UTC).replace(tzinfo=None)
 
 

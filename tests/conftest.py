@@ -1,0 +1,84 @@
+"""Fixtures shared by every test module: real settings, a real engine on a DuckDB file in tmp_path."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import pytest
+
+from sidequest.config import AgentConfig, Settings
+from sidequest.engine.engine import Engine
+
+T = TypeVar("T")
+
+TEST_AGENTS = (
+    "echo",
+    "echo_sync",
+    "noop",
+    "sleep",
+    "sleep_sync",
+    "fail",
+    "fail_permanently",
+    "flaky",
+    "record_and_sleep",
+    "big_result",
+    "json_result",
+)
+
+
+def all_test_agents() -> dict[str, AgentConfig]:
+    """Every agent in sidequest.testing.agents, named after its function."""
+    return {
+        name: AgentConfig(callable=f"sidequest.testing.agents:{name}", description=f"test agent {name}")
+        for name in TEST_AGENTS
+    }
+
+
+def agents_toml() -> str:
+    """The same agents as a config file, for tests that start a real server process."""
+    return "".join(
+        f'[agents.{name}]\nexecutor = "python"\ncallable = "sidequest.testing.agents:{name}"\n\n'
+        for name in TEST_AGENTS
+    )
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Fast leases and a short drain so shutdown and recovery happen within a test's patience."""
+    return Settings(
+        home=tmp_path,
+        agents=all_test_agents(),
+        lease_seconds=2.0,
+        shutdown_grace=1.0,
+        max_concurrency=8,
+    )
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[Engine]:
+    eng = Engine(settings)
+    async with eng.running():
+        yield eng
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[T | None]], timeout: float = 10.0, interval: float = 0.05, what: str = ""
+) -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await anyio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what or check!r} (last value: {last!r})")
