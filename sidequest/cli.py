@@ -289,9 +289,19 @@ async def _announce(server: _Uvicorn, host: str, port: int, settings: Settings) 
         f'-H "Authorization: Bearer $(cat {token_path})"\n'
         f"  or, instead of this daemon, per session over stdio (one process per data dir):\n"
         f"    claude mcp add sidequest -- sidequest stdio --embedded\n"
-        f"  health: http://{shown}:{port}/health",
+        f"  health: http://{shown}:{port}/health\n"
+        f"  agents: {_agents_line(settings)}",
         file=sys.stderr,
         flush=True,
+    )
+
+
+def _agents_line(settings: Settings) -> str:
+    if settings.agents:
+        return ", ".join(sorted(settings.agents))
+    return (
+        f"none configured yet: add [agents.NAME] tables to {settings.home / 'sidequest.toml'} "
+        "(examples/sidequest.toml is a starting point) and restart"
     )
 
 
