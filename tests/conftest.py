@@ -27,6 +27,7 @@ TEST_AGENTS = (
     "record_and_sleep",
     "big_result",
     "json_result",
+    "bad_unicode",
 )
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from conftest import all_test_agents, wait_for
 
 from sidequest.config import AgentConfig, Settings
 from sidequest.engine import Engine, InvalidRequest, NotFound
@@ -18,31 +19,11 @@ from sidequest.models import NotificationKind, RetryBackoff, TaskOptions, TaskSt
 from sidequest.storage.base import StoreError
 from sidequest.storage.duckdb import DuckDBStore
 
-AGENTS = {
-    name: AgentConfig(callable=f"sidequest.testing.agents:{name}")
-    for name in (
-        "echo",
-        "sleep",
-        "sleep_sync",
-        "fail",
-        "fail_permanently",
-        "flaky",
-        "record_and_sleep",
-        "json_result",
-        "big_result",
-        "bad_unicode",
-    )
-}
 FAST = {"initial": 0.01, "max": 0.05}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def make_settings(home: Path, **overrides: Any) -> Settings:
-    agents = dict(AGENTS)
+    agents = all_test_agents()
     agents["solo"] = AgentConfig(callable="sidequest.testing.agents:sleep", max_concurrency=1)
     values: dict[str, Any] = {
         "home": home,
@@ -60,15 +41,6 @@ async def running_engine(home: Path, **overrides: Any) -> AsyncIterator[Engine]:
     engine = Engine(make_settings(home, **overrides))
     async with engine.running():
         yield engine
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    with anyio.fail_after(timeout):
-        while True:
-            value = await predicate() if callable(predicate) else predicate
-            if value:
-                return value
-            await anyio.sleep(0.01)
 
 
 async def wait_status(engine: Engine, task_id: str, *statuses: TaskStatus, timeout: float = 10.0):
