@@ -28,6 +28,7 @@ TEST_AGENTS = (
     "big_result",
     "json_result",
     "bad_unicode",
+    "exits",
 )
 
 

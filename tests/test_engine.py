@@ -344,7 +344,7 @@ async def test_rejected_submissions_write_nothing(tmp_path: Path) -> None:
     async with running_engine(tmp_path, max_prompt_bytes=100, max_timeout=3600) as engine:
         before = await engine.store.count_rows()
         with pytest.raises(
-            InvalidRequest, match="unknown agent 'nope'; known agents: bad_unicode, big_result, echo"
+            InvalidRequest, match="unknown agent 'nope'; known agents: bad_unicode, big_result, echo, "
         ):
             await engine.submit("nope", "x")
         with pytest.raises(InvalidRequest, match="over the 100-byte limit"):
@@ -433,3 +433,12 @@ async def test_paging_and_time_filters_reject_or_accept_extremes_cleanly(tmp_pat
         history = await engine.workflow_history(scope="s", since=datetime(1, 1, 1))
         assert [w.workflow_id for w in history.workflows] == [submitted.workflow_id]
         assert (await engine.workflow_history(scope="s", until=datetime(2000, 1, 1))).workflows == []
+
+
+async def test_an_agent_calling_sys_exit_fails_its_task_not_the_server(tmp_path: Path) -> None:
+    async with running_engine(tmp_path) as engine:
+        submitted = await engine.submit("exits", "bye", opts(max_retries=0))
+        info = await wait_status(engine, submitted.task_id, TaskStatus.failed)
+        assert info.error == "the agent called sys.exit(3)"
+        after = await engine.submit("echo", "still here")
+        assert (await wait_status(engine, after.task_id, TaskStatus.completed)).result_preview == "still here"

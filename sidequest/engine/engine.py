@@ -439,6 +439,8 @@ class Engine:
                 outcome, detail = "failed_permanently", str(exc) or type(exc).__name__
             except Exception as exc:
                 outcome, detail = "failed", f"{type(exc).__name__}: {exc}"
+            except SystemExit as exc:  # an agent calling sys.exit() must not stop the server
+                outcome, detail = "failed", f"the agent called sys.exit({exc.code!r})"
         if attempt.stop_reason is not None:
             outcome, detail = attempt.stop_reason, attempt.stop_reason
         self._finish_attempt(task, outcome, detail)

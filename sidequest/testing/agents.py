@@ -93,3 +93,10 @@ async def bad_unicode(prompt: str, ctx: TaskContext) -> str:
     """Returns text with a lone surrogate, as a careless decoder might."""
     ctx.report_progress(50, "half \udcff way")
     return "before \ud800 after"
+
+
+def exits(prompt: str, ctx: TaskContext) -> str:
+    """Calls sys.exit, as a script pasted into an agent might."""
+    import sys
+
+    sys.exit(3)
