@@ -55,7 +55,6 @@ from sidequest.storage.base import (
     ResultRecord,
     Store,
     TaskRecord,
-    UsageRecord,
     WorkflowQuery,
     WorkflowRecord,
 )
@@ -796,6 +795,3 @@ class Engine:
             content=content,
             next_offset=end if end < total else None,
         )
-
-    def record_usage(self, usage: UsageRecord) -> None:
-        self.store.add_usage(usage)
