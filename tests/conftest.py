@@ -29,6 +29,7 @@ TEST_AGENTS = (
     "json_result",
     "bad_unicode",
     "exits",
+    "reports_usage",
 )
 
 

@@ -442,3 +442,22 @@ async def test_an_agent_calling_sys_exit_fails_its_task_not_the_server(tmp_path:
         assert info.error == "the agent called sys.exit(3)"
         after = await engine.submit("echo", "still here")
         assert (await wait_status(engine, after.task_id, TaskStatus.completed)).result_preview == "still here"
+
+
+async def test_reopening_a_finished_workflow_and_recording_usage(tmp_path: Path) -> None:
+    async with running_engine(tmp_path) as engine:
+        first = await engine.submit("reports_usage", "go", opts(workflow_name="wf", scope="s"))
+        await wait_status(engine, first.task_id, TaskStatus.completed)
+        assert (await engine.get_workflow(first.workflow_id)).status == "completed"
+        second = await engine.submit("fail", "x", opts(workflow_id=first.workflow_id, max_retries=0))
+        assert (await engine.get_workflow(first.workflow_id)).status == "running"
+        await wait_status(engine, second.task_id, TaskStatus.failed)
+        workflow = await engine.get_workflow(first.workflow_id)
+        assert workflow.status == "failed" and workflow.counts == {"completed": 1, "failed": 1}
+        done = [
+            n.message
+            for n in (await engine.notifications(scope="s")).notifications
+            if n.kind == NotificationKind.workflow_completed
+        ]
+        assert len(done) == 2 and "1 completed, 1 failed" in done[1]
+        assert (await engine.store.count_rows())["token_usage"] == 1

@@ -65,6 +65,10 @@ _NOTIFY_PREVIEW = 200
 _FINISHED = {s.value for s in (TaskStatus.completed, TaskStatus.failed, TaskStatus.cancelled)}
 
 
+def _finished_counts(counts: dict[str, int]) -> Counter[str]:
+    return Counter({status: n for status, n in counts.items() if status in _FINISHED})
+
+
 def new_id(prefix: str) -> str:
     """Unguessable: an id is a capability to read and cancel a task."""
     return f"{prefix}_{secrets.token_urlsafe(16)}"
@@ -167,7 +171,7 @@ class Engine:
         self.notifier.start_at(state.max_cursor)
         self._workflows = dict(state.live_workflows)
         for wid, counts in state.workflow_counts.items():
-            self._wf_counts[wid] = Counter({s: n for s, n in counts.items() if s in _FINISHED})
+            self._wf_counts[wid] = _finished_counts(counts)
             self._wf_open[wid] = sum(n for s, n in counts.items() if s not in _FINISHED)
         for task in state.live_tasks:
             self._live[task.id] = task
@@ -258,6 +262,7 @@ class Engine:
         now = utcnow()
         new_workflow: WorkflowRecord | None = None
         reopen: WorkflowRecord | None = None
+        reopen_counts: Counter[str] = Counter()
         if options.workflow_id:
             workflow = self._workflows.get(options.workflow_id) or await self.store.get_workflow(
                 options.workflow_id
@@ -274,6 +279,9 @@ class Engine:
             scope = workflow.scope
             if workflow.id not in self._workflows:
                 reopen = workflow
+                reopen_counts = _finished_counts(
+                    (await self.store.workflow_counts([workflow.id]))[workflow.id]
+                )
         else:
             new_workflow = WorkflowRecord(
                 id=new_id("wf"),
@@ -331,13 +339,12 @@ class Engine:
         if new_workflow is not None:
             self._workflows[new_workflow.id] = new_workflow
             self._wf_counts[new_workflow.id] = Counter()
-        elif reopen is not None:
+        elif (
+            reopen is not None and reopen.id not in self._workflows
+        ):  # a concurrent join may have reopened it
             reopen.status, reopen.updated_at, reopen.finished_at = WorkflowStatus.running.value, now, None
             self._workflows[reopen.id] = reopen
-            self._wf_counts[reopen.id] = Counter(
-                {s: n for s, n in (await self.store.workflow_counts([reopen.id]))[reopen.id].items()}
-            )
-            self._wf_counts[reopen.id].pop(TaskStatus.queued.value, None)
+            self._wf_counts[reopen.id] = reopen_counts
         self._wf_open[workflow_id] += 1
         self.dispatcher.enqueue(task)
         return TaskSubmitted(

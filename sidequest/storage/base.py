@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import attrgetter
 from typing import Any, Protocol
 
 
@@ -50,22 +51,7 @@ class TaskRecord:
 
     def mutable_state(self) -> tuple[Any, ...]:
         """Snapshot of the columns that change after insert, in TASK_MUTABLE_COLUMNS order."""
-        return (
-            self.id,
-            self.status,
-            self.attempts,
-            self.failures,
-            self.updated_at,
-            self.next_attempt_at,
-            self.started_at,
-            self.finished_at,
-            self.progress_percent,
-            self.progress_message,
-            self.error,
-            self.result_preview,
-            self.worker_id,
-            self.lease_expires_at,
-        )
+        return _mutable_state(self)
 
 
 TASK_MUTABLE_COLUMNS = (
@@ -84,6 +70,7 @@ TASK_MUTABLE_COLUMNS = (
     "worker_id",
     "lease_expires_at",
 )
+_mutable_state = attrgetter(*TASK_MUTABLE_COLUMNS)
 
 
 @dataclass(slots=True)
@@ -114,6 +101,10 @@ class ResultRecord:
     content_type: str
     content: str
     created_at: datetime
+
+    @property
+    def size_chars(self) -> int:
+        return len(self.content)
 
 
 @dataclass(slots=True)

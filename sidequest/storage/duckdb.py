@@ -16,10 +16,11 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -116,12 +117,35 @@ def _workflow_from_row(row: Sequence[Any]) -> WorkflowRecord:
     )
 
 
-_MUTABLE_TIME_INDEXES = tuple(i for i, name in enumerate(TASK_MUTABLE_COLUMNS) if name in _TIME_FIELDS)
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    **dict.fromkeys(_TIME_FIELDS | {"recorded_at"}, _naive),
+    "options": json.dumps,
+}
+"""Per-column conversion from a record's value to what the appender takes."""
 
-_APPENDERS: dict[str, tuple[str, Sequence[str], str, str | None]] = {
-    # name: (table, columns, action, key)
-    "workflows_new": ("workflow_executions", ("id", "name", "scope", "created_at"), "insert", None),
-    "tasks_new": (
+
+class _Write:
+    """One kind of write: its table, columns and appender action, and how a record becomes a row."""
+
+    def __init__(self, table: str, columns: Sequence[str], action: str = "insert", key: str | None = None):
+        self.table, self.columns, self.action, self.key = table, tuple(columns), action, key
+        self._get = attrgetter(*self.columns)
+        self._convert = [(i, _CONVERT[c]) for i, c in enumerate(self.columns) if c in _CONVERT]
+
+    def rows(self, items: Sequence[Any], are_tuples: bool = False) -> list[tuple[Any, ...]]:
+        """Records (or tuples already in column order) → rows."""
+        rows = []
+        for item in items:
+            row = list(item if are_tuples else self._get(item))
+            for i, convert in self._convert:
+                row[i] = convert(row[i])
+            rows.append(tuple(row))
+        return rows
+
+
+_WRITES: dict[str, _Write] = {
+    "workflows_new": _Write("workflow_executions", ("id", "name", "scope", "created_at")),
+    "tasks_new": _Write(
         "task_executions",
         (
             "id",
@@ -144,29 +168,17 @@ _APPENDERS: dict[str, tuple[str, Sequence[str], str, str | None]] = {
             "updated_at",
             "not_before",
         ),
-        "insert",
-        None,
     ),
-    "task_updates": ("task_executions", TASK_MUTABLE_COLUMNS, "update", "id"),
-    "attempts": (
-        "task_attempts",
-        ("task_id", "attempt", "status", "started_at", "finished_at", "error", "worker_id"),
-        "insert",
-        None,
+    "task_updates": _Write("task_executions", TASK_MUTABLE_COLUMNS, "update", "id"),
+    "attempts": _Write(
+        "task_attempts", ("task_id", "attempt", "status", "started_at", "finished_at", "error", "worker_id")
     ),
-    "results": (
-        "task_results",
-        ("task_id", "content_type", "content", "size_chars", "created_at"),
-        "insert",  # a task completes once: its result and its completion share one commit
-        None,
+    # a task completes once: its result and its completion share one commit, so plain insert
+    "results": _Write("task_results", ("task_id", "content_type", "content", "size_chars", "created_at")),
+    "notifications": _Write(
+        "notifications", ("cursor", "kind", "task_id", "workflow_id", "scope", "message", "created_at")
     ),
-    "notifications": (
-        "notifications",
-        ("cursor", "kind", "task_id", "workflow_id", "scope", "message", "created_at"),
-        "insert",
-        None,
-    ),
-    "usage": (
+    "usage": _Write(
         "token_usage",
         (
             "task_id",
@@ -179,8 +191,6 @@ _APPENDERS: dict[str, tuple[str, Sequence[str], str, str | None]] = {
             "cost_usd",
             "recorded_at",
         ),
-        "insert",
-        None,
     ),
 }
 
@@ -202,19 +212,36 @@ class _Pending:
     flush_requested: bool = False
     error: BaseException | None = None
 
+    def _background(self) -> tuple[Sized, ...]:
+        """Everything but new tasks: the writes nobody waits for."""
+        return (
+            self.workflows_new,
+            self.task_updates,
+            self.attempts,
+            self.results,
+            self.notifications,
+            self.usage,
+            self.delivered,
+        )
+
     def has_background(self) -> bool:
-        return self.background_rows() > 0
+        return any(self._background())
 
     def background_rows(self) -> int:
-        return (
-            len(self.workflows_new)
-            + len(self.task_updates)
-            + len(self.attempts)
-            + len(self.results)
-            + len(self.notifications)
-            + len(self.usage)
-            + len(self.delivered)
-        )
+        return sum(map(len, self._background()))
+
+    def appends(self) -> list[tuple[str, Sequence[Any]]]:
+        """(kind of write, its items) for every non-empty kind, in commit order."""
+        kinds = [
+            ("workflows_new", self.workflows_new),
+            ("tasks_new", self.tasks_new),
+            ("task_updates", list(self.task_updates.values())),
+            ("attempts", self.attempts),
+            ("results", self.results),
+            ("notifications", self.notifications),
+            ("usage", self.usage),
+        ]
+        return [(name, items) for name, items in kinds if items]
 
     def split_urgent(self) -> tuple[_Pending, _Pending]:
         """(new tasks and their waiters, everything else)."""
@@ -246,17 +273,7 @@ class _Pending:
         self.flush_requested = self.flush_requested or newer.flush_requested
 
     def empty(self) -> bool:
-        return not (
-            self.workflows_new
-            or self.tasks_new
-            or self.task_updates
-            or self.attempts
-            or self.results
-            or self.notifications
-            or self.usage
-            or self.delivered
-            or self.waiters
-        )
+        return not (self.tasks_new or self.waiters or self.has_background())
 
 
 class DuckDBStore:
@@ -524,18 +541,18 @@ class DuckDBStore:
         """Appenders are DuckDB's cheapest write path: one per kind of write, reused across commits."""
         appender = self._appenders.get(name)
         if appender is None:
-            table, columns, action, key = _APPENDERS[name]
-            kwargs: dict[str, Any] = {"columns": list(columns), "action": action}
-            if key:
-                kwargs["key"] = [key]
-            appender = self._require().appender(table, **kwargs)
+            write = _WRITES[name]
+            kwargs: dict[str, Any] = {"columns": list(write.columns), "action": write.action}
+            if write.key:
+                kwargs["key"] = [write.key]
+            appender = self._require().appender(write.table, **kwargs)
             self._appenders[name] = appender
         return appender
 
-    def _append(self, name: str, rows: list[tuple[Any, ...]]) -> None:
+    def _append(self, name: str, items: Sequence[Any]) -> None:
         appender = self._appender(name)
         try:
-            appender.append_rows(rows)
+            appender.append_rows(_WRITES[name].rows(items, are_tuples=name == "task_updates"))
             appender.flush()
         except BaseException:
             self._appenders.pop(name, None)  # a failed appender may hold rows; start afresh
@@ -544,119 +561,14 @@ class DuckDBStore:
     def _commit(self, batch: _Pending) -> Committed:
         """Runs on the writer thread: one transaction, one append per kind of write."""
         con = self._require()
-        committed = Committed()
-        kinds = sum(
-            bool(x)
-            for x in (
-                batch.workflows_new,
-                batch.tasks_new,
-                batch.task_updates,
-                batch.attempts,
-                batch.results,
-                batch.notifications,
-                batch.usage,
-            )
-        ) + len(batch.delivered)
-        explicit = kinds > 1  # one statement commits on its own; BEGIN/COMMIT would cost ~0.6 ms more
+        appends = batch.appends()
+        # one statement commits on its own; BEGIN/COMMIT would cost ~0.6 ms more
+        explicit = len(appends) + len(batch.delivered) > 1
         if explicit:
             con.execute("BEGIN")
         try:
-            if batch.workflows_new:
-                self._append(
-                    "workflows_new",
-                    [(w.id, w.name, w.scope, _naive(w.created_at)) for w in batch.workflows_new],
-                )
-                committed.workflow_ids.update(w.id for w in batch.workflows_new)
-            if batch.tasks_new:
-                self._append(
-                    "tasks_new",
-                    [
-                        (
-                            t.id,
-                            t.seq,
-                            t.workflow_id,
-                            t.agent,
-                            t.prompt,
-                            t.status,
-                            t.priority,
-                            t.scope,
-                            json.dumps(t.options),
-                            t.idempotency_key,
-                            t.callback_url,
-                            t.schedule_id,
-                            t.attempts,
-                            t.failures,
-                            t.max_retries,
-                            t.timeout_s,
-                            _naive(t.created_at),
-                            _naive(t.updated_at),
-                            _naive(t.not_before),
-                        )
-                        for t in batch.tasks_new
-                    ],
-                )
-                committed.task_ids.update(t.id for t in batch.tasks_new)
-            if batch.task_updates:
-                rows = []
-                for state in batch.task_updates.values():
-                    row = list(state)
-                    for i in _MUTABLE_TIME_INDEXES:
-                        row[i] = _naive(row[i])
-                    rows.append(tuple(row))
-                self._append("task_updates", rows)
-                committed.task_ids.update(batch.task_updates)
-                committed.workflow_ids.update(batch.touched_workflows)
-            if batch.attempts:
-                self._append(
-                    "attempts",
-                    [
-                        (
-                            a.task_id,
-                            a.attempt,
-                            a.status,
-                            _naive(a.started_at),
-                            _naive(a.finished_at),
-                            a.error,
-                            a.worker_id,
-                        )
-                        for a in batch.attempts
-                    ],
-                )
-            if batch.results:
-                self._append(
-                    "results",
-                    [
-                        (r.task_id, r.content_type, r.content, len(r.content), _naive(r.created_at))
-                        for r in batch.results
-                    ],
-                )
-            if batch.notifications:
-                self._append(
-                    "notifications",
-                    [
-                        (n.cursor, n.kind, n.task_id, n.workflow_id, n.scope, n.message, _naive(n.created_at))
-                        for n in batch.notifications
-                    ],
-                )
-                committed.notifications.extend(batch.notifications)
-            if batch.usage:
-                self._append(
-                    "usage",
-                    [
-                        (
-                            u.task_id,
-                            u.attempt,
-                            u.model,
-                            u.input_tokens,
-                            u.output_tokens,
-                            u.cache_creation_input_tokens,
-                            u.cache_read_input_tokens,
-                            u.cost_usd,
-                            _naive(u.recorded_at),
-                        )
-                        for u in batch.usage
-                    ],
-                )
+            for name, items in appends:
+                self._append(name, items)
             for cursors, at in batch.delivered:
                 con.execute(Q["mark_delivered"], [cursors, _naive(at)])
             if explicit:
@@ -666,6 +578,11 @@ class DuckDBStore:
                 with contextlib.suppress(duckdb.Error):
                     con.execute("ROLLBACK")
             raise
+        committed = Committed(notifications=list(batch.notifications))
+        committed.task_ids.update(t.id for t in batch.tasks_new)
+        committed.task_ids.update(batch.task_updates)
+        committed.workflow_ids.update(w.id for w in batch.workflows_new)
+        committed.workflow_ids.update(batch.touched_workflows)
         return committed
 
     # ---- reads -----------------------------------------------------------

@@ -100,3 +100,12 @@ def exits(prompt: str, ctx: TaskContext) -> str:
     import sys
 
     sys.exit(3)
+
+
+async def reports_usage(prompt: str, ctx: TaskContext) -> str:
+    """Records token usage the way a model-calling executor does."""
+    from sidequest.models import utcnow
+    from sidequest.storage.base import UsageRecord
+
+    ctx.record_usage(UsageRecord(ctx.task_id, ctx.attempt, "test-model", 120, 30, 0, 10, 0.0012, utcnow()))
+    return "used some tokens"
