@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sidequest.models import Duration
 
@@ -25,26 +25,128 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class AgentConfig(_Strict):
-    """An agent the user defines. The model names agents; it never names code."""
+ENV_ALLOW_DEFAULT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM", "USER")
+"""What a command agent's child sees by default; API keys are never on this list."""
 
-    executor: Literal["python"] = "python"
-    callable: str = Field(description="'package.module:function', sync or async")
+
+class AgentConfig(_Strict):
+    """An agent the user defines. The model names agents; it never names code.
+
+    `executor` is `python`, `command`, or the name of an installed plugin (entry-point
+    group `sidequest.executors`); each executor reads only its own keys.
+    """
+
+    executor: str = "python"
     description: str = ""
     max_concurrency: int | None = Field(default=None, ge=1, le=1000)
+    timeout: Duration | None = Field(default=None, description="default per-attempt timeout for this agent")
+    # python
+    callable: str | None = Field(default=None, description="'package.module:function', sync or async")
+    # command
+    argv: list[str] | None = Field(
+        default=None, min_length=1, description="no shell; {prompt} is one argument"
+    )
+    cwd: Path | None = Field(default=None, description="working directory; must be inside allowed_roots")
+    env_allow: list[str] = Field(default_factory=lambda: list(ENV_ALLOW_DEFAULT))
+    env: dict[str, str] = Field(default_factory=dict, description="fixed variables added to the child's env")
+    output_limit: int = Field(default=1_000_000, ge=1, le=100_000_000, description="bytes of stdout kept")
+    stdin_prompt: bool = Field(default=False, description="also write the prompt to the child's stdin")
+    # plugins
+    options: dict[str, Any] = Field(default_factory=dict, description="passed to a plugin executor's factory")
 
     @field_validator("callable")
     @classmethod
-    def _callable_shape(cls, value: str) -> str:
+    def _callable_shape(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         module, sep, attr = value.partition(":")
         if not sep or not module or not attr:
             raise ValueError(f"callable must look like 'package.module:function', got {value!r}")
         return value
 
+    @model_validator(mode="after")
+    def _keys_fit_executor(self) -> AgentConfig:
+        if self.executor == "python":
+            if not self.callable:
+                raise ValueError("executor 'python' needs callable = 'package.module:function'")
+            if self.argv is not None:
+                raise ValueError("argv is for executor 'command', not 'python'")
+        elif self.executor == "command":
+            if not self.argv:
+                raise ValueError("executor 'command' needs argv = ['program', 'arg', '{prompt}']")
+            if self.callable is not None:
+                raise ValueError("callable is for executor 'python', not 'command'")
+        elif self.executor in ("anthropic", "claude-code"):
+            raise ValueError(
+                f"executor {self.executor!r} agents are defined in agent files (.claude/agents/NAME.md), "
+                "not in the config"
+            )
+        return self
+
 
 class HttpConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
+
+
+class Price(_Strict):
+    """US dollars per million tokens; cache writes and reads are priced separately."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cache_write: float | None = Field(default=None, ge=0, description="default 1.25 x input")
+    cache_read: float | None = Field(default=None, ge=0, description="default 0.1 x input")
+    web_search_per_1k: float = Field(default=10.0, ge=0)
+
+    def cost(
+        self, input_tokens: int, output_tokens: int, cache_write: int, cache_read: int, searches: int = 0
+    ) -> float:
+        write = self.cache_write if self.cache_write is not None else self.input * 1.25
+        read = self.cache_read if self.cache_read is not None else self.input * 0.1
+        tokens = input_tokens * self.input + output_tokens * self.output + cache_write * write
+        return (tokens + cache_read * read) / 1_000_000 + searches * self.web_search_per_1k / 1000
+
+
+DEFAULT_MODELS = {
+    "opus": "claude-opus-5-5",
+    "sonnet": "claude-sonnet-5-5",
+    "haiku": "claude-haiku-5-5",
+}
+"""Agent files say `model: sonnet`; this maps the alias to a model id (override under [models])."""
+
+DEFAULT_PRICES = {
+    "claude-opus-5-5": Price(input=5.0, output=25.0),
+    "claude-sonnet-5-5": Price(input=3.0, output=15.0),
+    "claude-haiku-5-5": Price(input=1.0, output=5.0),
+}
+"""List prices at the time of writing; [prices."MODEL"] in the config overrides or adds."""
+
+
+class AnthropicConfig(_Strict):
+    """The `anthropic` executor: the Messages API through the official SDK."""
+
+    api_key_env: str = Field(default="ANTHROPIC_API_KEY", description="environment variable holding the key")
+    base_url: str | None = Field(default=None, description="default: $ANTHROPIC_BASE_URL, else the real API")
+    max_tokens: int = Field(default=16_000, ge=1, le=1_000_000, description="per turn, unless the agent says")
+    max_turns: int = Field(default=20, ge=1, le=1000, description="unless the agent file sets maxTurns")
+    request_timeout: Duration = Field(default=600.0, gt=0, description="one HTTP request")
+    sdk_max_retries: int = Field(default=0, ge=0, le=1, description="the engine owns retries")
+    max_retry_after: Duration = Field(default=300.0, description="cap on a server's retry-after")
+    batch_poll_interval: Duration = Field(default=30.0, gt=0)
+    web_search_tool: str = "web_search_20250305"
+    web_fetch_tool: str = "web_fetch_20250910"
+
+
+class ClaudeCodeConfig(_Strict):
+    """The `claude-code` executor: headless Claude Code sessions through claude-agent-sdk."""
+
+    permission_mode: Literal["default", "acceptEdits", "plan", "dontAsk", "bypassPermissions"] = Field(
+        default="default", description="agent files may ask for less, never for bypassPermissions unless here"
+    )
+    cli_path: Path | None = Field(default=None, description="default: the CLI bundled with claude-agent-sdk")
+    max_budget_usd: float | None = Field(default=None, gt=0, description="per task, unless the agent says")
+    env_allow: list[str] = Field(default_factory=lambda: list(ENV_ALLOW_DEFAULT))
+    env: dict[str, str] = Field(default_factory=dict)
 
 
 class Settings(_Strict):
@@ -59,6 +161,49 @@ class Settings(_Strict):
     result_preview_chars: int = Field(default=500, ge=0, le=20_000)
     http: HttpConfig = Field(default_factory=HttpConfig)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
+    agent_dirs: list[Path] = Field(
+        default_factory=list, description="more agent-file folders, searched after the scope's and the user's"
+    )
+    user_agent_dir: Path = Field(default_factory=lambda: Path("~/.claude/agents").expanduser())
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="folders (besides the task's scope) that command and claude-code agents may run in",
+    )
+    default_model: str = "sonnet"
+    models: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_MODELS))
+    prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    anthropic: AnthropicConfig = Field(default_factory=AnthropicConfig)
+    claude_code: ClaudeCodeConfig = Field(default_factory=ClaudeCodeConfig)
+
+    @field_validator("models", mode="after")
+    @classmethod
+    def _merge_models(cls, value: dict[str, str]) -> dict[str, str]:
+        return {**DEFAULT_MODELS, **value}
+
+    @field_validator("prices", mode="after")
+    @classmethod
+    def _merge_prices(cls, value: dict[str, Price]) -> dict[str, Price]:
+        return {**DEFAULT_PRICES, **value}
+
+    @field_validator("agent_dirs", "user_agent_dir", "allowed_roots", mode="after")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [Path(p).expanduser() for p in value]
+        return Path(value).expanduser()
+
+    def model_id(self, name: str | None) -> str:
+        """An alias (`sonnet`), `inherit` or nothing means the configured model; ids pass through."""
+        if not name or name == "inherit":
+            name = self.default_model
+        return self.models.get(name, name)
+
+    def price(self, model: str) -> Price | None:
+        """Exact id first, then the longest configured id the model starts with (dated snapshots)."""
+        if model in self.prices:
+            return self.prices[model]
+        matches = [key for key in self.prices if model.startswith(key)]
+        return self.prices[max(matches, key=len)] if matches else None
 
     @property
     def database_path(self) -> Path:
@@ -78,6 +223,8 @@ _ENV_KEYS: dict[str, str] = {
     "SIDEQUEST_LEASE_SECONDS": "lease_seconds",
     "SIDEQUEST_SHUTDOWN_GRACE": "shutdown_grace",
     "SIDEQUEST_RESULT_PREVIEW_CHARS": "result_preview_chars",
+    "SIDEQUEST_USER_AGENT_DIR": "user_agent_dir",
+    "SIDEQUEST_DEFAULT_MODEL": "default_model",
 }
 """Environment variables that override top-level settings (documented in docs/configuration.md)."""
 

@@ -137,6 +137,20 @@ class TaskOptions(_Strict):
     not_before: datetime | None = Field(default=None, description="start no sooner than this UTC time")
     callback_url: AnyHttpUrl | None = Field(default=None, description="stored; delivery comes later")
     scope: str | None = Field(default=None, min_length=1, max_length=1000)
+    cwd: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="working directory for claude-code and command agents; must be inside the scope "
+        "directory or an allowed root",
+    )
+    resume_task_id: str | None = Field(
+        default=None, min_length=1, max_length=100, description="claude-code: continue that task's session"
+    )
+    batch: bool | None = Field(
+        default=None, description="anthropic: send through the Message Batches API (half price, slower)"
+    )
+    max_budget_usd: float | None = Field(default=None, gt=0, le=10_000, description="claude-code spend cap")
 
     @field_validator("timeout")
     @classmethod
@@ -172,6 +186,17 @@ class Attempt(BaseModel):
     error: str | None = None
 
 
+class Usage(BaseModel):
+    """Tokens and estimated cost over all of a task's attempts."""
+
+    models: list[str] = Field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float | None = Field(default=None, description="estimate from the configured price table")
+
+
 class TaskInfo(BaseModel):
     """What a client sees of one task."""
 
@@ -196,6 +221,11 @@ class TaskInfo(BaseModel):
     tags: list[str] = Field(default_factory=list)
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     attempt_history: list[Attempt] | None = None
+    session_id: str | None = Field(
+        default=None, description="claude-code session; pass resume_task_id to continue it"
+    )
+    schedule_id: str | None = None
+    usage: Usage | None = None
 
 
 class TaskSubmitted(BaseModel):
@@ -206,6 +236,7 @@ class TaskSubmitted(BaseModel):
     deduplicated: bool = Field(
         default=False, description="true when idempotency_key matched an unfinished task, returned instead"
     )
+    warnings: list[str] = Field(default_factory=list, description="the task was accepted, but may fail: why")
 
 
 class WorkflowInfo(BaseModel):
@@ -270,4 +301,14 @@ class AgentInfo(BaseModel):
     name: str
     executor: str
     description: str = ""
+    model: str | None = None
+    source: str = Field(default="config", description="the agent file, or 'config' for [agents.NAME]")
     max_concurrency: int | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+class AgentProblem(BaseModel):
+    """An agent file that cannot be used, and why."""
+
+    file: str
+    error: str

@@ -8,6 +8,7 @@ go to the database.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,15 +22,16 @@ from typing import Any
 
 import anyio
 
-from sidequest.agents import AgentRegistry
+from sidequest.agents import Agent, AgentLookupError, AgentRegistry
 from sidequest.config import Settings
 from sidequest.engine.dispatcher import Dispatcher, RunningAttempt
 from sidequest.engine.errors import InvalidRequest, NotFound
 from sidequest.engine.notifier import Listener, Notifier
 from sidequest.engine.retry import backoff_delay
-from sidequest.executors.base import ExecutionResult, PermanentError, TaskContext
+from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
 from sidequest.models import (
     AgentInfo,
+    AgentProblem,
     Attempt,
     CancelResult,
     Notification,
@@ -43,6 +45,7 @@ from sidequest.models import (
     TaskOptions,
     TaskStatus,
     TaskSubmitted,
+    Usage,
     WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
@@ -138,6 +141,7 @@ class Engine:
         self._wf_counts: dict[str, Counter[str]] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
         self._inserting: dict[str, anyio.Event] = {}
+        self._limits: dict[str, int | None] = {}
         self._seq = 0
         self._loop_thread: int | None = None
         self._started = False
@@ -164,6 +168,8 @@ class Engine:
                     tg.cancel_scope.cancel()
         finally:
             self._started = False
+            with anyio.CancelScope(shield=True):
+                await self.agents.aclose()
             await anyio.to_thread.run_sync(self.store.close)
 
     def _load(self, state: LoadedState) -> None:
@@ -175,6 +181,9 @@ class Engine:
             self._wf_open[wid] = sum(n for s, n in counts.items() if s not in _FINISHED)
         for task in state.live_tasks:
             self._live[task.id] = task
+            if task.agent not in self._limits:
+                found = self.agents.get(task.agent, task.scope)
+                self._limits[task.agent] = found.max_concurrency if found else None
             if task.idempotency_key:
                 self._idempotency[(task.scope, task.idempotency_key)] = task.id
         exclusive = getattr(self.store, "exclusive", True)
@@ -220,17 +229,27 @@ class Engine:
 
     # ---- submit ----------------------------------------------------------
 
-    def list_agents(self) -> list[AgentInfo]:
-        return self.agents.infos()
+    def list_agents(self, scope: str | None = None) -> tuple[list[AgentInfo], list[AgentProblem]]:
+        """Agents this scope may launch, and agent files that are broken (so the user can fix them)."""
+        catalog = self.agents.catalog(scope or default_scope())
+        return [a.info() for a in catalog.agents.values()], catalog.problems
+
+    def _resolve_agent(self, agent: str, scope: str) -> Agent:
+        try:
+            found = self.agents.resolve(agent, scope)
+        except AgentLookupError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        self._limits[agent] = found.max_concurrency
+        return found
 
     def _validate_submit(self, agent: str, prompt: str, options: TaskOptions) -> None:
-        if self.agents.get(agent) is None:
-            known = ", ".join(self.agents.names()) or "none are configured; add [agents.NAME] to the config"
-            raise InvalidRequest(f"unknown agent {agent!r}; known agents: {known}")
+        if not agent.strip():
+            raise InvalidRequest("agent_definition is empty; call list_agents for the names you may use")
+        _require_utf8("agent_definition", agent)
         if not prompt.strip():
             raise InvalidRequest("prompt is empty; say what the agent should do")
         _require_utf8("prompt", prompt)
-        for field in ("workflow_id", "workflow_name", "idempotency_key", "scope"):
+        for field in ("workflow_id", "workflow_name", "idempotency_key", "scope", "cwd", "resume_task_id"):
             _require_utf8(f"options.{field}", getattr(options, field))
         for tag in options.tags:
             _require_utf8("options.tags", tag)
@@ -293,6 +312,9 @@ class Engine:
             )
         workflow_id = options.workflow_id or new_workflow.id  # type: ignore[union-attr]
 
+        resolved = self._resolve_agent(agent, scope)
+        warnings = await self._preflight(resolved, options, scope)
+
         if options.idempotency_key:  # re-check: the workflow lookup may have awaited
             existing = self._idempotency.get((scope, options.idempotency_key))
             if existing is not None:
@@ -301,7 +323,9 @@ class Engine:
         not_before = options.not_before
         if options.delay:
             not_before = now + timedelta(seconds=options.delay)
-        timeout = options.timeout if options.timeout is not None else self.settings.default_timeout
+        timeout = options.timeout
+        if timeout is None:
+            timeout = resolved.timeout if resolved.timeout is not None else self.settings.default_timeout
         self._seq += 1
         task = TaskRecord(
             id=new_id("t"),
@@ -352,7 +376,24 @@ class Engine:
             workflow_id=workflow_id,
             status=TaskStatus(task.status),
             created_at=task.created_at,
+            warnings=warnings,
         )
+
+    async def _preflight(self, agent: Agent, options: TaskOptions, scope: str) -> list[str]:
+        """Reject what cannot work (a session that does not exist); warn about what may fail (no key)."""
+        if options.resume_task_id:
+            earlier = self._live.get(options.resume_task_id) or await self.store.get_task(
+                options.resume_task_id
+            )
+            if earlier is None or earlier.scope != scope:
+                raise InvalidRequest(f"resume_task_id {options.resume_task_id!r}: no such task in this scope")
+            if agent.executor.name != "claude-code":
+                raise InvalidRequest(
+                    f"resume_task_id only works with claude-code agents; {agent.name!r} runs on "
+                    f"{agent.executor.name!r}"
+                )
+        preflight = getattr(agent.executor, "preflight", None)
+        return list(preflight(options, scope)) if preflight is not None else []
 
     async def _existing_submission(self, task_id: str) -> TaskSubmitted:
         pending = self._inserting.get(task_id)
@@ -376,8 +417,8 @@ class Engine:
     # ---- running attempts ------------------------------------------------
 
     def _agent_limit(self, agent: str) -> int | None:
-        found = self.agents.get(agent)
-        return found.max_concurrency if found else None
+        """Set when the agent is resolved (submit, restart); files are never read on the dispatch path."""
+        return self._limits.get(agent)
 
     def _ready_task(self, task_id: str) -> TaskRecord | None:
         task = self._live.get(task_id)
@@ -404,6 +445,10 @@ class Engine:
             metadata=dict(task.options.get("metadata", {})),
             _on_progress=lambda p, m: self._call_in_loop(self._progress, task, p, m),
             _on_usage=lambda u: self._call_in_loop(self.store.add_usage, u),
+            options=task.options,
+            session_id=task.session_id,
+            batch_id=task.batch_id,
+            _on_state=lambda sid, bid: self._call_in_loop(self._save_state, task, sid, bid),
         )
         return RunningAttempt(task=task, ctx=ctx)
 
@@ -413,6 +458,14 @@ class Engine:
             fn(*args)
         else:
             anyio.from_thread.run_sync(fn, *args)
+
+    def _save_state(self, task: TaskRecord, session_id: str | None, batch_id: str | None) -> None:
+        if session_id is not None:
+            task.session_id = _clean(session_id)
+        if batch_id is not None:
+            task.batch_id = _clean(batch_id)
+        task.updated_at = utcnow()
+        self.store.update_task(task)
 
     def _progress(self, task: TaskRecord, percent: float | None, message: str | None) -> None:
         if task.status != TaskStatus.running:
@@ -426,13 +479,21 @@ class Engine:
 
     async def _run_attempt(self, attempt: RunningAttempt) -> None:
         task, ctx = attempt.task, attempt.ctx
-        agent = self.agents.get(task.agent)
         outcome: str
         detail: str | ExecutionResult
+        retry_after: float | None = None
         with attempt.scope:
             try:
-                if agent is None:
-                    raise PermanentError(f"agent {task.agent!r} is no longer configured")
+                try:
+                    agent = self.agents.resolve(task.agent, task.scope)
+                except AgentLookupError as exc:
+                    raise PermanentError(f"agent {task.agent!r} can no longer be used: {exc}") from exc
+                resume = task.options.get("resume_task_id")
+                if resume:
+                    earlier = self._live.get(resume) or await self.store.get_task(resume)
+                    ctx.resume_session_id = earlier.session_id if earlier else None
+                    if not ctx.resume_session_id:
+                        raise PermanentError(f"task {resume} has no session to resume (it saved none)")
                 if task.timeout_s:
                     with anyio.fail_after(task.timeout_s):
                         detail = await agent.executor.run(task.prompt, ctx)
@@ -443,15 +504,19 @@ class Engine:
                 outcome, detail = "timed_out", f"timed out after {task.timeout_s:g}s"
             except PermanentError as exc:
                 outcome, detail = "failed_permanently", str(exc) or type(exc).__name__
+            except RetryableError as exc:
+                outcome, detail, retry_after = "failed", str(exc) or type(exc).__name__, exc.retry_after
             except Exception as exc:
                 outcome, detail = "failed", f"{type(exc).__name__}: {exc}"
             except SystemExit as exc:  # an agent calling sys.exit() must not stop the server
                 outcome, detail = "failed", f"the agent called sys.exit({exc.code!r})"
         if attempt.stop_reason is not None:
             outcome, detail = attempt.stop_reason, attempt.stop_reason
-        self._finish_attempt(task, outcome, detail)
+        self._finish_attempt(task, outcome, detail, retry_after)
 
-    def _finish_attempt(self, task: TaskRecord, outcome: str, detail: str | ExecutionResult) -> None:
+    def _finish_attempt(
+        self, task: TaskRecord, outcome: str, detail: str | ExecutionResult, retry_after: float | None = None
+    ) -> None:
         now = utcnow()
         started = task.started_at
         error = None if isinstance(detail, ExecutionResult) else _clean(detail)
@@ -473,7 +538,8 @@ class Engine:
             assert isinstance(detail, ExecutionResult)
             self._complete(task, detail, now)
             return
-        self._after_failure(task, _clean(str(detail)), permanent=outcome == "failed_permanently", now=now)
+        permanent = outcome == "failed_permanently"
+        self._after_failure(task, _clean(str(detail)), permanent=permanent, now=now, min_delay=retry_after)
 
     def _complete(self, task: TaskRecord, result: ExecutionResult, now: datetime) -> None:
         result.content = _clean(result.content)
@@ -494,7 +560,13 @@ class Engine:
         self._task_finished(task, now)
 
     def _after_failure(
-        self, task: TaskRecord, error: str, permanent: bool, now: datetime, immediate: bool = False
+        self,
+        task: TaskRecord,
+        error: str,
+        permanent: bool,
+        now: datetime,
+        immediate: bool = False,
+        min_delay: float | None = None,
     ) -> None:
         task.failures += 1
         task.error = _short(error, 4000) if len(error) > 4000 else error
@@ -521,7 +593,8 @@ class Engine:
         else:
             policy = RetryBackoff.model_validate(task.options.get("retry_backoff", {}))
             task.status = TaskStatus.retrying.value
-            task.next_attempt_at = now + timedelta(seconds=backoff_delay(policy, task.failures))
+            delay = max(backoff_delay(policy, task.failures), min_delay or 0.0)
+            task.next_attempt_at = now + timedelta(seconds=delay)
         self.store.update_task(task)
         self.dispatcher.enqueue(task)
 
@@ -634,6 +707,8 @@ class Engine:
             error=task.error,
             tags=list(options.get("tags", [])),
             metadata=dict(options.get("metadata", {})),
+            session_id=task.session_id,
+            schedule_id=task.schedule_id,
         )
 
     async def get_task(self, task_id: str, history: bool = True) -> TaskInfo:
@@ -643,6 +718,9 @@ class Engine:
             raise NotFound(f"unknown task_id {task_id!r}")
         sizes = await self.store.get_result_size([task_id])
         info = self._task_info(task, sizes.get(task_id))
+        usage = (await self.store.get_usage([task_id])).get(task_id)
+        if usage is not None:
+            info.usage = Usage(**dataclasses.asdict(usage))
         if history:
             info.attempt_history = [
                 Attempt(

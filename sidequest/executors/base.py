@@ -19,6 +19,19 @@ class PermanentError(Exception):
     """Raise from an executor for a failure that retrying cannot fix (bad input, 4xx)."""
 
 
+class RetryableError(Exception):
+    """A failure worth retrying, with the earliest sensible time to try again.
+
+    `retry_after` (seconds) comes from the far side (an HTTP retry-after header);
+    the engine waits at least that long, or its own backoff if longer. The
+    executor caps it: a server asking for an hour should not park a task for one.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass(slots=True)
 class ExecutionResult:
     """What an attempt produced: text, or JSON-able data stored as JSON."""
@@ -39,6 +52,15 @@ class TaskContext:
     metadata: dict[str, Any]
     _on_progress: Callable[[float | None, str | None], None]
     _on_usage: Callable[[UsageRecord], None]
+    options: dict[str, Any] = field(default_factory=dict)
+    """The task's options as submitted (executors read `cwd`, `batch`, `max_budget_usd`)."""
+    session_id: str | None = None
+    """A session this task saved in an earlier attempt (claude-code), to continue rather than restart."""
+    batch_id: str | None = None
+    """A message batch an earlier attempt created, to poll rather than pay for again."""
+    resume_session_id: str | None = None
+    """The session of the task named by `options.resume_task_id`, looked up by the engine."""
+    _on_state: Callable[[str | None, str | None], None] | None = None
     cancelled: anyio.Event = field(default_factory=anyio.Event)
     _cancel_flag: bool = False
 
@@ -50,6 +72,15 @@ class TaskContext:
 
     def record_usage(self, usage: UsageRecord) -> None:
         self._on_usage(usage)
+
+    def save_state(self, session_id: str | None = None, batch_id: str | None = None) -> None:
+        """Store a session or batch id with the task at once, so a later attempt can pick it up."""
+        if session_id is not None:
+            self.session_id = session_id
+        if batch_id is not None:
+            self.batch_id = batch_id
+        if self._on_state is not None:
+            self._on_state(session_id, batch_id)
 
     @property
     def is_cancelled(self) -> bool:

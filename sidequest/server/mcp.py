@@ -30,6 +30,7 @@ from sidequest.engine.engine import Engine
 from sidequest.engine.errors import EngineError, NotFound
 from sidequest.models import (
     AgentInfo,
+    AgentProblem,
     CancelResult,
     NotificationPage,
     ResultPage,
@@ -88,6 +89,9 @@ class AgentList(BaseModel):
     """`list_agents` result; a list is wrapped so the output has an object schema."""
 
     agents: list[AgentInfo]
+    problems: list[AgentProblem] = Field(
+        default_factory=list, description="agent files that cannot be used, and why (tell the user)"
+    )
 
 
 # ---- error translation ------------------------------------------------------
@@ -296,7 +300,9 @@ def _register_tools(server: MCPServer, engine: Engine, default_scope: str) -> No
             "attempt ('90s', '30m', '2h' or seconds); max_retries (0-20, default 3); retry_backoff; tags; "
             "metadata; idempotency_key (resubmitting the same key returns the unfinished task instead of a "
             "duplicate); workflow_name to start a named workflow, or workflow_id to add to one; delay or "
-            "not_before to start later. Unknown option keys are rejected. After submitting, keep working: "
+            "not_before to start later; cwd, resume_task_id and max_budget_usd for claude-code agents; "
+            "batch for anthropic agents (half price, slower). Unknown option keys are rejected. Read "
+            "`warnings` in the reply. After submitting, keep working: "
             "check get_workflow_notifications between steps, or check_workflow_status every 30-60 s at "
             "most; then read get_task_result."
         ),
@@ -309,7 +315,10 @@ def _register_tools(server: MCPServer, engine: Engine, default_scope: str) -> No
         ),
     )
     async def task_async(
-        agent_definition: Annotated[str, Field(description="agent name, as listed by list_agents")],
+        agent_definition: Annotated[
+            str,
+            Field(description="agent name from list_agents, or the path of an agent file in an agent folder"),
+        ],
         prompt: Annotated[str, Field(description="complete, self-contained instructions for the agent")],
         options: TaskOptions | None = None,
     ) -> TaskSubmitted:
@@ -467,12 +476,14 @@ def _register_tools(server: MCPServer, engine: Engine, default_scope: str) -> No
     @server.tool(
         name="list_agents",
         description=(
-            "The agents you may launch with task_async (name, executor, description, concurrency limit). "
-            "Call it once before your first task_async; the list changes only when the user edits the "
-            "configuration."
+            "The agents you may launch with task_async: name, description, executor (anthropic, "
+            "claude-code, command, python), model and the file that defines it. Agents come from "
+            ".claude/agents/*.md in the project, ~/.claude/agents/ and the sidequest config. Call it once "
+            "before your first task_async; `problems` lists agent files that are broken."
         ),
         annotations=_read_only("List agents"),
     )
     async def list_agents() -> AgentList:
         with _tool_errors("list_agents"):
-            return AgentList(agents=engine.list_agents())
+            agents, problems = await anyio.to_thread.run_sync(engine.list_agents, default_scope)
+            return AgentList(agents=agents, problems=problems)

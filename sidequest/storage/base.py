@@ -48,6 +48,8 @@ class TaskRecord:
     result_preview: str | None = None
     worker_id: str | None = None
     lease_expires_at: datetime | None = None
+    session_id: str | None = None
+    batch_id: str | None = None
 
     def mutable_state(self) -> tuple[Any, ...]:
         """Snapshot of the columns that change after insert, in TASK_MUTABLE_COLUMNS order."""
@@ -69,6 +71,8 @@ TASK_MUTABLE_COLUMNS = (
     "result_preview",
     "worker_id",
     "lease_expires_at",
+    "session_id",
+    "batch_id",
 )
 _mutable_state = attrgetter(*TASK_MUTABLE_COLUMNS)
 
@@ -130,6 +134,18 @@ class UsageRecord:
     cache_read_input_tokens: int
     cost_usd: float | None
     recorded_at: datetime
+
+
+@dataclass(slots=True)
+class UsageTotals:
+    """A task's usage summed over its attempts and turns."""
+
+    models: list[str]
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    cost_usd: float | None
 
 
 @dataclass(slots=True)

@@ -37,6 +37,7 @@ from sidequest.storage.base import (
     StoreError,
     TaskRecord,
     UsageRecord,
+    UsageTotals,
     WorkflowQuery,
     WorkflowRecord,
 )
@@ -683,6 +684,13 @@ class DuckDBStore:
             NotificationRecord(r[0], r[1], r[2], r[3], r[4], r[5], _aware(r[6]), _aware(r[7]))  # type: ignore[arg-type]
             for r in rows
         ]
+
+    async def get_usage(self, task_ids: Sequence[str]) -> dict[str, UsageTotals]:
+        if not task_ids:
+            return {}
+        ids = list(task_ids)
+        rows = await self._read(lambda cur: cur.execute(Q["usage_totals"], [ids]).fetchall())
+        return {r[0]: UsageTotals(list(r[1] or []), *map(int, r[2:6]), r[6]) for r in rows}
 
     async def count_rows(self) -> dict[str, int]:
         tables = [

@@ -88,3 +88,9 @@ SELECT t.workflow_id,
 FROM task_executions t
 WHERE NOT EXISTS (SELECT 1 FROM workflow_executions w WHERE w.id = t.workflow_id)
 GROUP BY t.workflow_id;
+
+-- usage_totals --
+SELECT task_id, list(DISTINCT model ORDER BY model) FILTER (WHERE model IS NOT NULL),
+       sum(input_tokens), sum(output_tokens), sum(cache_creation_input_tokens), sum(cache_read_input_tokens),
+       sum(cost_usd)
+FROM token_usage WHERE task_id = ANY($1) GROUP BY task_id;
