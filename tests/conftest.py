@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -47,6 +48,14 @@ def agents_toml() -> str:
         f'[agents.{name}]\nexecutor = "python"\ncallable = "sidequest.testing.agents:{name}"\n\n'
         for name in TEST_AGENTS
     )
+
+
+@pytest.fixture(autouse=True)
+def no_real_anthropic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing in the suite may reach the real API: tests that need one point at the fake."""
+    for name in list(os.environ):
+        if name.startswith(("ANTHROPIC_", "CLAUDE_CODE_")) or name == "CLAUDE_PROJECT_DIR":
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import wait_for
 from mcp import Client, MCPError
 from mcp.server.mcpserver import MCPServer
 from mcp_types import ResourceUpdatedNotification
+from tools import call, call_error, submit, wait_status
 
 from sidequest.engine.engine import Engine
 from sidequest.server.mcp import INSTRUCTIONS, build_server
@@ -31,34 +31,6 @@ def server(engine: Engine) -> MCPServer:
 async def client(request: pytest.FixtureRequest, server: MCPServer) -> AsyncIterator[Client]:
     async with Client(server, mode=request.param) as c:
         yield c
-
-
-async def call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, result.content[0].text  # type: ignore[union-attr]
-    assert result.structured_content is not None
-    return result.structured_content
-
-
-async def call_error(client: Client, tool: str, **args: Any) -> str:
-    result = await client.call_tool(tool, args)
-    assert result.is_error, f"{tool}({args}) succeeded: {result.structured_content}"
-    return result.content[0].text  # type: ignore[union-attr]
-
-
-async def submit(client: Client, agent: str, prompt: str, **options: Any) -> dict[str, Any]:
-    args: dict[str, Any] = {"agent_definition": agent, "prompt": prompt}
-    if options:
-        args["options"] = options
-    return await call(client, "task_async", **args)
-
-
-async def wait_status(client: Client, task_id: str, status: str, timeout: float = 10.0) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        report = await call(client, "check_workflow_status", task_id=task_id)
-        return report["task"] if report["task"]["status"] == status else None
-
-    return await wait_for(check, timeout=timeout, what=f"task {task_id} to be {status}")
 
 
 # ---- the everyday path -------------------------------------------------------
