@@ -31,6 +31,8 @@ from sidequest.config import ConfigError, Settings, format_validation_error, loa
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
 
+    from sidequest.engine.engine import Engine
+
 log = logging.getLogger("sidequest")
 
 EXIT_CONFIG = 2
@@ -239,7 +241,7 @@ async def _serve(settings: Settings) -> None:
             server = _Uvicorn(config)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_stop_on_signal, tg.cancel_scope, server.stop)
-                tg.start_soon(_announce, server, host, port, settings)
+                tg.start_soon(_announce, server, host, port, engine)
                 await server.serve(sockets=[sock])
                 tg.cancel_scope.cancel()
             if not server.started:
@@ -274,7 +276,9 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _announce(server: _Uvicorn, host: str, port: int, settings: Settings) -> None:
+async def _announce(server: _Uvicorn, host: str, port: int, engine: Engine) -> None:
+    settings = engine.settings
+    agents, problems = await anyio.to_thread.run_sync(engine.list_agents, _default_scope())
     while not server.started:
         await anyio.sleep(0.02)
     shown = f"[{host}]" if ":" in host else host
@@ -290,18 +294,19 @@ async def _announce(server: _Uvicorn, host: str, port: int, settings: Settings) 
         f"  or, instead of this daemon, per session over stdio (one process per data dir):\n"
         f"    claude mcp add sidequest -- sidequest stdio --embedded\n"
         f"  health: http://{shown}:{port}/health\n"
-        f"  agents: {_agents_line(settings)}",
+        f"  agents: {_agents_line(settings, [a.name for a in agents])}"
+        + "".join(f"\n  broken agent file: {problem.error}" for problem in problems),
         file=sys.stderr,
         flush=True,
     )
 
 
-def _agents_line(settings: Settings) -> str:
-    if settings.agents:
-        return ", ".join(sorted(settings.agents))
+def _agents_line(settings: Settings, names: list[str]) -> str:
+    if names:
+        return ", ".join(names)
     return (
-        f"none configured yet: add [agents.NAME] tables to {settings.home / 'sidequest.toml'} "
-        "(examples/sidequest.toml is a starting point) and restart"
+        f"none yet: write agent files in .claude/agents/ or {settings.user_agent_dir}, or add "
+        f"[agents.NAME] tables to {settings.home / 'sidequest.toml'} (see examples/sidequest.toml)"
     )
 
 
