@@ -46,7 +46,9 @@ class AgentConfig(_Strict):
     argv: list[str] | None = Field(
         default=None, min_length=1, description="no shell; {prompt} is one argument"
     )
-    cwd: Path | None = Field(default=None, description="working directory; must be inside allowed_roots")
+    cwd: Path | None = Field(
+        default=None, description="relative to the task's project; must stay inside it or allowed_roots"
+    )
     env_allow: list[str] = Field(default_factory=lambda: list(ENV_ALLOW_DEFAULT))
     env: dict[str, str] = Field(default_factory=dict, description="fixed variables added to the child's env")
     output_limit: int = Field(default=1_000_000, ge=1, le=100_000_000, description="bytes of stdout kept")
@@ -74,6 +76,8 @@ class AgentConfig(_Strict):
         elif self.executor == "command":
             if not self.argv:
                 raise ValueError("executor 'command' needs argv = ['program', 'arg', '{prompt}']")
+            if "{prompt}" in self.argv[0]:
+                raise ValueError("argv[0] (the program) cannot hold {prompt}: the model must not pick it")
             if self.callable is not None:
                 raise ValueError("callable is for executor 'python', not 'command'")
         elif self.executor in ("anthropic", "claude-code"):
@@ -188,9 +192,12 @@ class Settings(_Strict):
     @field_validator("agent_dirs", "user_agent_dir", "allowed_roots", mode="after")
     @classmethod
     def _expand(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [Path(p).expanduser() for p in value]
-        return Path(value).expanduser()
+        """Absolute only: relative to the server's working directory would change with how it started."""
+        paths = [Path(p).expanduser() for p in (value if isinstance(value, list) else [value])]
+        for path in paths:
+            if not path.is_absolute():
+                raise ValueError(f"{str(path)!r} must be an absolute path (or start with ~)")
+        return paths if isinstance(value, list) else paths[0]
 
     def model_id(self, name: str | None) -> str:
         """An alias (`sonnet`), `inherit` or nothing means the configured model; ids pass through."""

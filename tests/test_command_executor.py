@@ -41,6 +41,14 @@ PRINT_CWD = "import os; print(os.getcwd())"
 # ---- helpers -------------------------------------------------------------------
 
 
+def workdir_roots(scope: str, allowed: list[Path], project_scope: bool) -> list[str]:
+    """What the engine computes: the scope counts only when a client connected from it."""
+    roots = [os.path.realpath(root) for root in allowed]
+    if project_scope and os.path.isabs(scope) and os.path.isdir(scope):
+        roots.insert(0, os.path.realpath(scope))
+    return roots
+
+
 class Run:
     """One executor plus the context it runs with, collecting the progress it reports."""
 
@@ -51,6 +59,7 @@ class Run:
         scope: Path | str | None = None,
         options: dict[str, Any] | None = None,
         allowed_roots: list[Path] | None = None,
+        project_scope: bool = True,
         **config: Any,
     ) -> None:
         self.scope = str(scope if scope is not None else project(tmp_path))
@@ -67,6 +76,7 @@ class Run:
             _on_progress=lambda p, m: self.progress.append((p, m)),
             _on_usage=lambda u: None,
             options=dict(options or {}),
+            workdir_roots=workdir_roots(self.scope, allowed_roots or [], project_scope),
         )
 
     async def __call__(self, prompt: str = "the prompt", limit: float = 30.0) -> str:
@@ -162,6 +172,11 @@ async def test_prompt_with_nul_is_refused(tmp_path: Path) -> None:
     run = Run(tmp_path, [PY, "-c", PRINT_ARGS, "{prompt}"])
     with pytest.raises(PermanentError, match="NUL"):
         await run("a\0b")
+
+
+async def test_nul_in_prompt_is_fine_on_stdin(tmp_path: Path) -> None:
+    code = "import sys; print(repr(sys.stdin.read()))"
+    assert await Run(tmp_path, py(code), stdin_prompt=True)("a\0b") == "'a\\x00b'\n"
 
 
 async def test_lone_surrogate_is_replaced_not_fatal(tmp_path: Path) -> None:
@@ -268,7 +283,14 @@ async def test_sibling_with_common_prefix_is_not_inside(tmp_path: Path) -> None:
 
 async def test_scope_that_is_not_a_directory_allows_nothing(tmp_path: Path) -> None:
     run = Run(tmp_path, py(PRINT_CWD), scope="/projects/does-not-exist")
-    with pytest.raises(PermanentError, match=r"none \(the scope is not an existing directory\)"):
+    with pytest.raises(PermanentError, match=r"none \(the scope is not a connected project directory\)"):
+        await run()
+
+
+async def test_a_scope_no_client_connected_from_is_not_a_root(tmp_path: Path) -> None:
+    """A model can type any scope; only the project a client runs in lets processes run there."""
+    run = Run(tmp_path, py(PRINT_CWD), project_scope=False)
+    with pytest.raises(PermanentError, match="outside the allowed roots"):
         await run()
 
 
@@ -283,8 +305,8 @@ def test_preflight_warns_about_a_refused_cwd(tmp_path: Path) -> None:
     run = Run(tmp_path, py(PRINT_CWD))
     ok = type("Options", (), {"cwd": None})()
     bad = type("Options", (), {"cwd": "/"})()
-    assert run.executor.preflight(ok, run.scope) == []
-    [warning] = run.executor.preflight(bad, run.scope)
+    assert run.executor.preflight(ok, run.scope, run.ctx.workdir_roots) == []
+    [warning] = run.executor.preflight(bad, run.scope, run.ctx.workdir_roots)
     assert "will fail" in warning and "allowed_roots" in warning
 
 
@@ -623,6 +645,7 @@ async def test_e2e_timeout_kills_grandchildren(command_client: Client, tmp_path:
         pids = await read_pids(pid_file, 3)
         task = await finished_task(command_client, submitted["task_id"])
         assert task["status"] in ("timed_out", "failed"), task
+        assert "timed out" in (task.get("error") or ""), task
         await wait_gone(pids, timeout=5.0)
     finally:
         kill_leftovers(pids)
@@ -666,4 +689,17 @@ async def test_e2e_cwd_option_outside_scope_fails_permanently(command_client: Cl
     task = await finished_task(command_client, submitted["task_id"])
     assert task["status"] == "failed", task
     assert task["attempts"] == 1
+    assert "outside the allowed roots" in (task.get("error") or ""), task
+
+
+async def test_e2e_scope_typed_by_the_model_is_not_a_root(command_client: Client, tmp_path: Path) -> None:
+    """`options.scope` is the model's to choose; it must not widen where processes may run."""
+    elsewhere = tmp_path / "someone-elses-project"
+    elsewhere.mkdir()
+    submitted = await call(
+        command_client, "task_async", agent_definition="where", prompt="x", options={"scope": str(elsewhere)}
+    )
+    assert any("outside the allowed roots" in w for w in submitted["warnings"]), submitted
+    task = await finished_task(command_client, submitted["task_id"])
+    assert task["status"] == "failed", task
     assert "outside the allowed roots" in (task.get("error") or ""), task

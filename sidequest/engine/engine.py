@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -142,6 +143,7 @@ class Engine:
         self._idempotency: dict[tuple[str, str], str] = {}
         self._inserting: dict[str, anyio.Event] = {}
         self._limits: dict[str, int | None] = {}
+        self._projects: set[str] = set()
         self._seq = 0
         self._loop_thread: int | None = None
         self._started = False
@@ -228,6 +230,19 @@ class Engine:
         return self.notifier.add_listener(listener)
 
     # ---- submit ----------------------------------------------------------
+
+    def trust_project(self, scope: str) -> None:
+        """A project directory a client connected from (not one a model typed): processes may run there."""
+        if os.path.isabs(scope) and os.path.isdir(scope):
+            self._projects.add(os.path.realpath(scope))
+
+    def workdir_roots(self, scope: str) -> list[str]:
+        roots = [os.path.realpath(root) for root in self.settings.allowed_roots]
+        if os.path.isabs(scope) and os.path.isdir(scope):
+            real = os.path.realpath(scope)
+            if any(real == p or real.startswith(p.rstrip(os.sep) + os.sep) for p in self._projects):
+                roots.insert(0, real)
+        return roots
 
     def list_agents(self, scope: str | None = None) -> tuple[list[AgentInfo], list[AgentProblem]]:
         """Agents this scope may launch, and agent files that are broken (so the user can fix them)."""
@@ -393,7 +408,7 @@ class Engine:
                     f"{agent.executor.name!r}"
                 )
         preflight = getattr(agent.executor, "preflight", None)
-        return list(preflight(options, scope)) if preflight is not None else []
+        return list(preflight(options, scope, self.workdir_roots(scope))) if preflight is not None else []
 
     async def _existing_submission(self, task_id: str) -> TaskSubmitted:
         pending = self._inserting.get(task_id)
@@ -449,6 +464,7 @@ class Engine:
             session_id=task.session_id,
             batch_id=task.batch_id,
             _on_state=lambda sid, bid: self._call_in_loop(self._save_state, task, sid, bid),
+            workdir_roots=self.workdir_roots(task.scope),
         )
         return RunningAttempt(task=task, ctx=ctx)
 
@@ -494,14 +510,13 @@ class Engine:
                     ctx.resume_session_id = earlier.session_id if earlier else None
                     if not ctx.resume_session_id:
                         raise PermanentError(f"task {resume} has no session to resume (it saved none)")
-                if task.timeout_s:
-                    with anyio.fail_after(task.timeout_s):
-                        detail = await agent.executor.run(task.prompt, ctx)
-                else:
+                deadline = anyio.current_time() + task.timeout_s if task.timeout_s else math.inf
+                with anyio.CancelScope(deadline=deadline) as limit:
                     detail = await agent.executor.run(task.prompt, ctx)
-                outcome = "completed"
-            except TimeoutError:
-                outcome, detail = "timed_out", f"timed out after {task.timeout_s:g}s"
+                if limit.cancelled_caught:  # our deadline, not a TimeoutError the agent raised itself
+                    outcome, detail = "timed_out", f"timed out after {task.timeout_s:g}s"
+                else:
+                    outcome = "completed"
             except PermanentError as exc:
                 outcome, detail = "failed_permanently", str(exc) or type(exc).__name__
             except RetryableError as exc:

@@ -108,7 +108,7 @@ class AnthropicExecutor:
     def _api_key(self) -> str | None:
         return os.environ.get(self.settings.anthropic.api_key_env) or None
 
-    def preflight(self, options: TaskOptions, scope: str) -> list[str]:
+    def preflight(self, options: TaskOptions, scope: str, workdir_roots: list[str]) -> list[str]:
         if self._api_key() is None:
             return [
                 f"{self.settings.anthropic.api_key_env} is not set in the sidequest server's environment, "

@@ -227,6 +227,7 @@ def _read_only(title: str) -> ToolAnnotations:
 
 def build_server(engine: Engine, default_scope: str) -> MCPServer:
     """The MCP server for one running engine; `default_scope` is this client's project."""
+    engine.trust_project(default_scope)
     bus = InMemorySubscriptionBus()
 
     @asynccontextmanager
