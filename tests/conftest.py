@@ -24,6 +24,7 @@ TEST_AGENTS = (
     "sleep_sync",
     "fail",
     "fail_permanently",
+    "raises_timeout",
     "flaky",
     "record_and_sleep",
     "big_result",

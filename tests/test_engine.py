@@ -207,6 +207,14 @@ async def test_timeout_cancels_the_attempt(tmp_path: Path) -> None:
         assert [a.status for a in info.attempt_history] == ["timed_out", "timed_out"]
 
 
+async def test_an_agents_own_timeout_error_is_an_ordinary_failure(tmp_path: Path) -> None:
+    async with running_engine(tmp_path) as engine:
+        submitted = await engine.submit("raises_timeout", "db", opts(max_retries=0))
+        info = await wait_status(engine, submitted.task_id, TaskStatus.failed)
+        assert info.error == "TimeoutError: socket timed out: db"
+        assert [a.status for a in info.attempt_history] == ["failed"]
+
+
 async def test_cancel_queued_task_never_runs(tmp_path: Path) -> None:
     log = tmp_path / "ran.txt"
     async with running_engine(tmp_path, max_concurrency=1) as engine:

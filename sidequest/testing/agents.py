@@ -58,6 +58,11 @@ async def fail(prompt: str, ctx: TaskContext) -> str:
     raise RuntimeError(f"failing on purpose: {prompt}")
 
 
+async def raises_timeout(prompt: str, ctx: TaskContext) -> str:
+    """Its own TimeoutError (a socket timeout, say) is a failure, not the engine's deadline."""
+    raise TimeoutError(f"socket timed out: {prompt}")
+
+
 async def fail_permanently(prompt: str, ctx: TaskContext) -> str:
     raise PermanentError(f"cannot do this: {prompt}")
 
