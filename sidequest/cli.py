@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import uvicorn
 from anyio.lowlevel import EventLoopToken
@@ -132,9 +133,19 @@ def _startup_errors() -> Iterator[None]:
         raise _Fatal(str(exc)) from exc
 
 
-async def _stop_on_signal(scope: anyio.CancelScope, on_signal: Callable[[], None] | None = None) -> None:
-    """SIGTERM/SIGINT end the work gracefully: leaving engine.running() drains running tasks."""
+async def _stop_on_signal(
+    scope: anyio.CancelScope,
+    on_signal: Callable[[], None] | None = None,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """SIGTERM/SIGINT end the work gracefully: leaving engine.running() drains running tasks.
+
+    Started with `tg.start`, so "serving" is only announced once the handler is installed; a
+    SIGTERM in between would otherwise kill the process by the default action.
+    """
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("received %s; stopping", signal.Signals(signum).name)
             if on_signal is not None:
@@ -156,7 +167,7 @@ async def _stdio(settings: Settings) -> None:
         async with engine.running():
             server = build_server(engine, _default_scope())
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_stop_on_signal, tg.cancel_scope)
+                await tg.start(_stop_on_signal, tg.cancel_scope)
                 log.info("serving MCP over stdio (data dir %s)", settings.home)
                 await _serve_stdio(server)  # returns when the client closes stdin
                 tg.cancel_scope.cancel()
@@ -240,7 +251,7 @@ async def _serve(settings: Settings) -> None:
             )
             server = _Uvicorn(config)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_stop_on_signal, tg.cancel_scope, server.stop)
+                await tg.start(_stop_on_signal, tg.cancel_scope, server.stop)
                 tg.start_soon(_announce, server, host, port, engine)
                 await server.serve(sockets=[sock])
                 tg.cancel_scope.cancel()
