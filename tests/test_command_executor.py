@@ -283,7 +283,7 @@ async def test_sibling_with_common_prefix_is_not_inside(tmp_path: Path) -> None:
 
 async def test_scope_that_is_not_a_directory_allows_nothing(tmp_path: Path) -> None:
     run = Run(tmp_path, py(PRINT_CWD), scope="/projects/does-not-exist")
-    with pytest.raises(PermanentError, match=r"none \(the scope is not a connected project directory\)"):
+    with pytest.raises(PermanentError, match=r"scope .* is not a directory, so give options.cwd"):
         await run()
 
 

@@ -62,6 +62,7 @@ from anyio.abc import ByteReceiveStream, Process
 
 from sidequest.config import AgentConfig, Settings
 from sidequest.executors.base import ExecutionResult, PermanentError, TaskContext
+from sidequest.executors.sandbox import child_env, resolve_workdir
 
 PROMPT_FIELD = "{prompt}"
 STDERR_KEEP = 64 * 1024
@@ -184,10 +185,6 @@ class _StderrWatch:
     def text(self) -> str:
         tail = bytes(self.tail[-STDERR_KEEP:]).decode("utf-8", errors="replace")
         return tail[-ERROR_TAIL_CHARS:].strip()
-
-
-def _is_within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -325,34 +322,13 @@ class CommandExecutor:
         return [arg.replace(PROMPT_FIELD, prompt) for arg in self.config.argv]
 
     def working_directory(self, scope: str, option_cwd: object, roots: list[str]) -> str:
-        """Pick the directory (agent config, task option, scope), then refuse it unless inside a root.
-
-        The check is on the real path, so a symlink or `..` inside the scope
-        cannot lead out of it, and the process is started in that real path.
-        """
+        """The agent's configured cwd wins over the task option; both must stay inside the roots."""
         if self.config.cwd is not None:
-            chosen, source = str(self.config.cwd.expanduser()), f"agent {self.agent_name!r} cwd"
-        elif option_cwd:
-            if not isinstance(option_cwd, str):
-                kind = type(option_cwd).__name__
-                raise PermanentError(f"task option cwd must be a path string, got {kind}")
-            chosen, source = option_cwd, "task option cwd"
-        else:
-            chosen, source = scope, "the task's scope"
-        if "\0" in chosen:
-            raise PermanentError(f"{source} contains a NUL character")
-        path = chosen if os.path.isabs(chosen) else os.path.join(scope, chosen)
-        real = os.path.realpath(path)
-        if not any(_is_within(real, root) for root in roots):
-            shown = f"{path} (really {real})" if real != os.path.normpath(path) else path
-            allowed = ", ".join(roots) if roots else "none (the scope is not a connected project directory)"
-            raise PermanentError(
-                f"refused to run agent {self.agent_name!r} in {shown} ({source}): it is outside the "
-                f"allowed roots: {allowed}. Add folders with allowed_roots in the config."
-            )
-        if not os.path.isdir(real):
-            raise PermanentError(f"working directory {path} ({source}) does not exist or is not a directory")
-        return real
+            source = f"agent {self.agent_name!r} cwd"
+            return str(resolve_workdir(self.config.cwd, scope, roots, source=source))
+        if option_cwd is not None and not isinstance(option_cwd, str):
+            raise PermanentError(f"task option cwd must be a path string, got {type(option_cwd).__name__}")
+        return str(resolve_workdir(option_cwd or None, scope, roots, source="task option cwd"))
 
     def preflight(self, options: object, scope: str, workdir_roots: list[str]) -> list[str]:
         """At submit time: warn now about a working directory the attempt would refuse."""
@@ -364,8 +340,7 @@ class CommandExecutor:
 
     def environment(self, ctx: TaskContext) -> dict[str, str]:
         """Only what the user allowed: the allowlist, fixed values, then our own ids (which always win)."""
-        env = {name: os.environ[name] for name in self.config.env_allow if name in os.environ}
-        env.update(self.config.env)
+        env = child_env(self.config.env_allow, self.config.env)
         env.update(
             SIDEQUEST_TASK_ID=ctx.task_id,
             SIDEQUEST_WORKFLOW_ID=ctx.workflow_id,
