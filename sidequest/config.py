@@ -149,7 +149,7 @@ class ClaudeCodeConfig(_Strict):
     )
     cli_path: Path | None = Field(default=None, description="default: the CLI bundled with claude-agent-sdk")
     max_budget_usd: float | None = Field(default=None, gt=0, description="per task, unless the agent says")
-    env_allow: list[str] = Field(default_factory=lambda: list(ENV_ALLOW_DEFAULT))
+    env_allow: list[str] = Field(default_factory=lambda: [*ENV_ALLOW_DEFAULT, "CLAUDE_CONFIG_DIR"])
     env: dict[str, str] = Field(default_factory=dict)
 
 
