@@ -39,6 +39,31 @@ CLAUDE_CODE_SERVER_TOOLS = {"WebSearch": "web_search", "WebFetch": "web_fetch"}
 _RETRYABLE_STREAM_ERRORS = {"overloaded_error", "api_error", "rate_limit_error", "timeout_error"}
 
 
+def api_key(settings: Settings) -> str | None:
+    """Read at each attempt, not at start: a key exported after the server started still counts."""
+    return os.environ.get(settings.anthropic.api_key_env) or None
+
+
+def missing_key_warning(settings: Settings, agent: str) -> str | None:
+    """For `task_async`: the task is accepted (the key may be set before it runs), but say so now."""
+    if api_key(settings) is not None:
+        return None
+    return (
+        f"{settings.anthropic.api_key_env} is not set in the sidequest server's environment, "
+        f"so this {agent!r} task will fail; set it and restart the server"
+    )
+
+
+def require_api_key(settings: Settings) -> str:
+    key = api_key(settings)
+    if key is None:
+        raise PermanentError(
+            f"no Anthropic API key: set {settings.anthropic.api_key_env} in the environment of the "
+            "sidequest server (or anthropic.api_key_env in the config to read another variable)"
+        )
+    return key
+
+
 class ClientPool:
     """One AsyncAnthropic per (key, base URL), shared by every agent, closed with the engine."""
 
@@ -105,25 +130,12 @@ class AnthropicExecutor:
             tools.append(tool)
         return tools
 
-    def _api_key(self) -> str | None:
-        return os.environ.get(self.settings.anthropic.api_key_env) or None
-
     def preflight(self, options: TaskOptions, scope: str, workdir_roots: list[str]) -> list[str]:
-        if self._api_key() is None:
-            return [
-                f"{self.settings.anthropic.api_key_env} is not set in the sidequest server's environment, "
-                f"so this {self.definition.name!r} task will fail; set it and restart the server"
-            ]
-        return []
+        warning = missing_key_warning(self.settings, self.definition.name)
+        return [warning] if warning else []
 
     async def run(self, prompt: str, ctx: TaskContext) -> ExecutionResult:
-        api_key = self._api_key()
-        if api_key is None:
-            raise PermanentError(
-                f"no Anthropic API key: set {self.settings.anthropic.api_key_env} in the environment of the "
-                "sidequest server (or anthropic.api_key_env in the config to read another variable)"
-            )
-        client = self.clients.get(api_key)
+        client = self.clients.get(require_api_key(self.settings))
         batch = ctx.options.get("batch")
         if batch is None:
             batch = self.definition.keys.batch

@@ -44,6 +44,7 @@ import anyio
 
 from sidequest.agents import AgentDefinition
 from sidequest.config import Settings
+from sidequest.executors.anthropic import missing_key_warning, require_api_key
 from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
 from sidequest.executors.sandbox import child_env, end_process_tree, resolve_workdir
 from sidequest.models import utcnow
@@ -182,17 +183,12 @@ class ClaudeCodeExecutor:
 
     # ---- checks ------------------------------------------------------------
 
-    def _api_key(self) -> str | None:
-        return os.environ.get(self.settings.anthropic.api_key_env) or None
-
     def preflight(self, options: Any, scope: str, workdir_roots: list[str] | None = None) -> list[str]:
         """At submit time: say now what would make the attempt fail (no key, no SDK, a refused cwd)."""
         warnings: list[str] = []
-        if self._api_key() is None:
-            warnings.append(
-                f"{self.settings.anthropic.api_key_env} is not set in the sidequest server's environment, "
-                f"so this {self.definition.name!r} task will fail; set it and restart the server"
-            )
+        missing_key = missing_key_warning(self.settings, self.definition.name)
+        if missing_key:
+            warnings.append(missing_key)
         try:
             import claude_agent_sdk  # noqa: F401
         except ImportError:
@@ -207,12 +203,7 @@ class ClaudeCodeExecutor:
     # ---- run ---------------------------------------------------------------
 
     async def run(self, prompt: str, ctx: TaskContext) -> ExecutionResult:
-        api_key = self._api_key()
-        if api_key is None:
-            raise PermanentError(
-                f"no Anthropic API key: set {self.settings.anthropic.api_key_env} in the environment of the "
-                "sidequest server (or anthropic.api_key_env in the config to read another variable)"
-            )
+        api_key = require_api_key(self.settings)
         if self.permission_mode not in PERMISSION_MODES:
             raise PermanentError(f"{self.definition.source}: {self.warnings[0]}")
         try:
