@@ -30,7 +30,7 @@ import frontmatter
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sidequest.config import AgentConfig, ConfigError, Settings, format_validation_error
+from sidequest.config import AgentConfig, ConfigError, Settings
 from sidequest.executors.base import Executor
 from sidequest.models import AgentInfo, AgentProblem, Duration
 
@@ -466,22 +466,3 @@ def _agent_files(root: Path) -> list[Path]:
             log.warning("over %d agent files under %s; reading the first ones", MAX_AGENT_FILES, root)
             return files[:MAX_AGENT_FILES]
     return files
-
-
-def check_agent_files(registry: AgentRegistry, scope: str | None) -> list[str]:
-    """Lines for the serve banner: broken files must be visible at start, not at first use."""
-    return [problem.error for problem in registry.catalog(scope).problems]
-
-
-__all__ = [
-    "Agent",
-    "AgentDefinition",
-    "AgentFileError",
-    "AgentLookupError",
-    "AgentRegistry",
-    "ConfigError",
-    "SidequestKeys",
-    "check_agent_files",
-    "format_validation_error",
-    "load_agent_file",
-]
