@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sidequest.config import AgentConfig, ConfigError, Settings
 from sidequest.executors.base import Executor
+from sidequest.executors.sandbox import is_inside
 from sidequest.models import AgentInfo, AgentProblem, Duration
 
 if TYPE_CHECKING:
@@ -338,7 +339,7 @@ class AgentRegistry:
             path = Path(scope) / path
         real = Path(os.path.realpath(path))
         roots = self.roots(scope)
-        if not any(_inside(real, Path(os.path.realpath(root))) for root in roots):
+        if not any(is_inside(str(real), os.path.realpath(root)) for root in roots):
             raise AgentLookupError(
                 f"agent file {raw!r} is outside the agent folders; allowed: "
                 + ", ".join(str(r) for r in roots)
@@ -449,10 +450,6 @@ class AgentRegistry:
 
 def _looks_like_path(value: str) -> bool:
     return "/" in value or value.endswith(".md") or value.startswith("~")
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
 
 
 def _agent_files(root: Path) -> list[Path]:

@@ -265,7 +265,7 @@ async def test_retry_whose_session_never_reached_disk_starts_afresh(
         _on_usage=lambda usage: None,
         session_id=lost,
         _on_state=lambda session_id, batch_id: saved.append(session_id),
-        workdir_roots=[os.path.realpath(project)],
+        _workdir_roots=lambda: [os.path.realpath(project)],
     )
     result = await executor.run("hello again", ctx)
     assert result.content == "fake reply: hello again"

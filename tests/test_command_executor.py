@@ -76,7 +76,7 @@ class Run:
             _on_progress=lambda p, m: self.progress.append((p, m)),
             _on_usage=lambda u: None,
             options=dict(options or {}),
-            workdir_roots=workdir_roots(self.scope, allowed_roots or [], project_scope),
+            _workdir_roots=lambda: workdir_roots(self.scope, allowed_roots or [], project_scope),
         )
 
     async def __call__(self, prompt: str = "the prompt", limit: float = 30.0) -> str:

@@ -30,6 +30,7 @@ from sidequest.engine.errors import InvalidRequest, NotFound
 from sidequest.engine.notifier import Listener, Notifier
 from sidequest.engine.retry import backoff_delay
 from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
+from sidequest.executors.sandbox import is_inside
 from sidequest.models import (
     AgentInfo,
     AgentProblem,
@@ -240,7 +241,7 @@ class Engine:
         roots = [os.path.realpath(root) for root in self.settings.allowed_roots]
         if os.path.isabs(scope) and os.path.isdir(scope):
             real = os.path.realpath(scope)
-            if any(real == p or real.startswith(p.rstrip(os.sep) + os.sep) for p in self._projects):
+            if any(is_inside(real, project) for project in self._projects):
                 roots.insert(0, real)
         return roots
 
@@ -397,9 +398,7 @@ class Engine:
     async def _preflight(self, agent: Agent, options: TaskOptions, scope: str) -> list[str]:
         """Reject what cannot work (a session that does not exist); warn about what may fail (no key)."""
         if options.resume_task_id:
-            earlier = self._live.get(options.resume_task_id) or await self.store.get_task(
-                options.resume_task_id
-            )
+            earlier = await self._record(options.resume_task_id)
             if earlier is None or earlier.scope != scope:
                 raise InvalidRequest(f"resume_task_id {options.resume_task_id!r}: no such task in this scope")
             if agent.executor.name != "claude-code":
@@ -414,7 +413,7 @@ class Engine:
         pending = self._inserting.get(task_id)
         if pending is not None:
             await pending.wait()
-        task = self._live.get(task_id) or await self.store.get_task(task_id)
+        task = await self._record(task_id)
         if task is None:
             raise NotFound(f"task {task_id} for this idempotency key was not recorded; submit again")
         return TaskSubmitted(
@@ -424,6 +423,10 @@ class Engine:
             created_at=task.created_at,
             deduplicated=True,
         )
+
+    async def _record(self, task_id: str) -> TaskRecord | None:
+        """The live record when there is one (it is ahead of the store), else the stored row."""
+        return self._live.get(task_id) or await self.store.get_task(task_id)
 
     def _require_running(self) -> None:
         if not self._started:
@@ -464,7 +467,7 @@ class Engine:
             session_id=task.session_id,
             batch_id=task.batch_id,
             _on_state=lambda sid, bid: self._call_in_loop(self._save_state, task, sid, bid),
-            workdir_roots=self.workdir_roots(task.scope),
+            _workdir_roots=lambda: self.workdir_roots(task.scope),
         )
         return RunningAttempt(task=task, ctx=ctx)
 
@@ -506,7 +509,7 @@ class Engine:
                     raise PermanentError(f"agent {task.agent!r} can no longer be used: {exc}") from exc
                 resume = task.options.get("resume_task_id")
                 if resume:
-                    earlier = self._live.get(resume) or await self.store.get_task(resume)
+                    earlier = await self._record(resume)
                     ctx.resume_session_id = earlier.session_id if earlier else None
                     if not ctx.resume_session_id:
                         raise PermanentError(f"task {resume} has no session to resume (it saved none)")

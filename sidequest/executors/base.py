@@ -61,10 +61,18 @@ class TaskContext:
     resume_session_id: str | None = None
     """The session of the task named by `options.resume_task_id`, looked up by the engine."""
     _on_state: Callable[[str | None, str | None], None] | None = None
-    workdir_roots: list[str] = field(default_factory=list)
-    """Real paths a process may run in: `allowed_roots`, plus the task's scope when it is a project
-    a client connected from. A scope the model typed is not trusted: otherwise `scope="/"` would let
-    a command or Claude Code session run anywhere."""
+    _workdir_roots: Callable[[], list[str]] = list
+
+    @property
+    def workdir_roots(self) -> list[str]:
+        """Real paths a process may run in: `allowed_roots`, plus the task's scope when it is a project
+        a client connected from. A scope the model typed is not trusted: otherwise `scope="/"` would let
+        a command or Claude Code session run anywhere.
+
+        Computed on demand (realpath and stat calls): most attempts start no process, and this is
+        built for every attempt on the dispatch path."""
+        return self._workdir_roots()
+
     cancelled: anyio.Event = field(default_factory=anyio.Event)
     _cancel_flag: bool = False
 

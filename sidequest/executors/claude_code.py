@@ -44,7 +44,7 @@ import anyio
 
 from sidequest.agents import AgentDefinition
 from sidequest.config import Settings
-from sidequest.executors.anthropic import missing_key_warning, require_api_key
+from sidequest.executors.anthropic import RETRYABLE_STATUS, missing_key_warning, require_api_key
 from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
 from sidequest.executors.sandbox import child_env, end_process_tree, resolve_workdir
 from sidequest.models import utcnow
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PERMISSION_MODES = ("default", "acceptEdits", "plan", "dontAsk", "auto", "bypassPermissions")
-RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 CLI_DEFAULT_ENV = {"CLAUDE_CODE_MAX_RETRIES": "1"}
 """Under the allowlist and `claude_code.env`: the engine owns retries, with a cap and a history.
 

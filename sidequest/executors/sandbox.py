@@ -30,7 +30,8 @@ STOP_GRACE = 2.0
 """Seconds between SIGTERM and SIGKILL: enough to flush a file, short enough for a cancel to feel done."""
 
 
-def _inside(path: str, root: str) -> bool:
+def is_inside(path: str, root: str) -> bool:
+    """For real paths: a prefix test on whole components (`/a/bc` is not inside `/a/b`)."""
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
@@ -72,7 +73,7 @@ def resolve_workdir(
                 )
             chosen = os.path.join(scope_dir, chosen)
     real = os.path.realpath(chosen)
-    if not any(_inside(real, root) for root in real_roots):
+    if not any(is_inside(real, root) for root in real_roots):
         shown = f"{chosen} (really {real})" if real != os.path.normpath(chosen) else chosen
         allowed = ", ".join(dict.fromkeys(real_roots)) or "none: the scope is not a project a client runs in"
         raise PermanentError(
