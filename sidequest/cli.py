@@ -1,12 +1,14 @@
-"""`sidequest` command line: serve (HTTP daemon), stdio (what an MCP client launches), version.
+"""`sidequest` command line: serve/stop/status (the daemon), stdio (what an MCP client launches),
+the daemon's clients (submit, tasks, show, cancel, notifications, agents) and version.
 
-stdout belongs to the MCP protocol in `stdio` mode, so everything human goes
-to stderr, in every mode, to keep one rule.
+stdout belongs to the MCP protocol in `stdio` mode and to command output elsewhere, so logs and
+banners go to stderr, in every mode, to keep one rule.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -27,17 +29,22 @@ from mcp.server.stdio import stdio_server
 from pydantic import ValidationError
 
 from sidequest import __version__
+from sidequest.commands import add_commands, run_command
 from sidequest.config import ConfigError, Settings, format_validation_error, load_settings
 
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
 
     from sidequest.engine.engine import Engine
+    from sidequest.server.client import Endpoint
+    from sidequest.server.daemon import DaemonState
 
 log = logging.getLogger("sidequest")
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
+EXIT_NOT_RUNNING = 3
+"""`sidequest status` when no daemon runs: scripts can tell it from a failure."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,25 +53,46 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the engine and serve MCP over HTTP (token-protected)")
-    serve.add_argument(
-        "--config", help="TOML config file (default: $SIDEQUEST_CONFIG or <home>/sidequest.toml)"
-    )
+    serve = sub.add_parser("serve", help="run the daemon: the engine plus MCP, REST and events over HTTP")
+    _config_option(serve)
     serve.add_argument("--host", help="address to bind (default 127.0.0.1; http.host in the config)")
     serve.add_argument("--port", type=int, help="port to bind (default: http.port, 0 = a free port)")
+    serve.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow --host to be an address other computers can reach (anyone with the token can run agents)",
+    )
+    serve.add_argument(
+        "--detach", action="store_true", help="start the daemon in the background (if none runs) and return"
+    )
 
     stdio = sub.add_parser("stdio", help="serve MCP over stdin/stdout (what an MCP client launches)")
-    stdio.add_argument(
-        "--config", help="TOML config file (default: $SIDEQUEST_CONFIG or <home>/sidequest.toml)"
-    )
+    _config_option(stdio)
     stdio.add_argument(
         "--embedded",
         action="store_true",
-        help="run the engine in this process (today the only mode; the shared daemon comes later)",
+        help="run the engine in this process instead of through the shared daemon (one process per data dir)",
     )
 
+    stop = sub.add_parser(
+        "stop", help="stop the daemon of this data dir (running tasks are put back in the queue)"
+    )
+    _config_option(stop)
+    status = sub.add_parser(
+        "status", help="is the daemon running: pid, port, uptime, version, store, task counts"
+    )
+    _config_option(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    add_commands(sub)
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", help="TOML config file (default: $SIDEQUEST_CONFIG or <home>/sidequest.toml)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -73,13 +101,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"sidequest {__version__}")
         return
     _setup_logging()
+    if args.config:
+        # Exported, so a daemon this process starts reads the same file.
+        os.environ["SIDEQUEST_CONFIG"] = str(Path(args.config).expanduser().resolve())
     try:
         settings = load_settings(args.config)
+        runner: Callable[[], Awaitable[None]]
         if args.command == "serve":
             settings = _with_http_overrides(settings, args.host, args.port)
-            runner: Callable[[], Awaitable[None]] = lambda: _serve(settings)  # noqa: E731
+            _check_bind(settings.http.host, args.allow_remote)
+            runner = (lambda: _detach(settings)) if args.detach else (lambda: _serve(settings))
+        elif args.command == "stdio":
+            runner = (lambda: _stdio(settings)) if args.embedded else (lambda: _stdio_front(settings))
+        elif args.command == "stop":
+            runner = lambda: _stop(settings)  # noqa: E731
+        elif args.command == "status":
+            runner = lambda: _status(settings, args.json)  # noqa: E731
         else:
-            runner = lambda: _stdio(settings)  # noqa: E731
+            sys.exit(run_command(args, settings))
     except ConfigError as exc:
         print(f"sidequest: configuration error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
@@ -102,6 +141,23 @@ def _setup_logging() -> None:
     )
     for noisy in ("httpx", "httpx2", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _check_bind(host: str, allow_remote: bool) -> None:
+    """Anyone who can reach the port and read the token can run agents; say it out loud."""
+    if host in _LOOPBACK or host.startswith("127."):
+        return
+    if not allow_remote:
+        raise ConfigError(
+            f"host {host!r} is reachable from other computers; pass --allow-remote to bind it anyway "
+            "(or use 127.0.0.1)"
+        )
+    log.warning(
+        "binding %s: other computers can reach this daemon; anyone holding the token can run agents", host
+    )
 
 
 def _with_http_overrides(settings: Settings, host: str | None, port: int | None) -> Settings:
@@ -173,6 +229,33 @@ async def _stdio(settings: Settings) -> None:
                 tg.cancel_scope.cancel()
 
 
+async def _stdio_front(settings: Settings) -> None:
+    """MCP over stdio, every call forwarded to the shared daemon (started if none runs)."""
+    from sidequest.engine.errors import Unavailable
+    from sidequest.server.client import DaemonClient
+    from sidequest.server.daemon import DaemonLocator
+    from sidequest.server.mcp import build_server
+
+    project = _default_scope()
+    async with DaemonClient(DaemonLocator(settings), project) as client:
+        try:
+            endpoint = await client.connect()
+        except Unavailable as exc:
+            raise _Fatal(str(exc)) from exc
+        server = build_server(client, project)
+        async with anyio.create_task_group() as tg:
+            await tg.start(_stop_on_signal, tg.cancel_scope)
+            tg.start_soon(client.relay_events)
+            log.info(
+                "serving MCP over stdio through the sidequest daemon at %s (pid %d, data dir %s)",
+                endpoint.url,
+                endpoint.pid,
+                settings.home,
+            )
+            await _serve_stdio(server)  # returns when the client closes stdin
+            tg.cancel_scope.cancel()
+
+
 async def _serve_stdio(server: MCPServer) -> None:
     """MCPServer.run_stdio_async, but with a stdin read that a signal can abandon."""
     stdin = cast(anyio.AsyncFile[str], _StdinLines(_claim_stdin()))
@@ -232,32 +315,158 @@ class _StdinLines:
 
 async def _serve(settings: Settings) -> None:
     from sidequest.engine.engine import Engine
+    from sidequest.models import DaemonStatus, utcnow
+    from sidequest.server.daemon import DaemonLock, DaemonState, clear_state, read_state
     from sidequest.server.http import build_app, load_or_create_token
     from sidequest.server.mcp import build_server
+    from sidequest.server.rest import build_rest_app
 
-    host = settings.http.host
-    sock = _bind(host, settings.http.port)
-    port = sock.getsockname()[1]
-    token = load_or_create_token(settings.token_path)
-    engine = Engine(settings)
-    with _startup_errors(), sock:
-        async with engine.running():
-            app = build_app(build_server(engine, _default_scope()), token, host)
-            config = uvicorn.Config(
-                app,
-                log_level="warning",
-                lifespan="on",
-                timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
+    lock = DaemonLock.acquire(settings.home)
+    if lock is None:
+        other = read_state(settings.home)
+        where = f" (pid {other.pid}, {other.url})" if other else ""
+        raise _Fatal(
+            f"a sidequest daemon is already running for {settings.home}{where}; "
+            "`sidequest status` shows it, `sidequest stop` stops it"
+        )
+    try:
+        host = settings.http.host
+        sock = _bind(host, settings.http.port)
+        port = sock.getsockname()[1]
+        token = load_or_create_token(settings.token_path)
+        engine = Engine(settings)
+        started = utcnow()
+        state = DaemonState(
+            pid=os.getpid(),
+            host=host,
+            port=port,
+            token=token,
+            version=__version__,
+            started_at=started,
+            database=str(settings.database_path),
+        )
+
+        async def daemon_status() -> DaemonStatus:
+            return DaemonStatus(
+                version=__version__,
+                pid=state.pid,
+                host=host,
+                port=port,
+                started_at=started,
+                uptime_seconds=round((utcnow() - started).total_seconds(), 3),
+                data_dir=str(settings.home),
+                database=state.database,
+                tasks=await engine.task_counts(),
+                running=engine.running_count,
             )
-            server = _Uvicorn(config)
-            async with anyio.create_task_group() as tg:
-                await tg.start(_stop_on_signal, tg.cancel_scope, server.stop)
-                tg.start_soon(_announce, server, host, port, engine)
-                await server.serve(sockets=[sock])
-                tg.cancel_scope.cancel()
-            if not server.started:
-                raise _Fatal("the HTTP server failed to start; see the log above")
+
+        with _startup_errors(), sock:
+            async with engine.running():
+                rest = build_rest_app(engine, daemon_status)
+                app = build_app(build_server(engine, _default_scope()), token, host, rest)
+                config = uvicorn.Config(
+                    app,
+                    log_level="warning",
+                    lifespan="on",
+                    timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
+                )
+                server = _Uvicorn(config)
+                try:
+                    async with anyio.create_task_group() as tg:
+                        await tg.start(_stop_on_signal, tg.cancel_scope, server.stop)
+                        tg.start_soon(_announce, server, state, engine)
+                        await server.serve(sockets=[sock])
+                        tg.cancel_scope.cancel()
+                finally:
+                    clear_state(settings.home, state.pid)  # clients stop finding us before the drain
+                if not server.started:
+                    raise _Fatal("the HTTP server failed to start; see the log above")
+    finally:
+        lock.release()
     log.info("stopped")
+
+
+async def _detach(settings: Settings) -> None:
+    from sidequest.engine.errors import Unavailable
+    from sidequest.server.daemon import LOG_FILE, ensure_daemon
+
+    try:
+        state = await ensure_daemon(settings)
+    except Unavailable as exc:
+        raise _Fatal(str(exc)) from exc
+    print(
+        f"sidequest daemon (pid {state.pid}, version {state.version}) serving at {state.url}\n"
+        f"  log: {settings.home / LOG_FILE}\n"
+        f"  connect Claude Code: claude mcp add sidequest -- sidequest stdio\n"
+        f"  stop it: sidequest stop",
+        file=sys.stderr,
+    )
+
+
+async def _stop(settings: Settings) -> None:
+    from sidequest.engine.errors import Unavailable
+    from sidequest.server.daemon import stop_daemon
+
+    try:
+        state = await stop_daemon(settings.home, timeout=settings.shutdown_grace + 20)
+    except Unavailable as exc:
+        raise _Fatal(str(exc)) from exc
+    if state is None:
+        print(f"no sidequest daemon is running for {settings.home}", file=sys.stderr)
+    else:
+        print(f"stopped the sidequest daemon (pid {state.pid})", file=sys.stderr)
+
+
+async def _status(settings: Settings, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from sidequest.engine.errors import EngineError
+    from sidequest.server.client import DaemonClient
+    from sidequest.server.daemon import find_daemon
+
+    state = await find_daemon(settings.home)
+    if state is None:
+        if as_json:
+            print(json.dumps({"alive": False, "data_dir": str(settings.home)}))
+        else:
+            print(f"no sidequest daemon is running for {settings.home}")
+        raise SystemExit(EXIT_NOT_RUNNING)
+    endpoint = state.endpoint()
+
+    async def here(_: bool) -> Endpoint:
+        return endpoint
+
+    try:
+        async with DaemonClient(here, _default_scope()) as client:
+            status = await client.daemon_status()
+    except EngineError as exc:
+        raise _Fatal(str(exc)) from exc
+    if as_json:
+        print(json.dumps({"alive": True, **status.model_dump(mode="json")}))
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("daemon", f"running, pid {status.pid}, version {status.version}")
+    table.add_row("url", state.url)
+    table.add_row("uptime", _duration(status.uptime_seconds))
+    table.add_row("data dir", status.data_dir)
+    table.add_row("store", status.database)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(status.tasks.items())) or "none"
+    table.add_row("tasks", counts)
+    table.add_row("running now", str(status.running))
+    Console().print(table)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [f"{days}d"] if days else []
+    parts += [f"{hours}h"] if hours or days else []
+    parts += [f"{minutes}m", f"{secs}s"]
+    return " ".join(parts)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -287,24 +496,27 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _announce(server: _Uvicorn, host: str, port: int, engine: Engine) -> None:
+async def _announce(server: _Uvicorn, state: DaemonState, engine: Engine) -> None:
+    """Publish the state file once HTTP answers (clients wait for it), then tell the human."""
+    from sidequest.server.daemon import write_state
+
     settings = engine.settings
     agents, problems = await anyio.to_thread.run_sync(engine.list_agents, _default_scope())
     while not server.started:
         await anyio.sleep(0.02)
-    shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{port}/mcp"
+    write_state(settings.home, state)
+    url = f"{state.url}/mcp"
     token_path: Path = settings.token_path
     print(
-        f"sidequest {__version__} serving MCP at {url}\n"
+        f"sidequest {__version__} daemon (pid {state.pid}) serving at {state.url}\n"
         f"  data dir:   {settings.home}\n"
-        f"  token file: {token_path} (send it as 'Authorization: Bearer <token>')\n"
-        f"  connect Claude Code:\n"
+        f"  connect Claude Code (each session talks to this daemon; it is started when needed):\n"
+        f"    claude mcp add sidequest -- sidequest stdio\n"
+        f"  or straight over HTTP:\n"
         f"    claude mcp add --transport http sidequest {url} "
         f'-H "Authorization: Bearer $(cat {token_path})"\n'
-        f"  or, instead of this daemon, per session over stdio (one process per data dir):\n"
-        f"    claude mcp add sidequest -- sidequest stdio --embedded\n"
-        f"  health: http://{shown}:{port}/health\n"
+        f"  REST: {state.url}/api/v1 (OpenAPI at /api/v1/openapi.json); health: {state.url}/health\n"
+        f"  token file: {token_path} (send it as 'Authorization: Bearer <token>')\n"
         f"  agents: {_agents_line(settings, [a.name for a in agents])}"
         + "".join(f"\n  broken agent file: {problem.error}" for problem in problems),
         file=sys.stderr,

@@ -312,3 +312,52 @@ class AgentProblem(BaseModel):
 
     file: str
     error: str
+
+
+class AgentList(BaseModel):
+    """`list_agents` result; a list is wrapped so the output has an object schema."""
+
+    agents: list[AgentInfo]
+    problems: list[AgentProblem] = Field(
+        default_factory=list, description="agent files that cannot be used, and why (tell the user)"
+    )
+
+
+class TaskCreate(_Strict):
+    """Body of `POST /api/v1/tasks`: the arguments of `task_async`."""
+
+    agent_definition: str = Field(min_length=1, max_length=4096, description="agent name or agent-file path")
+    prompt: str = Field(description="complete, self-contained instructions for the agent")
+    options: TaskOptions | None = None
+
+
+class AckRequest(_Strict):
+    """Body of `POST /api/v1/notifications/ack`: cursors of notifications the caller has handled."""
+
+    cursors: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(min_length=1, max_length=1000)
+
+
+class AckResult(BaseModel):
+    acknowledged: int = Field(description="how many cursors were marked delivered (unknown ones are ignored)")
+
+
+class DaemonStatus(BaseModel):
+    """`sidequest status` and `GET /api/v1/daemon`: what is running and what it holds."""
+
+    version: str
+    pid: int
+    host: str
+    port: int
+    started_at: datetime
+    uptime_seconds: float
+    data_dir: str
+    database: str
+    tasks: dict[str, int] = Field(description="tasks by status, every scope")
+    running: int = Field(description="attempts running in this daemon now")
+
+
+class ApiError(BaseModel):
+    """Every REST error: a stable code to branch on and a message to show."""
+
+    code: str = Field(description="not_found | invalid_request | unauthorized | forbidden | internal | …")
+    message: str

@@ -97,7 +97,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 async def test_health_and_mcp_over_http(daemon: Daemon) -> None:
     health = await wait_healthy(daemon)
-    assert health == {"status": "ok", "version": sidequest.__version__}
+    assert health == {"status": "ok", "version": sidequest.__version__, "pid": daemon.process.pid}
 
     token_file = daemon.home / "token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600

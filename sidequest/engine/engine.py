@@ -33,6 +33,7 @@ from sidequest.executors.base import ExecutionResult, PermanentError, RetryableE
 from sidequest.executors.sandbox import is_inside
 from sidequest.models import (
     AgentInfo,
+    AgentList,
     AgentProblem,
     Attempt,
     CancelResult,
@@ -249,6 +250,11 @@ class Engine:
         """Agents this scope may launch, and agent files that are broken (so the user can fix them)."""
         catalog = self.agents.catalog(scope or default_scope())
         return [a.info() for a in catalog.agents.values()], catalog.problems
+
+    async def agent_list(self, scope: str | None = None) -> AgentList:
+        """`list_agents` for async surfaces: reading agent files is disk work, kept off the loop."""
+        agents, problems = await anyio.to_thread.run_sync(self.list_agents, scope)
+        return AgentList(agents=agents, problems=problems)
 
     def _resolve_agent(self, agent: str, scope: str) -> Agent:
         try:
@@ -868,6 +874,26 @@ class Engine:
         ]
         next_cursor = rows[-1].cursor if rows else since
         return NotificationPage(notifications=items, next_cursor=next_cursor)
+
+    async def acknowledge(self, cursors: list[int]) -> int:
+        """Mark notifications delivered (REST readers read first, then acknowledge what they handled)."""
+        if not cursors:
+            raise InvalidRequest("cursors must name at least one notification cursor")
+        if any(not 1 <= c <= MAX_OFFSET for c in cursors):
+            raise InvalidRequest(f"cursors must be between 1 and {MAX_OFFSET}")
+        known = sorted({c for c in cursors if c <= self.notifier.last_cursor})
+        self.store.mark_delivered(known, utcnow())
+        await self.store.flush()
+        return len(known)
+
+    async def task_counts(self) -> dict[str, int]:
+        """Tasks by status across every scope, for `sidequest status`."""
+        await self.store.flush()
+        return await self.store.task_counts()
+
+    @property
+    def running_count(self) -> int:
+        return len(self.dispatcher.running)
 
     async def get_result(self, task_id: str, offset: int = 0, max_chars: int = 20_000) -> ResultPage:
         _check_paging(offset, max_chars, max_limit=1_000_000, limit_name="max_chars")

@@ -27,6 +27,10 @@ class Notifier:
     def start_at(self, cursor: int) -> None:
         self._cursor = cursor
 
+    @property
+    def last_cursor(self) -> int:
+        return self._cursor
+
     def emit(
         self, kind: NotificationKind, workflow_id: str, scope: str, message: str, task_id: str | None = None
     ) -> NotificationRecord:

@@ -1,4 +1,5 @@
-"""The HTTP face of `sidequest serve`: MCP over streamable HTTP at /mcp, plus /health.
+"""The HTTP face of `sidequest serve`: MCP over streamable HTTP at /mcp, REST and events at
+/api/v1, and /health.
 
 Local-only by default, and still guarded: any web page the user opens can
 reach 127.0.0.1, so every route but /health needs the bearer token from a
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sidequest import __version__
 
 MCP_PATH = "/mcp"
+API_PATH = "/api/v1"
 PUBLIC_PATHS = frozenset({"/health"})
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
@@ -49,6 +51,41 @@ def load_or_create_token(path: Path) -> str:
     return token
 
 
+def _json_error(code: str, message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
+
+
+class LocalOnly:
+    """Host and Origin must name this server (DNS rebinding: a web page whose name resolves to
+    127.0.0.1 would otherwise be same-origin with us). Covers every route, REST included."""
+
+    def __init__(self, app: ASGIApp, host: str) -> None:
+        self.app = app
+        settings = transport_security(host)
+        self._hosts = {h.removesuffix(":*") for h in settings.allowed_hosts}
+        self._origins = {o.removesuffix(":*") for o in settings.allowed_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            host = headers.get(b"host", b"").decode("latin-1")
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            if _strip_port(host) not in self._hosts:
+                await _json_error("forbidden", f"Host {host!r} is not this server", 421)(scope, receive, send)
+                return
+            if origin and _strip_port(origin) not in self._origins:
+                await _json_error("forbidden", f"Origin {origin!r} may not call this server", 403)(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+def _strip_port(value: str) -> str:
+    head, sep, tail = value.rpartition(":")
+    return head if sep and tail.isdigit() and not head.endswith(":") else value
+
+
 class BearerAuth:
     """Pure ASGI middleware (BaseHTTPMiddleware would buffer the SSE streams MCP relies on)."""
 
@@ -58,13 +95,11 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS and not self._authorized(scope):
-            response = JSONResponse(
-                {
-                    "error": "unauthorized",
-                    "message": "send 'Authorization: Bearer <token>' (see the token file)",
-                },
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
+            response = _json_error(
+                "unauthorized",
+                "send 'Authorization: Bearer <token>' (the token file is in the data dir)",
+                401,
+                {"WWW-Authenticate": "Bearer"},
             )
             await response(scope, receive, send)
             return
@@ -87,7 +122,8 @@ def transport_security(host: str) -> TransportSecuritySettings:
     )
 
 
-def build_app(server: MCPServer, token: str, host: str = "127.0.0.1") -> ASGIApp:
+def build_app(server: MCPServer, token: str, host: str = "127.0.0.1", rest: ASGIApp | None = None) -> ASGIApp:
+    """`rest` is the /api/v1 app (the daemon has one; a bare MCP server in tests need not)."""
     mcp_app = server.streamable_http_app(
         streamable_http_path=MCP_PATH, transport_security=transport_security(host)
     )
@@ -99,7 +135,11 @@ def build_app(server: MCPServer, token: str, host: str = "127.0.0.1") -> ASGIApp
             yield
 
     async def health(_: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "version": __version__})
+        return JSONResponse({"status": "ok", "version": __version__, "pid": os.getpid()})
 
-    app = Starlette(routes=[Route("/health", health), Mount("/", app=mcp_app)], lifespan=lifespan)
-    return BearerAuth(app, token)
+    routes = [Route("/health", health)]
+    if rest is not None:
+        routes.append(Mount(API_PATH, app=rest))
+    routes.append(Mount("/", app=mcp_app))
+    app = Starlette(routes=routes, lifespan=lifespan)
+    return LocalOnly(BearerAuth(app, token), host)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -26,17 +26,17 @@ from mcp_types import EmptyResult, SubscribeRequestParams, ToolAnnotations, Unsu
 from pydantic import AfterValidator, BaseModel, Field
 
 from sidequest import __version__
-from sidequest.engine.engine import Engine
 from sidequest.engine.errors import EngineError, NotFound
 from sidequest.models import (
-    AgentInfo,
-    AgentProblem,
+    AgentList,
     CancelResult,
     NotificationPage,
     ResultPage,
     StatusReport,
+    TaskInfo,
     TaskOptions,
     TaskSubmitted,
+    WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
     as_utc,
@@ -83,15 +83,6 @@ sidequest://tasks/{id} and sidequest://workflows/{id} send resource-updated on e
 Offset = Annotated[int, Field(ge=0, le=_MAX_OFFSET)]
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 """A time without a zone means UTC, as the tool descriptions promise (the store keeps UTC)."""
-
-
-class AgentList(BaseModel):
-    """`list_agents` result; a list is wrapped so the output has an object schema."""
-
-    agents: list[AgentInfo]
-    problems: list[AgentProblem] = Field(
-        default_factory=list, description="agent files that cannot be used, and why (tell the user)"
-    )
 
 
 # ---- error translation ------------------------------------------------------
@@ -225,8 +216,49 @@ def _read_only(title: str) -> ToolAnnotations:
     )
 
 
-def build_server(engine: Engine, default_scope: str) -> MCPServer:
-    """The MCP server for one running engine; `default_scope` is this client's project."""
+class Backend(Protocol):
+    """What the tools call: the `Engine` itself (daemon, --embedded) or a `DaemonClient` (stdio front).
+
+    Both have the same methods and return the same models, so the tools exist once.
+    """
+
+    def trust_project(self, scope: str) -> None: ...
+    def add_listener(self, listener: Callable[[Committed], None]) -> Callable[[], None]: ...
+    async def submit(self, agent: str, prompt: str, options: TaskOptions | None = None) -> TaskSubmitted: ...
+    async def status(self, task_id: str | None = None, workflow_id: str | None = None) -> StatusReport: ...
+    async def get_task(self, task_id: str) -> TaskInfo: ...
+    async def get_workflow(self, workflow_id: str) -> WorkflowInfo: ...
+    async def get_result(self, task_id: str, offset: int = 0, max_chars: int = 20_000) -> ResultPage: ...
+    async def cancel(self, task_id: str | None = None, workflow_id: str | None = None) -> CancelResult: ...
+    async def list_active_workflows(
+        self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0
+    ) -> WorkflowPage: ...
+    async def workflow_history(
+        self,
+        scope: str | None = None,
+        all_scopes: bool = False,
+        status: list[WorkflowStatus] | None = None,
+        agent: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> WorkflowPage: ...
+    async def notifications(
+        self,
+        scope: str | None = None,
+        all_scopes: bool = False,
+        since: int | None = None,
+        workflow_id: str | None = None,
+        mark_delivered: bool = True,
+        include_delivered: bool = False,
+        limit: int = 50,
+    ) -> NotificationPage: ...
+    async def agent_list(self, scope: str | None = None) -> AgentList: ...
+
+
+def build_server(engine: Backend, default_scope: str) -> MCPServer:
+    """The MCP server over an engine (or the daemon's client); `default_scope` is this client's project."""
     engine.trust_project(default_scope)
     bus = InMemorySubscriptionBus()
 
@@ -249,7 +281,7 @@ def build_server(engine: Engine, default_scope: str) -> MCPServer:
     return server
 
 
-def _register_resources(server: MCPServer, engine: Engine) -> None:
+def _register_resources(server: MCPServer, engine: Backend) -> None:
     @server.resource(
         TASK_URI,
         name="task",
@@ -290,7 +322,7 @@ def _with_scope(options: TaskOptions | None, default_scope: str) -> TaskOptions:
     return options.model_copy(update={"scope": default_scope})
 
 
-def _register_tools(server: MCPServer, engine: Engine, default_scope: str) -> None:
+def _register_tools(server: MCPServer, engine: Backend, default_scope: str) -> None:
     @server.tool(
         name="task_async",
         description=(
@@ -485,6 +517,4 @@ def _register_tools(server: MCPServer, engine: Engine, default_scope: str) -> No
         annotations=_read_only("List agents"),
     )
     async def list_agents() -> AgentList:
-        with _tool_errors("list_agents"):
-            agents, problems = await anyio.to_thread.run_sync(engine.list_agents, default_scope)
-            return AgentList(agents=agents, problems=problems)
+        return await _run_tool("list_agents", engine.agent_list(default_scope))

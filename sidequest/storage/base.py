@@ -227,6 +227,10 @@ class Store(Protocol):
 
     async def workflow_counts(self, workflow_ids: Sequence[str]) -> dict[str, dict[str, int]]: ...
 
+    async def task_counts(self) -> dict[str, int]:
+        """Tasks by status, every scope."""
+        ...
+
     async def list_notifications(
         self,
         scope: str | None,

@@ -670,6 +670,10 @@ class DuckDBStore:
             counts[wid][status] = int(n)
         return counts
 
+    async def task_counts(self) -> dict[str, int]:
+        rows = await self._read(lambda cur: cur.execute(Q["task_counts"]).fetchall())
+        return {str(status): int(n) for status, n in rows}
+
     async def list_notifications(
         self,
         scope: str | None,

@@ -94,3 +94,7 @@ SELECT task_id, list(DISTINCT model ORDER BY model) FILTER (WHERE model IS NOT N
        sum(input_tokens), sum(output_tokens), sum(cache_creation_input_tokens), sum(cache_read_input_tokens),
        sum(cost_usd)
 FROM token_usage WHERE task_id = ANY($1) GROUP BY task_id;
+
+-- task_counts --
+-- Tasks by status across every scope (sidequest status).
+SELECT status, count(*) FROM task_executions GROUP BY status;
