@@ -13,7 +13,8 @@ import pytest
 from conftest import all_test_agents, wait_for
 
 from sidequest.config import AgentConfig, Settings
-from sidequest.engine import Engine, InvalidRequest, NotFound
+from sidequest.engine.engine import Engine
+from sidequest.engine.errors import InvalidRequest, NotFound
 from sidequest.engine.retry import backoff_delay
 from sidequest.models import NotificationKind, RetryBackoff, TaskOptions, TaskStatus, utcnow
 from sidequest.storage.base import StoreError

@@ -11,10 +11,11 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
+import uvicorn
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
@@ -29,6 +30,18 @@ MCP_PATH = "/mcp"
 API_PATH = "/api/v1"
 PUBLIC_PATHS = frozenset({"/health"})
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+class QuietUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: ours drains the engine, and uvicorn's would
+    re-raise the signal after shutdown, so the process would die by it instead of exiting 0."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def stop(self) -> None:
+        self.should_exit = True
 
 
 def load_or_create_token(path: Path) -> str:

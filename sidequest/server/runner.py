@@ -1,0 +1,398 @@
+"""Running the servers: the daemon (`serve`), the stdio front, `--embedded`, and the small daemon
+commands (`serve --detach`, `stop`, `status`).
+
+Kept apart from `cli.py` so argument parsing stays cheap: a CLI command that only talks to the
+daemon should not pay for importing uvicorn and the MCP server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO, cast
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+from anyio.lowlevel import EventLoopToken
+
+from sidequest import __version__
+from sidequest.config import Settings
+
+if TYPE_CHECKING:
+    from mcp.server.mcpserver import MCPServer
+
+    from sidequest.engine.engine import Engine
+    from sidequest.server.client import Endpoint
+    from sidequest.server.daemon import DaemonState
+    from sidequest.server.http import QuietUvicorn
+
+log = logging.getLogger("sidequest")
+
+EXIT_NOT_RUNNING = 3
+"""`sidequest status` when no daemon runs: scripts can tell it from a failure."""
+
+
+class Fatal(Exception):
+    """A start-up failure the user can fix (data dir locked by another process, port taken)."""
+
+
+def _default_scope() -> str:
+    from sidequest.engine.engine import default_scope
+
+    return default_scope()
+
+
+@contextmanager
+def _startup_errors() -> Iterator[None]:
+    """Known start-up failures become one line, not a traceback."""
+    from sidequest.storage.base import StoreError
+
+    try:
+        yield
+    except StoreError as exc:
+        raise Fatal(str(exc)) from exc
+
+
+async def _stop_on_signal(
+    scope: anyio.CancelScope,
+    on_signal: Callable[[], None] | None = None,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """SIGTERM/SIGINT end the work gracefully: leaving engine.running() drains running tasks.
+
+    Started with `tg.start`, so "serving" is only announced once the handler is installed; a
+    SIGTERM in between would otherwise kill the process by the default action.
+    """
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            if on_signal is not None:
+                on_signal()
+            else:
+                scope.cancel()
+            return
+
+
+# ---- stdio ------------------------------------------------------------------
+
+
+async def stdio_embedded(settings: Settings) -> None:
+    from sidequest.engine.engine import Engine
+    from sidequest.server.mcp import build_server
+
+    engine = Engine(settings)
+    with _startup_errors():
+        async with engine.running():
+            server = build_server(engine, _default_scope())
+            async with anyio.create_task_group() as tg:
+                await tg.start(_stop_on_signal, tg.cancel_scope)
+                log.info("serving MCP over stdio (data dir %s)", settings.home)
+                await _serve_stdio(server)  # returns when the client closes stdin
+                tg.cancel_scope.cancel()
+
+
+async def stdio_front(settings: Settings) -> None:
+    """MCP over stdio, every call forwarded to the shared daemon (started if none runs)."""
+    from sidequest.engine.errors import Unavailable
+    from sidequest.server.client import DaemonClient
+    from sidequest.server.daemon import DaemonLocator
+    from sidequest.server.mcp import build_server
+
+    project = _default_scope()
+    async with DaemonClient(DaemonLocator(settings), project) as client:
+        try:
+            endpoint = await client.connect()
+        except Unavailable as exc:
+            raise Fatal(str(exc)) from exc
+        server = build_server(client, project)
+        async with anyio.create_task_group() as tg:
+            await tg.start(_stop_on_signal, tg.cancel_scope)
+            tg.start_soon(client.relay_events)
+            log.info(
+                "serving MCP over stdio through the sidequest daemon at %s (pid %d, data dir %s)",
+                endpoint.url,
+                endpoint.pid,
+                settings.home,
+            )
+            await _serve_stdio(server)  # returns when the client closes stdin
+            tg.cancel_scope.cancel()
+
+
+async def _serve_stdio(server: MCPServer) -> None:
+    """MCPServer.run_stdio_async, but with a stdin read that a signal can abandon."""
+    stdin = cast(anyio.AsyncFile[str], _StdinLines(_claim_stdin()))
+    from mcp.server.stdio import stdio_server
+
+    async with stdio_server(stdin=stdin) as (read_stream, write_stream):
+        low = server._lowlevel_server
+        await low.run(read_stream, write_stream, low.create_initialization_options())
+
+
+def _claim_stdin() -> TextIO:
+    """Read the protocol from a private copy of fd 0 and point fd 0 at /dev/null, so nothing
+    else in the process (or its children) can consume protocol bytes."""
+    private = os.dup(0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    # closefd=False: an abandoned reader thread may still block on it until the process ends.
+    return os.fdopen(private, "r", encoding="utf-8", errors="replace", closefd=False)
+
+
+class _StdinLines:
+    """Lines of stdin, read by a daemon thread.
+
+    The SDK reads stdin in an anyio worker thread: cancellation waits for it, and
+    interpreter exit joins it, so a SIGTERM'd server would live on until the
+    client wrote another line. A daemon thread is simply left behind at exit.
+    """
+
+    def __init__(self, fp: TextIO) -> None:
+        self._fp = fp
+        self._send, self._receive = anyio.create_memory_object_stream[str](16)
+        self._thread: threading.Thread | None = None
+
+    def __aiter__(self) -> _StdinLines:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._thread is None:
+            token = anyio.lowlevel.current_token()
+            self._thread = threading.Thread(target=self._read, args=(token,), name="stdin", daemon=True)
+            self._thread.start()
+        try:
+            return await self._receive.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    def _read(self, token: EventLoopToken) -> None:
+        try:
+            for line in iter(self._fp.readline, ""):
+                anyio.from_thread.run(self._send.send, line, token=token)
+            anyio.from_thread.run_sync(self._send.close, token=token)
+        except Exception:  # the event loop has ended: we are shutting down, nobody wants the line
+            return
+
+
+# ---- serve ------------------------------------------------------------------
+
+
+async def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from sidequest.engine.engine import Engine
+    from sidequest.models import DaemonStatus, utcnow
+    from sidequest.server.daemon import DaemonLock, DaemonState, clear_state, read_state
+    from sidequest.server.http import QuietUvicorn, build_app, load_or_create_token
+    from sidequest.server.mcp import build_server
+    from sidequest.server.rest import build_rest_app
+
+    lock = DaemonLock.acquire(settings.home)
+    if lock is None:
+        other = read_state(settings.home)
+        where = f" (pid {other.pid}, {other.url})" if other else ""
+        raise Fatal(
+            f"a sidequest daemon is already running for {settings.home}{where}; "
+            "`sidequest status` shows it, `sidequest stop` stops it"
+        )
+    try:
+        host = settings.http.host
+        sock = _bind(host, settings.http.port)
+        port = sock.getsockname()[1]
+        token = load_or_create_token(settings.token_path)
+        engine = Engine(settings)
+        started = utcnow()
+        state = DaemonState(
+            pid=os.getpid(),
+            host=host,
+            port=port,
+            token=token,
+            version=__version__,
+            started_at=started,
+            database=str(settings.database_path),
+        )
+
+        async def daemon_status() -> DaemonStatus:
+            return DaemonStatus(
+                version=__version__,
+                pid=state.pid,
+                host=host,
+                port=port,
+                started_at=started,
+                uptime_seconds=round((utcnow() - started).total_seconds(), 3),
+                data_dir=str(settings.home),
+                database=state.database,
+                tasks=await engine.task_counts(),
+                running=engine.running_count,
+            )
+
+        with _startup_errors(), sock:
+            async with engine.running():
+                rest = build_rest_app(engine, daemon_status)
+                app = build_app(build_server(engine, _default_scope()), token, host, rest)
+                config = uvicorn.Config(
+                    app,
+                    log_level="warning",
+                    lifespan="on",
+                    timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
+                )
+                server = QuietUvicorn(config)
+                try:
+                    async with anyio.create_task_group() as tg:
+                        await tg.start(_stop_on_signal, tg.cancel_scope, server.stop)
+                        tg.start_soon(_announce, server, state, engine)
+                        await server.serve(sockets=[sock])
+                        tg.cancel_scope.cancel()
+                finally:
+                    clear_state(settings.home, state.pid)  # clients stop finding us before the drain
+                if not server.started:
+                    raise Fatal("the HTTP server failed to start; see the log above")
+    finally:
+        lock.release()
+    log.info("stopped")
+
+
+async def detach(settings: Settings) -> None:
+    from sidequest.engine.errors import Unavailable
+    from sidequest.server.daemon import LOG_FILE, ensure_daemon
+
+    try:
+        state = await ensure_daemon(settings)
+    except Unavailable as exc:
+        raise Fatal(str(exc)) from exc
+    print(
+        f"sidequest daemon (pid {state.pid}, version {state.version}) serving at {state.url}\n"
+        f"  log: {settings.home / LOG_FILE}\n"
+        f"  connect Claude Code: claude mcp add sidequest -- sidequest stdio\n"
+        f"  stop it: sidequest stop",
+        file=sys.stderr,
+    )
+
+
+async def stop(settings: Settings) -> None:
+    from sidequest.engine.errors import Unavailable
+    from sidequest.server.daemon import stop_daemon
+
+    try:
+        state = await stop_daemon(settings.home, timeout=settings.shutdown_grace + 20)
+    except Unavailable as exc:
+        raise Fatal(str(exc)) from exc
+    if state is None:
+        print(f"no sidequest daemon is running for {settings.home}", file=sys.stderr)
+    else:
+        print(f"stopped the sidequest daemon (pid {state.pid})", file=sys.stderr)
+
+
+async def status(settings: Settings, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from sidequest.engine.errors import EngineError
+    from sidequest.server.client import DaemonClient
+    from sidequest.server.daemon import find_daemon
+
+    state = await find_daemon(settings.home)
+    if state is None:
+        if as_json:
+            print(json.dumps({"alive": False, "data_dir": str(settings.home)}))
+        else:
+            print(f"no sidequest daemon is running for {settings.home}")
+        raise SystemExit(EXIT_NOT_RUNNING)
+    endpoint = state.endpoint()
+
+    async def here(_: bool) -> Endpoint:
+        return endpoint
+
+    try:
+        async with DaemonClient(here, _default_scope()) as client:
+            status = await client.daemon_status()
+    except EngineError as exc:
+        raise Fatal(str(exc)) from exc
+    if as_json:
+        print(json.dumps({"alive": True, **status.model_dump(mode="json")}))
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("daemon", f"running, pid {status.pid}, version {status.version}")
+    table.add_row("url", state.url)
+    table.add_row("uptime", _duration(status.uptime_seconds))
+    table.add_row("data dir", status.data_dir)
+    table.add_row("store", status.database)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(status.tasks.items())) or "none"
+    table.add_row("tasks", counts)
+    table.add_row("running now", str(status.running))
+    Console().print(table)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [f"{days}d"] if days else []
+    parts += [f"{hours}h"] if hours or days else []
+    parts += [f"{minutes}m", f"{secs}s"]
+    return " ".join(parts)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before starting so port 0 resolves to a real port we can print."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise Fatal(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _announce(server: QuietUvicorn, state: DaemonState, engine: Engine) -> None:
+    """Publish the state file once HTTP answers (clients wait for it), then tell the human."""
+    from sidequest.server.daemon import write_state
+
+    settings = engine.settings
+    agents, problems = await anyio.to_thread.run_sync(engine.list_agents, _default_scope())
+    while not server.started:
+        await anyio.sleep(0.02)
+    write_state(settings.home, state)
+    url = f"{state.url}/mcp"
+    token_path: Path = settings.token_path
+    print(
+        f"sidequest {__version__} daemon (pid {state.pid}) serving at {state.url}\n"
+        f"  data dir:   {settings.home}\n"
+        f"  connect Claude Code (each session talks to this daemon; it is started when needed):\n"
+        f"    claude mcp add sidequest -- sidequest stdio\n"
+        f"  or straight over HTTP:\n"
+        f"    claude mcp add --transport http sidequest {url} "
+        f'-H "Authorization: Bearer $(cat {token_path})"\n'
+        f"  REST: {state.url}/api/v1 (OpenAPI at /api/v1/openapi.json); health: {state.url}/health\n"
+        f"  token file: {token_path} (send it as 'Authorization: Bearer <token>')\n"
+        f"  agents: {_agents_line(settings, [a.name for a in agents])}"
+        + "".join(f"\n  broken agent file: {problem.error}" for problem in problems),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _agents_line(settings: Settings, names: list[str]) -> str:
+    if names:
+        return ", ".join(names)
+    return (
+        f"none yet: write agent files in .claude/agents/ or {settings.user_agent_dir}, or add "
+        f"[agents.NAME] tables to {settings.home / 'sidequest.toml'} (see examples/sidequest.toml)"
+    )
