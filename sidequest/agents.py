@@ -453,7 +453,10 @@ def _looks_like_path(value: str) -> bool:
 
 
 def _agent_files(root: Path) -> list[Path]:
-    if not root.is_dir():
+    try:
+        if not root.is_dir():
+            return []
+    except OSError:  # a scope the OS refuses (name too long): it holds no agent folder
         return []
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):

@@ -63,7 +63,10 @@ def as_utc(value: datetime) -> datetime:
     """Naive datetimes are taken to be UTC: the store keeps UTC only."""
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # year 1 with a positive offset: before the first representable UTC instant
+        raise ValueError(f"{value.isoformat()} is out of range once converted to UTC") from None
 
 
 class TaskStatus(StrEnum):

@@ -248,7 +248,11 @@ class Engine:
 
     def list_agents(self, scope: str | None = None) -> tuple[list[AgentInfo], list[AgentProblem]]:
         """Agents this scope may launch, and agent files that are broken (so the user can fix them)."""
-        catalog = self.agents.catalog(scope or default_scope())
+        scope = scope or default_scope()
+        try:
+            catalog = self.agents.catalog(scope)
+        except OSError as exc:  # e.g. a scope path the OS refuses (name too long)
+            raise InvalidRequest(f"cannot read the agent folders of scope {scope!r}: {exc}") from exc
         return [a.info() for a in catalog.agents.values()], catalog.problems
 
     async def agent_list(self, scope: str | None = None) -> AgentList:
@@ -261,6 +265,8 @@ class Engine:
             found = self.agents.resolve(agent, scope)
         except AgentLookupError as exc:
             raise InvalidRequest(str(exc)) from exc
+        except OSError as exc:  # e.g. a scope path the OS refuses (name too long)
+            raise InvalidRequest(f"cannot look up agent {agent!r} in scope {scope!r}: {exc}") from exc
         self._limits[agent] = found.max_concurrency
         return found
 

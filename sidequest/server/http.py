@@ -27,7 +27,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sidequest import __version__
 
 MCP_PATH = "/mcp"
-API_PATH = "/api/v1"
 PUBLIC_PATHS = frozenset({"/health"})
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
@@ -152,7 +151,9 @@ def build_app(server: MCPServer, token: str, host: str = "127.0.0.1", rest: ASGI
 
     routes = [Route("/health", health)]
     if rest is not None:
-        routes.append(Mount(API_PATH, app=rest))
+        from sidequest.server.rest import rest_mount
+
+        routes.append(rest_mount(rest))
     routes.append(Mount("/", app=mcp_app))
     app = Starlette(routes=routes, lifespan=lifespan)
     return LocalOnly(BearerAuth(app, token), host)

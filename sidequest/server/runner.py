@@ -196,7 +196,7 @@ async def serve(settings: Settings) -> None:
     from sidequest.server.daemon import DaemonLock, DaemonState, clear_state, read_state
     from sidequest.server.http import QuietUvicorn, build_app, load_or_create_token
     from sidequest.server.mcp import build_server
-    from sidequest.server.rest import build_rest_app
+    from sidequest.server.rest import build_rest_app, close_event_streams
 
     lock = DaemonLock.acquire(settings.home)
     if lock is None:
@@ -250,7 +250,12 @@ async def serve(settings: Settings) -> None:
                 server = QuietUvicorn(config)
                 try:
                     async with anyio.create_task_group() as tg:
-                        await tg.start(_stop_on_signal, tg.cancel_scope, server.stop)
+
+                        def on_signal() -> None:
+                            close_event_streams(rest)  # else uvicorn waits out the grace for them
+                            server.stop()
+
+                        await tg.start(_stop_on_signal, tg.cancel_scope, on_signal)
                         tg.start_soon(_announce, server, state, engine)
                         await server.serve(sockets=[sock])
                         tg.cancel_scope.cancel()

@@ -1,0 +1,640 @@
+"""The REST API against a real engine and a real uvicorn server: routes, errors, events, and a schema fuzz."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+import schemathesis
+import uvicorn
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from conftest import wait_for
+from fastapi import FastAPI
+from schemathesis.config import SchemathesisConfig
+from schemathesis.engine import Status, from_schema
+from schemathesis.engine import events as engine_events
+from starlette.applications import Starlette
+
+import sidequest
+from sidequest.config import Settings
+from sidequest.engine.engine import Engine
+from sidequest.models import DaemonStatus, utcnow
+from sidequest.server.rest import (
+    _SSE_BUFFER,
+    PREFIX,
+    PROJECT_HEADER,
+    _EventStream,
+    _OpenStreams,
+    build_rest_app,
+    close_event_streams,
+    rest_mount,
+)
+from sidequest.storage.base import Committed
+
+REPO = Path(sidequest.__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serving_app(engine: Engine, port: int) -> tuple[Starlette, FastAPI]:
+    """The REST app mounted as the daemon mounts it, with a status callable built from the engine."""
+    started = utcnow()
+
+    async def status() -> DaemonStatus:
+        return DaemonStatus(
+            version=sidequest.__version__,
+            pid=os.getpid(),
+            host="127.0.0.1",
+            port=port,
+            started_at=started,
+            uptime_seconds=(utcnow() - started).total_seconds(),
+            data_dir=str(engine.settings.home),
+            database=str(engine.settings.database_path),
+            tasks=await engine.task_counts(),
+            running=engine.running_count,
+        )
+
+    rest = build_rest_app(engine, status)
+    return Starlette(routes=[rest_mount(rest)]), rest
+
+
+@dataclass
+class Live:
+    base: str
+    engine: Engine
+    rest: FastAPI
+    portal: BlockingPortal
+
+
+@pytest.fixture
+def live(settings: Settings) -> Iterator[Live]:
+    """Engine and uvicorn on their own loop in a thread, so sync clients (schemathesis) can call them."""
+    engine = Engine(settings)
+    port = free_port()
+    with (
+        start_blocking_portal(backend="asyncio") as portal,
+        portal.wrap_async_context_manager(engine.running()),
+    ):
+        app, rest = serving_app(engine, port)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            lifespan="off",
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
+        server = uvicorn.Server(config)
+        serving = portal.start_task_soon(server.serve)
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert not serving.done(), serving.exception()
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        try:
+            yield Live(f"http://127.0.0.1:{port}{PREFIX}", engine, rest, portal)
+        finally:
+            portal.call(close_event_streams, rest)  # as the daemon does when it starts to stop
+            server.should_exit = True
+            serving.result(timeout=10)
+
+
+@pytest.fixture
+async def http(live: Live) -> AsyncIterator[httpx2.AsyncClient]:
+    async with httpx2.AsyncClient(base_url=live.base, timeout=10) as client:
+        yield client
+
+
+async def submit(http: httpx2.AsyncClient, agent: str, prompt: str, **options: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"agent_definition": agent, "prompt": prompt}
+    if options:
+        body["options"] = options
+    response = await http.post("/tasks", json=body)
+    assert response.status_code in (200, 201), response.text
+    return response.json()
+
+
+async def finished(http: httpx2.AsyncClient, task_id: str) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        info = (await http.get(f"/tasks/{task_id}")).json()
+        return info if info["status"] in ("completed", "failed", "cancelled") else None
+
+    return await wait_for(check, what=f"task {task_id} to finish")
+
+
+def assert_error(response: httpx2.Response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"code", "message"}, body
+    assert body["code"] == code, body
+    return body["message"]
+
+
+# ---- tasks -----------------------------------------------------------------------
+
+
+async def test_create_get_and_page_result(http: httpx2.AsyncClient) -> None:
+    response = await http.post("/tasks", json={"agent_definition": "big_result", "prompt": "45"})
+    assert response.status_code == 201, response.text
+    submitted = response.json()
+    assert submitted["status"] == "queued" and not submitted["deduplicated"]
+
+    info = await finished(http, submitted["task_id"])
+    assert info["status"] == "completed"
+    assert info["workflow_id"] == submitted["workflow_id"]
+    assert info["result_chars"] == 45
+    assert [a["status"] for a in info["attempt_history"]] == ["completed"]
+
+    pages, offset = [], 0
+    while offset is not None:
+        page = (
+            await http.get(
+                f"/tasks/{submitted['task_id']}/result", params={"offset": offset, "max_chars": 20}
+            )
+        ).json()
+        assert page["total_chars"] == 45 and page["content_type"] == "text"
+        pages.append(page["content"])
+        offset = page["next_offset"]
+    assert [len(p) for p in pages] == [20, 20, 5]
+    assert "".join(pages) == ("abcdefghijklmnopqrstuvwxyz" * 2)[:45]
+
+
+async def test_idempotency_key_answers_200_with_the_same_task(http: httpx2.AsyncClient) -> None:
+    body = {"agent_definition": "sleep", "prompt": "30", "options": {"idempotency_key": "build-1"}}
+    first = await http.post("/tasks", json=body)
+    again = await http.post("/tasks", json=body)
+    assert first.status_code == 201 and again.status_code == 200, (first.text, again.text)
+    assert again.json()["deduplicated"] is True
+    assert again.json()["task_id"] == first.json()["task_id"]
+    await http.post(f"/tasks/{first.json()['task_id']}/cancel")
+
+
+async def test_cancel_task_and_workflow(http: httpx2.AsyncClient) -> None:
+    first = await submit(http, "sleep", "30", workflow_name="pair")
+    second = await submit(http, "sleep", "30", workflow_id=first["workflow_id"])
+
+    cancelled = (await http.post(f"/tasks/{first['task_id']}/cancel")).json()
+    assert cancelled == {"cancelled": [first["task_id"]], "already_finished": []}
+    again = (await http.post(f"/tasks/{first['task_id']}/cancel")).json()
+    assert again == {"cancelled": [], "already_finished": [first["task_id"]]}
+
+    rest = (await http.post(f"/workflows/{first['workflow_id']}/cancel")).json()
+    assert rest == {"cancelled": [second["task_id"]], "already_finished": [first["task_id"]]}
+    workflow = (await http.get(f"/workflows/{first['workflow_id']}")).json()
+    assert workflow["name"] == "pair" and workflow["status"] == "cancelled"
+    assert {t["status"] for t in workflow["tasks"]} == {"cancelled"}
+
+
+async def test_status_of_task_and_workflow(http: httpx2.AsyncClient) -> None:
+    task = await submit(http, "echo", "hi")
+    await finished(http, task["task_id"])
+    by_task = (await http.get("/status", params={"task_id": task["task_id"]})).json()
+    assert by_task["kind"] == "task" and by_task["task"]["result_preview"] == "hi"
+    by_workflow = (await http.get("/status", params={"workflow_id": task["workflow_id"]})).json()
+    assert by_workflow["kind"] == "workflow"
+    assert [t["task_id"] for t in by_workflow["workflow"]["tasks"]] == [task["task_id"]]
+
+    both = await http.get("/status", params={"task_id": task["task_id"], "workflow_id": task["workflow_id"]})
+    assert "exactly one" in assert_error(both, 400, "invalid_request")
+    assert_error(await http.get("/status"), 400, "invalid_request")
+
+
+# ---- lists and scope --------------------------------------------------------------
+
+
+async def test_active_workflows_history_and_project_scope(
+    http: httpx2.AsyncClient, live: Live, tmp_path: Path
+) -> None:
+    alpha, beta = tmp_path / "alpha", tmp_path / "beta"
+    alpha.mkdir()
+    beta.mkdir()
+    in_alpha = {PROJECT_HEADER: str(alpha)}
+    in_beta = {PROJECT_HEADER: str(beta)}
+
+    slow = (
+        await http.post(
+            "/tasks",
+            json={"agent_definition": "sleep", "prompt": "30", "options": {"workflow_name": "slow"}},
+            headers=in_alpha,
+        )
+    ).json()
+    quick = (
+        await http.post("/tasks", json={"agent_definition": "echo", "prompt": "x"}, headers=in_beta)
+    ).json()
+    failing = (
+        await http.post(
+            "/tasks", json={"agent_definition": "fail_permanently", "prompt": "no"}, headers=in_beta
+        )
+    ).json()
+    assert (await http.get(f"/tasks/{slow['task_id']}")).json()["scope"] == str(alpha)
+    assert str(alpha.resolve()) in live.engine.workdir_roots(str(alpha)), "a client's project is trusted"
+    await finished(http, quick["task_id"])
+    await finished(http, failing["task_id"])
+
+    active = (await http.get("/workflows", headers=in_alpha)).json()
+    assert [w["workflow_id"] for w in active["workflows"]] == [slow["workflow_id"]]
+    assert active["workflows"][0]["counts"] == {"running": 1} or active["workflows"][0]["counts"] == {
+        "queued": 1
+    }
+    assert (await http.get("/workflows", headers=in_beta)).json()["total"] == 0
+    assert (await http.get("/workflows")).json()["total"] == 0  # the server's own project
+    everywhere = (await http.get("/workflows", params={"all_scopes": True})).json()
+    assert [w["workflow_id"] for w in everywhere["workflows"]] == [slow["workflow_id"]]
+
+    history = (await http.get("/history", headers=in_beta)).json()
+    assert {w["workflow_id"] for w in history["workflows"]} == {quick["workflow_id"], failing["workflow_id"]}
+    only_failed = (await http.get("/history", params={"status": "failed"}, headers=in_beta)).json()
+    assert [w["workflow_id"] for w in only_failed["workflows"]] == [failing["workflow_id"]]
+    both = (
+        await http.get("/history", params=[("status", "failed"), ("status", "completed")], headers=in_beta)
+    ).json()
+    assert both["total"] == 2
+    by_agent = (await http.get("/history", params={"agent": "echo", "all_scopes": "true"})).json()
+    assert [w["workflow_id"] for w in by_agent["workflows"]] == [quick["workflow_id"]]
+    future = (await http.get("/history", params={"since": "2999-01-01T00:00:00"}, headers=in_beta)).json()
+    assert future["total"] == 0
+    window = {"since": "2000-01-01T00:00:00+05:00", "until": "2999-01-01", "limit": 1}
+    paged = (await http.get("/history", params=window, headers=in_beta)).json()
+    assert paged["total"] == 2 and len(paged["workflows"]) == 1 and paged["next_offset"] == 1
+    running = await http.get("/history", params={"status": "running"})
+    assert "list_active_workflows" in assert_error(running, 400, "invalid_request")
+
+    await http.post(f"/workflows/{slow['workflow_id']}/cancel")
+
+
+async def test_project_header_must_be_absolute(http: httpx2.AsyncClient) -> None:
+    message = assert_error(
+        await http.get("/workflows", headers={PROJECT_HEADER: "relative/dir"}), 400, "invalid_request"
+    )
+    assert PROJECT_HEADER in message
+
+
+async def test_agents_list(http: httpx2.AsyncClient) -> None:
+    agents = (await http.get("/agents")).json()
+    names = {a["name"] for a in agents["agents"]}
+    assert {"echo", "sleep", "fail"} <= names
+    assert agents["problems"] == []
+
+
+async def test_daemon_status(http: httpx2.AsyncClient, live: Live) -> None:
+    task = await submit(http, "echo", "count me")
+    await finished(http, task["task_id"])
+    status = (await http.get("/daemon")).json()
+    assert status["pid"] == os.getpid() and status["version"] == sidequest.__version__
+    assert status["tasks"] == {"completed": 1} and status["running"] == 0
+    assert status["database"] == str(live.engine.settings.database_path)
+
+
+# ---- notifications ---------------------------------------------------------------------
+
+
+async def test_notifications_are_read_without_marking_until_acknowledged(http: httpx2.AsyncClient) -> None:
+    task = await submit(http, "echo", "note me")
+    await finished(http, task["task_id"])
+
+    page = (await http.get("/notifications")).json()
+    [note] = page["notifications"]
+    assert note["kind"] == "task_completed" and note["task_id"] == task["task_id"]
+    assert note["delivered"] is False and page["next_cursor"] == note["cursor"]
+    again = (await http.get("/notifications")).json()
+    assert again["notifications"] == [note], "a plain GET must not mark anything delivered"
+    assert (await http.get("/notifications", params={"since": page["next_cursor"]})).json()[
+        "notifications"
+    ] == []
+
+    acked = await http.post("/notifications/ack", json={"cursors": [note["cursor"], 999_999]})
+    assert acked.status_code == 200 and acked.json() == {"acknowledged": 1}
+    assert (await http.get("/notifications")).json()["notifications"] == []
+    shown = (await http.get("/notifications", params={"include_delivered": True})).json()
+    assert [(n["cursor"], n["delivered"]) for n in shown["notifications"]] == [(note["cursor"], True)]
+
+
+async def test_notifications_mark_delivered_reads_once(http: httpx2.AsyncClient) -> None:
+    task = await submit(http, "echo", "once")
+    await finished(http, task["task_id"])
+    first = (await http.get("/notifications", params={"mark_delivered": True})).json()
+    assert len(first["notifications"]) == 1
+    assert (await http.get("/notifications")).json()["notifications"] == []
+    by_workflow = await http.get(
+        "/notifications", params={"workflow_id": task["workflow_id"], "include_delivered": True}
+    )
+    assert len(by_workflow.json()["notifications"]) == 1
+
+
+async def test_notifications_follow_the_project(http: httpx2.AsyncClient, tmp_path: Path) -> None:
+    elsewhere = {PROJECT_HEADER: str(tmp_path)}
+    task = (
+        await http.post("/tasks", json={"agent_definition": "echo", "prompt": "x"}, headers=elsewhere)
+    ).json()
+    await finished(http, task["task_id"])
+    assert (await http.get("/notifications")).json()["notifications"] == []
+    assert len((await http.get("/notifications", headers=elsewhere)).json()["notifications"]) == 1
+    assert len((await http.get("/notifications", params={"all_scopes": True})).json()["notifications"]) == 1
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+async def test_errors_are_json(http: httpx2.AsyncClient) -> None:
+    assert "unknown task_id" in assert_error(await http.get("/tasks/t_nope"), 404, "not_found")
+    assert_error(await http.get("/tasks/t_nope/result"), 404, "not_found")
+    assert_error(await http.post("/tasks/t_nope/cancel"), 404, "not_found")
+    assert_error(await http.get("/workflows/wf_nope"), 404, "not_found")
+    assert_error(await http.post("/workflows/wf_nope/cancel"), 404, "not_found")
+    assert "no route" in assert_error(await http.get("/nowhere"), 404, "not_found")
+    wrong_method = await http.delete("/tasks")
+    assert_error(wrong_method, 405, "method_not_allowed")
+    assert "POST" in wrong_method.headers["allow"]
+
+    unknown_agent = await http.post("/tasks", json={"agent_definition": "nope", "prompt": "x"})
+    assert_error(unknown_agent, 400, "invalid_request")
+    bad_option = await http.post(
+        "/tasks", json={"agent_definition": "echo", "prompt": "x", "options": {"priority": "urgent"}}
+    )
+    message = assert_error(bad_option, 422, "invalid_request")
+    assert "'body.options.priority': Input should be 'high', 'normal' or 'low'" in message
+    typo = await http.post(
+        "/tasks", json={"agent_definition": "echo", "prompt": "x", "options": {"priorty": 1}}
+    )
+    assert "unknown key 'body.options.priorty'" in assert_error(typo, 422, "invalid_request")
+    assert "'query.limit'" in assert_error(
+        await http.get("/workflows", params={"limit": 0}), 422, "invalid_request"
+    )
+    assert_error(await http.get("/workflows", params={"offset": 10**30}), 422, "invalid_request")
+    assert_error(await http.get("/history", params={"since": "yesterday"}), 422, "invalid_request")
+    assert_error(await http.get("/history", params={"status": "lost"}), 422, "invalid_request")
+
+    broken = await http.post(
+        "/tasks", content=b'{"agent_definition": ', headers={"content-type": "application/json"}
+    )
+    assert "not valid JSON" in assert_error(broken, 422, "invalid_request")
+    as_text = await http.post("/tasks", content=b"agent=echo", headers={"content-type": "text/plain"})
+    assert "application/json" in assert_error(as_text, 415, "unsupported_media_type")
+    untyped = await http.post("/tasks", content=b'{"agent_definition": "echo", "prompt": "x"}')
+    assert_error(untyped, 415, "unsupported_media_type")
+    assert_error(await http.post("/notifications/ack", json={"cursors": []}), 422, "invalid_request")
+
+
+async def test_hostile_strings_are_rejected_not_crashes(http: httpx2.AsyncClient) -> None:
+    """NUL bytes, lone surrogates, huge ids and extreme times are the client's mistake: 4xx, never 500."""
+    long_id = "t_" + "x" * 10_000
+    assert_error(await http.get(f"/tasks/{long_id}"), 404, "not_found")
+    assert_error(await http.get("/tasks/a%00b"), 404, "not_found")
+    assert_error(await http.get("/status", params={"workflow_id": "wf\x00"}), 404, "not_found")
+    assert (await http.get("/history", params={"agent": "a\x00b"})).json()["total"] == 0
+    nul_prompt = await http.post("/tasks", json={"agent_definition": "echo", "prompt": "a\x00b"})
+    assert nul_prompt.status_code == 201, nul_prompt.text  # the store keeps NUL; the agent gets it back
+    result = await finished(http, nul_prompt.json()["task_id"])
+    assert result["result_preview"] == "a\x00b"
+    surrogate = '{"agent_definition": "echo", "prompt": "\\ud800"}'
+    response = await http.post("/tasks", content=surrogate, headers={"content-type": "application/json"})
+    assert "UTF-8" in assert_error(response, 400, "invalid_request")
+    odd_key = '{"agent_definition": "echo", "prompt": "x", "options": {"\\udcff": 1}}'
+    response = await http.post("/tasks", content=odd_key, headers={"content-type": "application/json"})
+    assert_error(response, 422, "invalid_request")
+    year_one_east = {
+        "agent_definition": "echo",
+        "prompt": "x",
+        "options": {"not_before": "0001-01-01T00:00+05:00"},
+    }
+    assert "out of range" in assert_error(
+        await http.post("/tasks", json=year_one_east), 422, "invalid_request"
+    )
+    long_name = {PROJECT_HEADER: "/" + "a" * 300}  # one path component longer than the OS allows
+    assert "agent folders" in assert_error(
+        await http.get("/agents", headers=long_name), 400, "invalid_request"
+    )
+    unknown_agent = {"agent_definition": "nope", "prompt": "x", "options": {"scope": "/" + "a" * 300}}
+    assert_error(await http.post("/tasks", json=unknown_agent), 400, "invalid_request")
+    too_long = {PROJECT_HEADER: "/" + "a/" * 600}
+    assert "header" in assert_error(await http.get("/agents", headers=too_long), 422, "invalid_request")
+    for since in (
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59-01:00",
+        "0001-01-01",
+        "9999-12-31T23:59:59",
+    ):
+        response = await http.get("/history", params={"since": since, "until": since})
+        assert response.status_code in (200, 422), (since, response.text)
+
+
+# ---- server-sent events -----------------------------------------------------------------
+
+
+async def read_events(response: httpx2.Response) -> AsyncIterator[tuple[str, Any]]:
+    """(event, data) pairs from an SSE body; comments (pings) are skipped."""
+    event, data = "message", []
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+
+
+async def test_events_stream_names_changed_tasks(http: httpx2.AsyncClient) -> None:
+    with anyio.fail_after(15):
+        async with http.stream("GET", "/events") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = read_events(response)
+            event, hello = await anext(events)
+            assert event == "hello" and hello == {"version": sidequest.__version__, "pid": os.getpid()}
+
+            task = await submit(http, "echo", "push me")
+            named, cursor = False, None
+            while not (named and cursor):  # the insert, then the completion with its notification
+                event, data = await anext(events)
+                assert event == "update", (event, data)
+                assert set(data) == {"task_ids", "workflow_ids", "notification_cursor"}
+                assert data["task_ids"] == sorted(data["task_ids"])
+                named = named or task["task_id"] in data["task_ids"]
+                cursor = data["notification_cursor"] or cursor
+            page = (await http.get("/notifications", params={"since": cursor - 1})).json()
+            assert page["notifications"][0]["task_id"] == task["task_id"]
+
+
+async def test_events_listener_is_removed_when_the_client_leaves(
+    http: httpx2.AsyncClient, live: Live
+) -> None:
+    before = len(live.engine.notifier._listeners)
+    with anyio.fail_after(10):
+        async with http.stream("GET", "/events") as response:
+            await anext(read_events(response))
+            assert len(live.engine.notifier._listeners) == before + 1
+
+        async def removed() -> bool:
+            return len(live.engine.notifier._listeners) == before
+
+        await wait_for(removed, what="the event listener to be removed after disconnect")
+
+
+async def test_events_overflow_replaces_the_backlog(engine: Engine) -> None:
+    """A client far behind gets one `overflow` (re-read everything), then live updates again."""
+    stream = _EventStream(engine, _OpenStreams())
+    events = stream._events()
+    assert (await anext(events)).event == "hello"
+    for i in range(_SSE_BUFFER + 5):
+        stream._on_commit(Committed(task_ids={f"t_{i}"}))
+    stream._on_commit(Committed())  # nothing changed: no event
+    stream._on_commit(Committed(workflow_ids={"wf_b", "wf_a"}))
+    overflow = await anext(events)
+    assert overflow.event == "overflow"  # replaced commits 0..1000; later ones follow as usual
+    later = [json.loads((await anext(events)).data) for _ in range(5)]
+    assert [u["task_ids"] for u in later] == [[f"t_{i}"] for i in range(_SSE_BUFFER + 1, _SSE_BUFFER + 5)] + [
+        []
+    ]
+    assert later[-1] == {"task_ids": [], "workflow_ids": ["wf_a", "wf_b"], "notification_cursor": None}
+    await events.aclose()
+
+
+async def test_closing_the_streams_ends_them_cleanly(http: httpx2.AsyncClient, live: Live) -> None:
+    """What the daemon calls when it starts to stop: open streams end (not cut off), new ones end at once."""
+    with anyio.fail_after(10):
+        async with http.stream("GET", "/events") as response:
+            events = read_events(response)
+            assert (await anext(events))[0] == "hello"
+            await anyio.to_thread.run_sync(live.portal.call, close_event_streams, live.rest)
+            assert [event async for event in events] == []  # a clean end of the body, no error
+        async with http.stream("GET", "/events") as response:
+            assert [event for event, _ in [e async for e in read_events(response)]] == ["hello"]
+
+
+SERVE_SCRIPT = """
+import signal, sys, anyio, uvicorn
+sys.path.insert(0, {tests!r})
+from conftest import all_test_agents
+from test_rest import serving_app
+from sidequest.config import Settings
+from sidequest.engine.engine import Engine
+from sidequest.server.http import QuietUvicorn
+from sidequest.server.rest import close_event_streams
+
+async def main() -> None:
+    engine = Engine(Settings(home={home!r}, agents=all_test_agents(), shutdown_grace=0.5))
+    async with engine.running():
+        app, rest = serving_app(engine, {port})
+        config = uvicorn.Config(app, port={port}, lifespan="off", timeout_graceful_shutdown=30)
+        if {style!r} == "uvicorn-signals":  # sse-starlette notices uvicorn's own signal handling
+            await uvicorn.Server(config).serve()
+            return
+        server = QuietUvicorn(config)  # as the daemon: its own signal handling, then close_event_streams
+
+        async def stop_on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    close_event_streams(rest)
+                    server.stop()
+                    return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_on_signal)
+            await server.serve()
+            tg.cancel_scope.cancel()
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["daemon", "uvicorn-signals"])
+async def test_sigterm_stops_the_server_promptly_with_a_stream_open(tmp_path: Path, style: str) -> None:
+    """uvicorn waits for open responses on shutdown; an event stream must end by itself, not hold it up."""
+    port = free_port()
+    script = SERVE_SCRIPT.format(tests=str(REPO / "tests"), home=str(tmp_path), port=port, style=style)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{port}{PREFIX}"
+
+        async def up() -> bool:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            try:
+                async with httpx2.AsyncClient() as client:
+                    return (await client.get(f"{base}/daemon")).status_code == 200
+            except httpx2.TransportError:
+                return False
+
+        await wait_for(up, timeout=20, what="the server to start")
+        async with (
+            httpx2.AsyncClient(timeout=20) as client,
+            client.stream("GET", f"{base}/events") as response,
+        ):
+            events = read_events(response)
+            assert (await anext(events))[0] == "hello"
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(10):
+                assert [event async for event in events] == []  # ended cleanly, not cut off
+        code = await anyio.to_thread.run_sync(lambda: process.wait(timeout=20))
+        elapsed = time.monotonic() - started
+        # uvicorn re-raises the signal it caught once it has shut down, so SIGTERM is also a clean exit.
+        assert code in (0, -signal.SIGTERM), process.stderr.read() if process.stderr else ""
+        assert elapsed < 5, f"shutdown took {elapsed:.1f}s with an event stream open"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# ---- schema fuzz ------------------------------------------------------------------------------
+
+FUZZ_CONFIG = {
+    "generation": {"max-examples": 20, "database": "none"},
+    # Schema-valid input the engine refuses (an unknown agent, a 40-day delay, a task id that does
+    # not exist) is rightly a 400/404/422: the schema cannot say which agents or tasks exist.
+    "checks": {"positive_data_acceptance": {"enabled": False}},
+}
+
+
+def test_api_matches_its_schema(live: Live) -> None:
+    """Every phase of a schemathesis run (examples, coverage, fuzzing) against the served OpenAPI document.
+
+    Fails on any 5xx, undocumented status or content type, response not matching its model, or
+    schema-invalid input that is accepted. The event stream is left out: it never ends.
+    """
+    config = SchemathesisConfig.from_dict(FUZZ_CONFIG)
+    schema = schemathesis.openapi.from_url(f"{live.base}/openapi.json", config=config).exclude(path="/events")
+    assert schema.get_base_url() == live.base, "the document's servers entry must point at the mount"
+    failures: list[str] = []
+    requests = 0
+    for event in from_schema(schema).execute():
+        if isinstance(event, engine_events.ScenarioFinished):
+            requests += len(event.recorder.interactions)
+            if event.status in (Status.FAILURE, Status.ERROR):
+                for checks in event.recorder.checks.values():
+                    for check in checks:
+                        if check.failure_info is not None:
+                            failure = check.failure_info.failure
+                            failures.append(
+                                f"{event.label}: {check.name}: {failure.title}\n{failure.message}\n"
+                                f"{check.failure_info.code_sample}"
+                            )
+        elif isinstance(event, engine_events.NonFatalError):
+            failures.append(f"{event.label}: {event.info.format()}")
+        elif isinstance(event, engine_events.FatalError):
+            raise event.exception
+    assert not failures, "\n\n".join(failures)
+    assert requests > 300, f"only {requests} requests: the run did not exercise the API"
