@@ -418,9 +418,8 @@ async def test_hostile_strings_are_rejected_not_crashes(http: httpx2.AsyncClient
         await http.post("/tasks", json=year_one_east), 422, "invalid_request"
     )
     long_name = {PROJECT_HEADER: "/" + "a" * 300}  # one path component longer than the OS allows
-    assert "agent folders" in assert_error(
-        await http.get("/agents", headers=long_name), 400, "invalid_request"
-    )
+    listed = await http.get("/agents", headers=long_name)  # such a folder holds no agent files
+    assert listed.status_code == 200 and {a["name"] for a in listed.json()["agents"]} >= {"echo"}
     unknown_agent = {"agent_definition": "nope", "prompt": "x", "options": {"scope": "/" + "a" * 300}}
     assert_error(await http.post("/tasks", json=unknown_agent), 400, "invalid_request")
     too_long = {PROJECT_HEADER: "/" + "a/" * 600}
