@@ -3,7 +3,9 @@
     .venv/bin/python -m bench.daemon_bench [--n N] [--only rest|front|embedded|cold]
 
 - rest: `POST /api/v1/tasks` to a running daemon over one keep-alive connection
-  (httpx2), submit only (tasks are delayed an hour, so no work competes);
+  (httpx2), submit only (tasks are delayed an hour, so no work competes); then
+  `GET /api/v1/tasks/{id}` for the HTTP layer alone, and `engine.submit`
+  in-process for the insert alone;
 - front: `task_async` through `sidequest stdio` (the front) -> REST -> daemon,
   with the real MCP client over stdio: what Claude Code sees;
 - embedded: the same tool call on `sidequest stdio --embedded` (engine in the
@@ -28,6 +30,9 @@ import httpx2
 from mcp import Client, StdioServerParameters
 
 import sidequest
+from sidequest.config import AgentConfig, Settings
+from sidequest.engine.engine import Engine
+from sidequest.models import TaskOptions
 from sidequest.server.daemon import read_state
 
 REPO = Path(sidequest.__file__).resolve().parent.parent
@@ -86,7 +91,31 @@ async def bench_rest(home: Path, n: int) -> None:
             assert response.status_code == 201, response.text
             if i >= 20:  # warm-up: connection, first-use imports
                 samples.append(elapsed)
+        task_id = response.json()["task_id"]
+        reads = []
+        for i in range(n + 20):
+            started = time.perf_counter()
+            response = await http.get(f"/api/v1/tasks/{task_id}")
+            elapsed = time.perf_counter() - started
+            assert response.status_code == 200, response.text
+            if i >= 20:
+                reads.append(elapsed)
     print(f"REST create task (keep-alive, sequential): {_ms(samples)}")
+    print(f"REST get task (the HTTP layer without a write): {_ms(reads)}")
+
+
+async def bench_submit(home: Path, n: int) -> None:
+    """The floor under both: the engine's durable insert, in-process."""
+    settings = Settings(home=home, agents={"noop": AgentConfig(callable="sidequest.testing.agents:noop")})
+    engine = Engine(settings)
+    samples = []
+    async with engine.running():
+        for i in range(n + 20):
+            started = time.perf_counter()
+            await engine.submit("noop", "x", TaskOptions(delay=3600, scope=str(home)))
+            if i >= 20:
+                samples.append(time.perf_counter() - started)
+    print(f"engine.submit in-process (the durable insert under both): {_ms(samples)}")
 
 
 async def _tool_calls(params: StdioServerParameters, n: int) -> list[float]:
@@ -140,6 +169,7 @@ def main() -> None:
         root = Path(tmp)
         try:
             if args.only in (None, "rest"):
+                anyio.run(bench_submit, root / "submit", args.n)
                 anyio.run(bench_rest, root / "rest", args.n)
             if args.only in (None, "front"):
                 anyio.run(bench_front, root / "front", args.n)

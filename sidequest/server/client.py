@@ -331,7 +331,7 @@ class DaemonClient:
                     delay = retry_delay
                     if kind == "update":
                         self._dispatch(data)
-            except (Unavailable, httpx2.HTTPError, ValueError) as exc:
+            except Exception as exc:  # whatever went wrong, the front must outlive its event stream
                 log.debug("event stream closed: %r", exc)
                 if self._endpoint is not None and not await _answers(self._http, self._endpoint):
                     self._endpoint = None  # gone: the next call (or this loop) looks it up again

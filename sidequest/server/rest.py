@@ -240,7 +240,7 @@ class _InternalErrors:
 # ---- the caller's project -------------------------------------------------------
 
 
-def _request_scope(
+async def _request_scope(
     request: Request,
     project: Annotated[
         str | None,
@@ -253,7 +253,11 @@ def _request_scope(
         ),
     ] = None,
 ) -> str:
-    """The client's project is the scope, as it is for the MCP front it connected from."""
+    """The client's project is the scope, as it is for the MCP front it connected from.
+
+    Async on purpose: FastAPI runs a sync dependency in a worker thread, a hop that cost every
+    request more than the dependency's work (and contends with the store's writer thread).
+    """
     if project is None:
         return default_scope()
     if not os.path.isabs(project) or "\x00" in project:
