@@ -153,6 +153,21 @@ class ClaudeCodeConfig(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+class ScheduleConfig(_Strict):
+    """Cron schedules: what a schedule may ask for."""
+
+    min_interval: Duration = Field(
+        default=60.0, gt=0, description="shortest gap between two fire times of one schedule"
+    )
+    allow_seconds: bool = Field(
+        default=False, description="accept 6-field cron expressions whose first field is seconds"
+    )
+    misfire_grace: Duration = Field(
+        default=60.0, gt=0, description="a run this late counts as missed (the misfire policy decides)"
+    )
+    max_schedules: int = Field(default=100_000, ge=1, description="active and paused schedules, all scopes")
+
+
 class Settings(_Strict):
     home: Path
     database: Path | None = Field(default=None, description="DuckDB file; default <home>/sidequest.duckdb")
@@ -178,6 +193,7 @@ class Settings(_Strict):
     prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     anthropic: AnthropicConfig = Field(default_factory=AnthropicConfig)
     claude_code: ClaudeCodeConfig = Field(default_factory=ClaudeCodeConfig)
+    schedules: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @field_validator("models", mode="after")
     @classmethod

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BaseModel,
     BeforeValidator,
@@ -98,6 +99,8 @@ class NotificationKind(StrEnum):
     task_failed = "task_failed"
     task_cancelled = "task_cancelled"
     workflow_completed = "workflow_completed"
+    schedule_fired = "schedule_fired"
+    schedule_skipped = "schedule_skipped"
 
 
 Priority = Literal["high", "normal", "low"]
@@ -364,3 +367,111 @@ class ApiError(BaseModel):
 
     code: str = Field(description="not_found | invalid_request | unauthorized | forbidden | internal | …")
     message: str
+
+
+# ---- schedules --------------------------------------------------------------------
+
+Overlap = Literal["skip", "queue", "allow"]
+Misfire = Literal["run_once", "skip"]
+ScheduleState = Literal["active", "paused", "finished"]
+UtcTime = Annotated[datetime, AfterValidator(lambda v: as_utc(v))]
+
+
+class ScheduleSpec(_Strict):
+    """Arguments of `schedule_task`: what to run, and when."""
+
+    agent_definition: str = Field(min_length=1, max_length=4096, description="agent name from list_agents")
+    prompt: str = Field(min_length=1, description="complete, self-contained instructions for each run")
+    cron: str = Field(
+        min_length=1,
+        max_length=200,
+        description="5 fields 'minute hour day-of-month month day-of-week' (or 6, seconds first, when the "
+        "config allows seconds), e.g. '0 9 * * 1-5' for weekdays at 09:00",
+    )
+    timezone: str = Field(
+        default="UTC", min_length=1, max_length=64, description="IANA name, e.g. Europe/Berlin"
+    )
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    options: TaskOptions | None = Field(default=None, description="task_async options for every run")
+    overlap: Overlap = Field(
+        default="skip",
+        description="when a run is due while the previous one is unfinished: skip it, queue it to start "
+        "after, or allow both",
+    )
+    misfire: Misfire = Field(
+        default="run_once", description="after downtime: one catch-up run (run_once) or none (skip)"
+    )
+    start_at: UtcTime | None = Field(default=None, description="no runs before this time (UTC if no zone)")
+    end_at: UtcTime | None = Field(default=None, description="no runs after this time (UTC if no zone)")
+    max_runs: int | None = Field(default=None, ge=1, le=1_000_000, description="finish after this many runs")
+
+
+class ScheduleUpdate(_Strict):
+    """`update_schedule`: only the fields given change."""
+
+    paused: bool | None = Field(default=None, description="true pauses, false resumes")
+    prompt: str | None = Field(default=None, min_length=1)
+    cron: str | None = Field(default=None, min_length=1, max_length=200)
+    timezone: str | None = Field(default=None, min_length=1, max_length=64)
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    options: TaskOptions | None = None
+    overlap: Overlap | None = None
+    misfire: Misfire | None = None
+    start_at: UtcTime | None = None
+    end_at: UtcTime | None = None
+    max_runs: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class ScheduleInfo(BaseModel):
+    schedule_id: str
+    name: str
+    agent: str
+    prompt: str
+    cron: str
+    timezone: str
+    scope: str
+    state: ScheduleState
+    overlap: Overlap
+    misfire: Misfire
+    options: dict[str, JsonValue] = Field(default_factory=dict)
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    max_runs: int | None = None
+    runs: int = Field(default=0, description="runs started so far")
+    next_run_at: datetime | None = Field(default=None, description="null when paused or finished")
+    next_runs: list[datetime] = Field(default_factory=list, description="the next five fire times (UTC)")
+    last_run_at: datetime | None = None
+    last_task_id: str | None = None
+    last_status: TaskStatus | None = Field(default=None, description="status of the last run's task")
+    queued_run_at: datetime | None = Field(
+        default=None, description="overlap=queue: a due time waiting for the previous run to finish"
+    )
+    last_error: str | None = Field(default=None, description="why the last due time did not start a run")
+    created_at: datetime
+    updated_at: datetime
+
+
+class ScheduleCreated(BaseModel):
+    schedule_id: str
+    next_runs: list[datetime] = Field(description="the next five fire times (UTC)")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class SchedulePage(BaseModel):
+    schedules: list[ScheduleInfo]
+    total: int
+    next_offset: int | None = None
+
+
+class ScheduleRuns(BaseModel):
+    """A schedule's run history: its tasks, newest first."""
+
+    schedule_id: str
+    tasks: list[TaskInfo]
+    total: int
+    next_offset: int | None = None
+
+
+class ScheduleDeleted(BaseModel):
+    schedule_id: str
+    deleted: bool = True

@@ -29,6 +29,7 @@ from sidequest.engine.dispatcher import Dispatcher, RunningAttempt
 from sidequest.engine.errors import InvalidRequest, NotFound
 from sidequest.engine.notifier import Listener, Notifier
 from sidequest.engine.retry import backoff_delay
+from sidequest.engine.scheduler import Clock, Scheduler
 from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
 from sidequest.executors.sandbox import is_inside
 from sidequest.models import (
@@ -43,6 +44,13 @@ from sidequest.models import (
     Progress,
     ResultPage,
     RetryBackoff,
+    ScheduleCreated,
+    ScheduleDeleted,
+    ScheduleInfo,
+    SchedulePage,
+    ScheduleRuns,
+    ScheduleSpec,
+    ScheduleUpdate,
     StatusReport,
     TaskInfo,
     TaskOptions,
@@ -57,8 +65,10 @@ from sidequest.models import (
 )
 from sidequest.storage.base import (
     AttemptRecord,
+    FireRecord,
     LoadedState,
     ResultRecord,
+    ScheduleRecord,
     Store,
     TaskRecord,
     WorkflowQuery,
@@ -121,7 +131,13 @@ def _short(text: str | None, limit: int) -> str:
 
 
 class Engine:
-    def __init__(self, settings: Settings, store: Store | None = None, registry: AgentRegistry | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store | None = None,
+        registry: AgentRegistry | None = None,
+        clock: Clock | None = None,
+    ):
         self.settings = settings
         if store is None:
             from sidequest.storage.duckdb import DuckDBStore
@@ -149,6 +165,7 @@ class Engine:
         self._seq = 0
         self._loop_thread: int | None = None
         self._started = False
+        self.scheduler = Scheduler(self, clock)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -163,6 +180,7 @@ class Engine:
                 tg.start_soon(self.store.run_writer, self.notifier.committed)
                 tg.start_soon(self.dispatcher.run)
                 tg.start_soon(self._renew_leases)
+                tg.start_soon(self.scheduler.run)
                 self._started = True
                 try:
                     yield self
@@ -293,6 +311,11 @@ class Engine:
                 f"timeout {options.timeout:g}s is over the {self.settings.max_timeout:g}s maximum "
                 "(max_timeout in the config)"
             )
+
+    def check_task(self, agent: str, prompt: str, options: TaskOptions) -> None:
+        """What submit would refuse, without submitting (a schedule's runs must be able to start)."""
+        self._validate_submit(agent, prompt, options)
+        self._resolve_agent(agent, options.scope or default_scope())
 
     async def submit(self, agent: str, prompt: str, options: TaskOptions | None = None) -> TaskSubmitted:
         """Durably record a task and hand it to the pool; returns once the row is committed."""
@@ -630,6 +653,8 @@ class Engine:
 
     def _task_finished(self, task: TaskRecord, now: datetime) -> None:
         self._live.pop(task.id, None)
+        if task.schedule_id:
+            self.scheduler.wake()  # a run queued behind this one (overlap=queue) may start now
         if task.idempotency_key:
             key = (task.scope, task.idempotency_key)
             if self._idempotency.get(key) == task.id:
@@ -884,6 +909,100 @@ class Engine:
         ]
         next_cursor = rows[-1].cursor if rows else since
         return NotificationPage(notifications=items, next_cursor=next_cursor)
+
+    # ---- schedules -------------------------------------------------------
+
+    async def schedule_task(self, spec: ScheduleSpec, scope: str | None = None) -> ScheduleCreated:
+        self._require_running()
+        return await self.scheduler.create(spec, scope or default_scope())
+
+    async def list_schedules(
+        self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0
+    ) -> SchedulePage:
+        _check_paging(offset, limit, max_limit=1000)
+        return await self.scheduler.list(None if all_scopes else (scope or default_scope()), limit, offset)
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleInfo:
+        return await self.scheduler.get(schedule_id)
+
+    async def update_schedule(self, schedule_id: str, change: ScheduleUpdate) -> ScheduleInfo:
+        self._require_running()
+        return await self.scheduler.update(schedule_id, change)
+
+    async def delete_schedule(self, schedule_id: str) -> ScheduleDeleted:
+        self._require_running()
+        return await self.scheduler.delete(schedule_id)
+
+    async def schedule_runs(self, schedule_id: str, limit: int = 20, offset: int = 0) -> ScheduleRuns:
+        _check_paging(offset, limit, max_limit=1000)
+        return await self.scheduler.runs(schedule_id, limit, offset)
+
+    def is_unfinished(self, task_id: str) -> bool:
+        return task_id in self._live
+
+    async def task_record(self, task_id: str) -> TaskRecord | None:
+        return await self._record(task_id)
+
+    def task_info(self, task: TaskRecord) -> TaskInfo:
+        return self._task_info(task)
+
+    def notify_schedule(
+        self, kind: NotificationKind, schedule: ScheduleRecord, message: str, task_id: str | None
+    ) -> None:
+        """Schedule events land in the schedule's scope; a run's events also name its workflow."""
+        workflow_id = self._live[task_id].workflow_id if task_id and task_id in self._live else ""
+        self.notifier.emit(kind, workflow_id, schedule.scope, message, task_id=task_id)
+
+    async def fire_scheduled(
+        self, schedule: ScheduleRecord, due: datetime, after: ScheduleRecord, expected: datetime
+    ) -> str | None:
+        """Start the run of `schedule` due at `due`: the task, its fire key and the schedule's
+        new state in one transaction. None when that due time was already fired or the
+        schedule changed since it was read (the scheduler reads again)."""
+        self._require_running()
+        options = TaskOptions.model_validate({**schedule.options, "scope": schedule.scope})
+        self.check_task(schedule.agent, schedule.prompt, options)
+        now = utcnow()
+        workflow = WorkflowRecord(
+            id=new_id("wf"),
+            name=schedule.name,
+            scope=schedule.scope,
+            status=WorkflowStatus.running.value,
+            created_at=now,
+            updated_at=now,
+        )
+        resolved = self._resolve_agent(schedule.agent, schedule.scope)
+        timeout = options.timeout
+        if timeout is None:
+            timeout = resolved.timeout if resolved.timeout is not None else self.settings.default_timeout
+        self._seq += 1
+        task = TaskRecord(
+            id=new_id("t"),
+            seq=self._seq,
+            workflow_id=workflow.id,
+            agent=schedule.agent,
+            prompt=schedule.prompt,
+            status=TaskStatus.queued.value,
+            priority=options.priority,
+            scope=schedule.scope,
+            options=options.model_dump(mode="json", exclude_defaults=True),
+            max_retries=options.max_retries,
+            created_at=now,
+            updated_at=now,
+            callback_url=str(options.callback_url) if options.callback_url else None,
+            schedule_id=schedule.id,
+            timeout_s=timeout,
+        )
+        after = dataclasses.replace(after, last_task_id=task.id)
+        fire = FireRecord(schedule.id, due, task.id, now)
+        if not await self.store.record_fire(fire, after, workflow, task, expected):
+            return None
+        self._live[task.id] = task
+        self._workflows[workflow.id] = workflow
+        self._wf_counts[workflow.id] = Counter()
+        self._wf_open[workflow.id] += 1
+        self.dispatcher.enqueue(task)
+        return task.id
 
     async def acknowledge(self, cursors: list[int]) -> int:
         """Mark notifications delivered (REST readers read first, then acknowledge what they handled)."""

@@ -23,15 +23,25 @@ from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated, SubscriptionBus
 from mcp_types import EmptyResult, SubscribeRequestParams, ToolAnnotations, UnsubscribeRequestParams
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from sidequest import __version__
+from sidequest.config import format_validation_error
 from sidequest.engine.errors import EngineError, NotFound
 from sidequest.models import (
     AgentList,
     CancelResult,
+    Misfire,
     NotificationPage,
+    Overlap,
     ResultPage,
+    ScheduleCreated,
+    ScheduleDeleted,
+    ScheduleInfo,
+    SchedulePage,
+    ScheduleRuns,
+    ScheduleSpec,
+    ScheduleUpdate,
     StatusReport,
     TaskInfo,
     TaskOptions,
@@ -97,6 +107,8 @@ def _tool_errors(tool: str) -> Iterator[None]:
         raise
     except EngineError as exc:
         raise ToolError(str(exc)) from exc
+    except ValidationError as exc:  # a model built inside a tool from its arguments
+        raise ToolError(f"invalid arguments: {format_validation_error(exc)}") from exc
     except Exception as exc:
         log.exception("tool %s failed unexpectedly", tool)
         raise ToolError(
@@ -255,6 +267,13 @@ class Backend(Protocol):
         limit: int = 50,
     ) -> NotificationPage: ...
     async def agent_list(self, scope: str | None = None) -> AgentList: ...
+    async def schedule_task(self, spec: ScheduleSpec, scope: str | None = None) -> ScheduleCreated: ...
+    async def list_schedules(
+        self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0
+    ) -> SchedulePage: ...
+    async def update_schedule(self, schedule_id: str, change: ScheduleUpdate) -> ScheduleInfo: ...
+    async def delete_schedule(self, schedule_id: str) -> ScheduleDeleted: ...
+    async def schedule_runs(self, schedule_id: str, limit: int = 20, offset: int = 0) -> ScheduleRuns: ...
 
 
 def build_server(engine: Backend, default_scope: str) -> MCPServer:
@@ -518,3 +537,152 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str) -> N
     )
     async def list_agents() -> AgentList:
         return await _run_tool("list_agents", engine.agent_list(default_scope))
+
+    _register_schedule_tools(server, engine, default_scope)
+
+
+def _register_schedule_tools(server: MCPServer, engine: Backend, default_scope: str) -> None:
+    @server.tool(
+        name="schedule_task",
+        description=(
+            "Run an agent on a cron schedule, unattended (e.g. every weekday at 09:00 Berlin time). "
+            "cron has 5 fields 'minute hour day-of-month month day-of-week' ('0 9 * * 1-5'); timezone is "
+            "an IANA name (default UTC). Each due time starts one task, once, even across restarts. "
+            "overlap: when a run is due while the previous one is unfinished, skip it (default), queue it "
+            "to start after, or allow both. misfire: after downtime, run_once (one catch-up run, "
+            "default) or skip. Optional start_at/end_at (ISO 8601, UTC if no zone), max_runs, and "
+            "task_async options for every run (not workflow_id, idempotency_key, delay, not_before). "
+            "Returns the schedule id and the next five fire times: show them to the user."
+        ),
+        annotations=ToolAnnotations(
+            title="Schedule a recurring task",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=True,
+        ),
+    )
+    async def schedule_task(
+        agent_definition: Annotated[str, Field(description="agent name from list_agents")],
+        prompt: Annotated[str, Field(description="complete, self-contained instructions for each run")],
+        cron: Annotated[str, Field(description="e.g. '0 9 * * 1-5' (weekdays 09:00)")],
+        timezone: str = "UTC",
+        name: str | None = None,
+        options: TaskOptions | None = None,
+        overlap: Overlap = "skip",
+        misfire: Misfire = "run_once",
+        start_at: UtcDatetime | None = None,
+        end_at: UtcDatetime | None = None,
+        max_runs: Annotated[int | None, Field(ge=1, le=1_000_000)] = None,
+    ) -> ScheduleCreated:
+        with _tool_errors("schedule_task"):
+            spec = ScheduleSpec(
+                agent_definition=agent_definition,
+                prompt=prompt,
+                cron=cron,
+                timezone=timezone,
+                name=name,
+                options=options,
+                overlap=overlap,
+                misfire=misfire,
+                start_at=start_at,
+                end_at=end_at,
+                max_runs=max_runs,
+            )
+        return await _run_tool("schedule_task", engine.schedule_task(spec, default_scope))
+
+    @server.tool(
+        name="list_schedules",
+        description=(
+            "This project's cron schedules (all_scopes=true: every project's), newest first: state "
+            "(active, paused, finished), next and last run, the last run's status, runs so far and the "
+            "next five fire times. Page with offset = next_offset."
+        ),
+        annotations=_read_only("List schedules"),
+    )
+    async def list_schedules(
+        all_scopes: bool = False,
+        limit: Annotated[int, Field(ge=1, le=100)] = 20,
+        offset: Offset = 0,
+    ) -> SchedulePage:
+        return await _run_tool(
+            "list_schedules",
+            engine.list_schedules(scope=default_scope, all_scopes=all_scopes, limit=limit, offset=offset),
+        )
+
+    @server.tool(
+        name="update_schedule",
+        description=(
+            "Change a schedule: paused=true pauses it, paused=false resumes it (from the next fire time "
+            "after now, no catch-up); or change cron, timezone, prompt, name, options, overlap, misfire, "
+            "start_at, end_at, max_runs. Only the fields you give change. Returns the schedule."
+        ),
+        annotations=ToolAnnotations(
+            title="Change, pause or resume a schedule",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=True,
+            open_world_hint=False,
+        ),
+    )
+    async def update_schedule(
+        schedule_id: str,
+        paused: bool | None = None,
+        cron: str | None = None,
+        timezone: str | None = None,
+        prompt: str | None = None,
+        name: str | None = None,
+        options: TaskOptions | None = None,
+        overlap: Overlap | None = None,
+        misfire: Misfire | None = None,
+        start_at: UtcDatetime | None = None,
+        end_at: UtcDatetime | None = None,
+        max_runs: Annotated[int | None, Field(ge=1, le=1_000_000)] = None,
+    ) -> ScheduleInfo:
+        given = {
+            "paused": paused,
+            "cron": cron,
+            "timezone": timezone,
+            "prompt": prompt,
+            "name": name,
+            "options": options,
+            "overlap": overlap,
+            "misfire": misfire,
+            "start_at": start_at,
+            "end_at": end_at,
+            "max_runs": max_runs,
+        }
+        with _tool_errors("update_schedule"):
+            change = ScheduleUpdate.model_validate({k: v for k, v in given.items() if v is not None})
+        return await _run_tool("update_schedule", engine.update_schedule(schedule_id, change))
+
+    @server.tool(
+        name="delete_schedule",
+        description="Delete a schedule: no more runs. Tasks it already started are kept (and keep running).",
+        annotations=ToolAnnotations(
+            title="Delete schedule",
+            read_only_hint=False,
+            destructive_hint=True,
+            idempotent_hint=False,
+            open_world_hint=False,
+        ),
+    )
+    async def delete_schedule(schedule_id: str) -> ScheduleDeleted:
+        return await _run_tool("delete_schedule", engine.delete_schedule(schedule_id))
+
+    @server.tool(
+        name="get_schedule_runs",
+        description=(
+            "A schedule's run history: the tasks it started, newest first, with status and result "
+            "preview. Read a run's output with get_task_result. Page with offset = next_offset."
+        ),
+        annotations=_read_only("Schedule run history"),
+    )
+    async def get_schedule_runs(
+        schedule_id: str,
+        limit: Annotated[int, Field(ge=1, le=100)] = 20,
+        offset: Offset = 0,
+    ) -> ScheduleRuns:
+        return await _run_tool(
+            "get_schedule_runs", engine.schedule_runs(schedule_id, limit=limit, offset=offset)
+        )

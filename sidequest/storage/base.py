@@ -149,6 +149,48 @@ class UsageTotals:
 
 
 @dataclass(slots=True)
+class ScheduleRecord:
+    """A cron schedule as stored; times are UTC."""
+
+    id: str
+    name: str
+    agent: str
+    prompt: str
+    cron: str
+    timezone: str
+    options: dict[str, Any]
+    scope: str
+    enabled: bool
+    overlap: str
+    misfire: str
+    created_at: datetime
+    updated_at: datetime
+    next_run_at: datetime | None = None
+    last_run_at: datetime | None = None
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    max_runs: int | None = None
+    runs: int = 0
+    last_task_id: str | None = None
+    queued_run_at: datetime | None = None
+    finished_at: datetime | None = None
+    last_error: str | None = None
+
+
+SCHEDULE_COLUMNS = tuple(ScheduleRecord.__dataclass_fields__)
+
+
+@dataclass(slots=True)
+class FireRecord:
+    """One due time of a schedule, and the task it started (None: the due time was skipped)."""
+
+    schedule_id: str
+    due_at: datetime
+    task_id: str | None
+    fired_at: datetime
+
+
+@dataclass(slots=True)
 class Committed:
     """What one group commit made durable; the engine turns it into push events."""
 
@@ -239,6 +281,53 @@ class Store(Protocol):
         include_delivered: bool,
         limit: int,
     ) -> list[NotificationRecord]: ...
+
+    # ---- schedules (rare writes, each its own transaction, serialized with the group commits)
+
+    async def save_schedule(self, schedule: ScheduleRecord) -> None:
+        """Insert or replace the whole row."""
+        ...
+
+    async def update_schedule_if(self, schedule: ScheduleRecord, expected: datetime) -> bool:
+        """Replace the row only if its updated_at is still `expected` (optimistic concurrency)."""
+        ...
+
+    async def delete_schedule(self, schedule_id: str) -> bool: ...
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None: ...
+
+    async def list_schedules(
+        self, scope: str | None, limit: int, offset: int
+    ) -> tuple[list[ScheduleRecord], int]: ...
+
+    async def count_schedules(self) -> int: ...
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[ScheduleRecord]:
+        """Enabled schedules whose next run is at or before `now`, or that hold a queued run; oldest first."""
+        ...
+
+    async def next_due(self) -> datetime | None:
+        """The earliest next run of any enabled schedule (an index read)."""
+        ...
+
+    async def record_fire(
+        self,
+        fire: FireRecord,
+        schedule: ScheduleRecord,
+        workflow: WorkflowRecord | None,
+        task: TaskRecord | None,
+        expected: datetime,
+    ) -> bool:
+        """In one transaction: claim the fire key, write the schedule (if its updated_at is still
+        `expected`) and the task.
+
+        False, and nothing written, when that due time was already fired or the row changed.
+        """
+        ...
+
+    async def schedule_tasks(
+        self, schedule_id: str, limit: int, offset: int
+    ) -> tuple[list[TaskRecord], int]: ...
 
     async def count_rows(self) -> dict[str, int]:
         """Row counts per table (for tests that check a rejected call wrote nothing)."""

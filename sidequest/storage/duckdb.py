@@ -28,12 +28,15 @@ import anyio
 import duckdb
 
 from sidequest.storage.base import (
+    SCHEDULE_COLUMNS,
     TASK_MUTABLE_COLUMNS,
     AttemptRecord,
     Committed,
+    FireRecord,
     LoadedState,
     NotificationRecord,
     ResultRecord,
+    ScheduleRecord,
     StoreError,
     TaskRecord,
     UsageRecord,
@@ -294,6 +297,7 @@ class DuckDBStore:
         self._deferred_workflows: list[WorkflowRecord] = []
         self._inflight_done: anyio.Event | None = None
         self._writer_limiter = anyio.CapacityLimiter(1)
+        self._on_commit: Callable[[Committed], None] | None = None
         self._writer_running = False
         self._appenders: dict[str, Any] = {}
 
@@ -387,6 +391,7 @@ class DuckDBStore:
         small statement, not for the completion writes of the task before it.
         """
         self._writer_running = True
+        self._on_commit = on_commit
         try:
             while True:
                 await self._has_work.wait()
@@ -696,6 +701,170 @@ class DuckDBStore:
         rows = await self._read(lambda cur: cur.execute(Q["usage_totals"], [ids]).fetchall())
         return {r[0]: UsageTotals(list(r[1] or []), *map(int, r[2:6]), r[6]) for r in rows}
 
+    # ---- schedules ------------------------------------------------------------
+
+    async def _write(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        """A statement outside the group commit, on the writer's connection and never beside it."""
+        return await anyio.to_thread.run_sync(lambda: fn(self._require()), limiter=self._writer_limiter)
+
+    @staticmethod
+    def _schedule_values(schedule: ScheduleRecord) -> list[Any]:
+        values = []
+        for name in SCHEDULE_COLUMNS:
+            value = getattr(schedule, name)
+            if isinstance(value, datetime):
+                value = _naive(value)
+            elif name == "options":
+                value = json.dumps(value)
+            values.append(value)
+        return values
+
+    @staticmethod
+    def _put_schedule(con: duckdb.DuckDBPyConnection, schedule: ScheduleRecord) -> None:
+        # UPDATE, else INSERT: DuckDB's upsert cannot change an indexed column (next_run_at).
+        values = DuckDBStore._schedule_values(schedule)
+        assignments = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(SCHEDULE_COLUMNS[1:]))
+        changed = con.execute(
+            f"UPDATE scheduled_tasks SET {assignments} WHERE id = $1 RETURNING id", values
+        ).fetchall()
+        if not changed:
+            placeholders = ", ".join(f"${i + 1}" for i in range(len(SCHEDULE_COLUMNS)))
+            con.execute(
+                f"INSERT INTO scheduled_tasks ({', '.join(SCHEDULE_COLUMNS)}) VALUES ({placeholders})", values
+            )
+
+    async def save_schedule(self, schedule: ScheduleRecord) -> None:
+        await self._write(lambda con: self._put_schedule(con, schedule))
+
+    @staticmethod
+    def _update_schedule_if(
+        con: duckdb.DuckDBPyConnection, schedule: ScheduleRecord, expected: datetime
+    ) -> bool:
+        values = DuckDBStore._schedule_values(schedule)
+        assignments = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(SCHEDULE_COLUMNS[1:]))
+        where = f"id = $1 AND updated_at = ${len(SCHEDULE_COLUMNS) + 1}"
+        changed = con.execute(
+            f"UPDATE scheduled_tasks SET {assignments} WHERE {where} RETURNING id",
+            [*values, _naive(expected)],
+        ).fetchall()
+        return bool(changed)
+
+    async def update_schedule_if(self, schedule: ScheduleRecord, expected: datetime) -> bool:
+        return await self._write(lambda con: self._update_schedule_if(con, schedule, expected))
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        def run(con: duckdb.DuckDBPyConnection) -> bool:
+            return bool(
+                con.execute(
+                    "DELETE FROM scheduled_tasks WHERE id = $1 RETURNING id", [schedule_id]
+                ).fetchall()
+            )
+
+        return await self._write(run)
+
+    @staticmethod
+    def _schedules_from(result: duckdb.DuckDBPyConnection) -> list[ScheduleRecord]:
+        columns = [d[0] for d in result.description]  # type: ignore[union-attr]
+        records = []
+        for row in result.fetchall():
+            values = dict(zip(columns, row, strict=True))
+            kwargs: dict[str, Any] = {}
+            for name in SCHEDULE_COLUMNS:
+                value = values[name]
+                if isinstance(value, datetime):
+                    value = _aware(value)
+                elif name == "options":
+                    value = json.loads(value) if isinstance(value, str) else (value or {})
+                kwargs[name] = value
+            records.append(ScheduleRecord(**kwargs))
+        return records
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        def run(cur: duckdb.DuckDBPyConnection) -> ScheduleRecord | None:
+            found = self._schedules_from(cur.execute(Q["get_schedule"], [schedule_id]))
+            return found[0] if found else None
+
+        return await self._read(run)
+
+    async def list_schedules(
+        self, scope: str | None, limit: int, offset: int
+    ) -> tuple[list[ScheduleRecord], int]:
+        def run(cur: duckdb.DuckDBPyConnection) -> tuple[list[ScheduleRecord], int]:
+            records = self._schedules_from(cur.execute(Q["list_schedules"], [scope, limit, offset]))
+            total = cur.execute(Q["count_schedules_in"], [scope]).fetchone()[0]  # type: ignore[index]
+            return records, int(total)
+
+        return await self._read(run)
+
+    async def count_schedules(self) -> int:
+        return await self._read(lambda cur: int(cur.execute(Q["count_schedules_in"], [None]).fetchone()[0]))
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[ScheduleRecord]:
+        def run(cur: duckdb.DuckDBPyConnection) -> list[ScheduleRecord]:
+            due = self._schedules_from(cur.execute(Q["due_schedules"], [_naive(now), limit]))
+            queued = self._schedules_from(cur.execute(Q["queued_schedules"]))
+            seen = {s.id for s in due}
+            return due + [s for s in queued if s.id not in seen]
+
+        return await self._read(run)
+
+    async def next_due(self) -> datetime | None:
+        row = await self._read(lambda cur: cur.execute(Q["next_due"]).fetchone())
+        return _aware(row[0]) if row else None
+
+    async def record_fire(
+        self,
+        fire: FireRecord,
+        schedule: ScheduleRecord,
+        workflow: WorkflowRecord | None,
+        task: TaskRecord | None,
+        expected: datetime,
+    ) -> bool:
+        def run(con: duckdb.DuckDBPyConnection) -> bool:
+            con.execute("BEGIN")
+            try:
+                claimed = con.execute(
+                    Q["claim_fire"],
+                    [fire.schedule_id, _naive(fire.due_at), fire.task_id, _naive(fire.fired_at)],
+                ).fetchall()
+                if not claimed:
+                    con.execute("ROLLBACK")
+                    return False
+                if not self._update_schedule_if(con, schedule, expected):
+                    con.execute("ROLLBACK")  # changed since it was read: the caller reads again
+                    return False
+                if workflow is not None:
+                    self._append("workflows_new", [workflow])
+                if task is not None:
+                    self._append("tasks_new", [task])
+                con.execute("COMMIT")
+                return True
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                raise
+
+        fired = await self._write(run)
+        if fired and task is not None and self._on_commit is not None:
+            committed = Committed()
+            committed.task_ids.add(task.id)
+            if workflow is not None:
+                committed.workflow_ids.add(workflow.id)
+            self._on_commit(committed)
+        return fired
+
+    async def schedule_tasks(self, schedule_id: str, limit: int, offset: int) -> tuple[list[TaskRecord], int]:
+        await self.flush()
+
+        def run(cur: duckdb.DuckDBPyConnection) -> tuple[list[TaskRecord], int]:
+            result = cur.execute(Q["schedule_tasks"], [schedule_id, limit, offset])
+            columns = [d[0] for d in result.description]  # type: ignore[union-attr]
+            tasks = [_task_from_row(columns, row) for row in result.fetchall()]
+            total = cur.execute(Q["count_schedule_tasks"], [schedule_id]).fetchone()[0]  # type: ignore[index]
+            return tasks, int(total)
+
+        return await self._read(run)
+
     async def count_rows(self) -> dict[str, int]:
         tables = [
             "workflow_executions",
@@ -704,6 +873,8 @@ class DuckDBStore:
             "task_results",
             "notifications",
             "token_usage",
+            "scheduled_tasks",
+            "schedule_fires",
         ]
 
         def run(cur: duckdb.DuckDBPyConnection) -> dict[str, int]:

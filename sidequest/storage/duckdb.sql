@@ -98,3 +98,47 @@ FROM token_usage WHERE task_id = ANY($1) GROUP BY task_id;
 -- task_counts --
 -- Tasks by status across every scope (sidequest status).
 SELECT status, count(*) FROM task_executions GROUP BY status;
+
+-- get_schedule --
+-- One schedule by id.
+SELECT * FROM scheduled_tasks WHERE id = $1;
+
+-- list_schedules --
+-- Schedules of a scope (or all, when $1 is null), newest first, paged.
+SELECT * FROM scheduled_tasks
+WHERE $1 IS NULL OR scope = $1
+ORDER BY created_at DESC, id
+LIMIT $2 OFFSET $3;
+
+-- count_schedules_in --
+-- How many schedules a scope (or all, when $1 is null) holds.
+SELECT count(*) FROM scheduled_tasks WHERE $1 IS NULL OR scope = $1;
+
+-- due_schedules --
+-- Enabled schedules due at or before $1, oldest due first (reads the next_run_at index).
+SELECT * FROM scheduled_tasks
+WHERE next_run_at <= $1 AND enabled AND finished_at IS NULL
+ORDER BY next_run_at, id
+LIMIT $2;
+
+-- queued_schedules --
+-- Enabled schedules holding a run queued behind an unfinished one (overlap = queue).
+SELECT * FROM scheduled_tasks
+WHERE queued_run_at IS NOT NULL AND enabled AND finished_at IS NULL;
+
+-- next_due --
+-- When the scheduler must next wake.
+SELECT min(next_run_at) FROM scheduled_tasks WHERE enabled AND finished_at IS NULL;
+
+-- claim_fire --
+-- The fire key: one row per (schedule, due time); nothing returned means it was already fired.
+INSERT INTO schedule_fires (schedule_id, due_at, task_id, fired_at) VALUES ($1, $2, $3, $4)
+ON CONFLICT DO NOTHING RETURNING schedule_id;
+
+-- schedule_tasks --
+-- The tasks a schedule started, newest first, paged.
+SELECT * FROM task_executions WHERE schedule_id = $1 ORDER BY created_at DESC, seq DESC LIMIT $2 OFFSET $3;
+
+-- count_schedule_tasks --
+-- How many tasks a schedule started.
+SELECT count(*) FROM task_executions WHERE schedule_id = $1;
