@@ -93,7 +93,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "serve":
             settings = _with_http_overrides(settings, args.host, args.port)
             _check_bind(settings.http.host, args.allow_remote)
-            runner = (lambda: run.detach(settings)) if args.detach else (lambda: run.serve(settings))
+            serve_args = _serve_args(args)
+            runner = (
+                (lambda: run.detach(settings, serve_args)) if args.detach else (lambda: run.serve(settings))
+            )
         elif args.command == "stdio":
             runner = (
                 (lambda: run.stdio_embedded(settings))
@@ -129,6 +132,13 @@ def _setup_logging() -> None:
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
+def _serve_args(args: argparse.Namespace) -> list[str]:
+    """What `serve --detach` hands to the daemon it starts."""
+    extra = ["--host", args.host] if args.host else []
+    extra += ["--port", str(args.port)] if args.port is not None else []
+    return extra + (["--allow-remote"] if args.allow_remote else [])
+
+
 def _check_bind(host: str, allow_remote: bool) -> None:
     """Anyone who can reach the port and read the token can run agents; say it out loud."""
     if host in _LOOPBACK or host.startswith("127."):
@@ -137,6 +147,11 @@ def _check_bind(host: str, allow_remote: bool) -> None:
         raise ConfigError(
             f"host {host!r} is reachable from other computers; pass --allow-remote to bind it anyway "
             "(or use 127.0.0.1)"
+        )
+    if host in ("0.0.0.0", "::", ""):
+        raise ConfigError(
+            f"host {host!r} means every interface, but requests are only accepted for the name the "
+            "daemon is bound to; bind the one address clients will use (e.g. --host 192.168.1.5)"
         )
     log.warning(
         "binding %s: other computers can reach this daemon; anyone holding the token can run agents", host

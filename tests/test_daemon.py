@@ -272,9 +272,12 @@ async def test_status_reports_the_daemon(home: Path, tmp_path: Path) -> None:
 
 
 def test_binding_a_public_address_needs_a_flag(home: Path) -> None:
-    refused = sidequest_cli(home, "serve", "--host", "0.0.0.0", timeout=30)
+    refused = sidequest_cli(home, "serve", "--host", "192.0.2.1", timeout=30)
     assert refused.returncode == 2
     assert "--allow-remote" in refused.stderr
+    wildcard = sidequest_cli(home, "serve", "--host", "0.0.0.0", "--allow-remote", timeout=30)
+    assert wildcard.returncode == 2
+    assert "every interface" in wildcard.stderr
     assert not daemon_alive(home)
 
 

@@ -95,7 +95,17 @@ class DaemonLock:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 return None
             raise
-        return cls(fd, path)
+        lock = cls(fd, path)
+        # A fork (multiprocessing in an agent) shares the lock; a child outliving us must not
+        # keep it, or no daemon could start until that child ends. exec already closes it.
+        os.register_at_fork(after_in_child=lock._close_in_child)
+        return lock
+
+    def _close_in_child(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -153,13 +163,19 @@ def read_state(home: Path) -> DaemonState | None:
     return None
 
 
+def http_client(timeout: float) -> httpx2.AsyncClient:
+    """Never through a proxy from the environment: it would see the bearer token."""
+    return httpx2.AsyncClient(timeout=timeout, trust_env=False)
+
+
 async def healthy(state: DaemonState, timeout: float = 2.0) -> bool:
+    """The daemon answers, and it is the one the state file names (not whoever has the port now)."""
     try:
-        async with httpx2.AsyncClient(timeout=timeout) as http:
+        async with http_client(timeout) as http:
             response = await http.get(state.url + "/health")
-    except httpx2.HTTPError:
+        return response.status_code == 200 and response.json().get("pid") == state.pid
+    except (httpx2.HTTPError, ValueError, AttributeError):
         return False
-    return response.status_code == 200 and response.json().get("pid") == state.pid
 
 
 async def find_daemon(home: Path) -> DaemonState | None:
@@ -193,14 +209,16 @@ async def _start_lock(home: Path) -> AsyncIterator[None]:
         os.close(fd)
 
 
-def daemon_command(config_path: str | Path | None) -> list[str]:
-    command = [sys.executable, "-m", "sidequest.cli", "serve"]
+def daemon_command(config_path: str | Path | None, serve_args: list[str] | None = None) -> list[str]:
+    command = [sys.executable, "-m", "sidequest.cli", "serve", *(serve_args or [])]
     if config_path:
         command += ["--config", str(Path(config_path).expanduser().resolve())]
     return command
 
 
-def spawn_daemon(settings: Settings, config_path: str | Path | None) -> subprocess.Popen[bytes]:
+def spawn_daemon(
+    settings: Settings, config_path: str | Path | None, serve_args: list[str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start `sidequest serve` detached: its own session, no terminal, output to daemon.log."""
     home = settings.home
     home.mkdir(parents=True, exist_ok=True)
@@ -209,7 +227,7 @@ def spawn_daemon(settings: Settings, config_path: str | Path | None) -> subproce
     log_fd = os.open(home / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         return subprocess.Popen(
-            daemon_command(config_path),
+            daemon_command(config_path, serve_args),
             stdin=subprocess.DEVNULL,
             stdout=log_fd,
             stderr=log_fd,
@@ -229,7 +247,9 @@ def _log_tail(home: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-async def ensure_daemon(settings: Settings, config_path: str | Path | None = None) -> DaemonState:
+async def ensure_daemon(
+    settings: Settings, config_path: str | Path | None = None, serve_args: list[str] | None = None
+) -> DaemonState:
     """The live daemon for `settings.home`, started (detached) if none answers."""
     home = settings.home
     found = await find_daemon(home)
@@ -240,15 +260,17 @@ async def ensure_daemon(settings: Settings, config_path: str | Path | None = Non
         if found is not None:
             return found
         if daemon_alive(home):
-            # Holding the lock but not answering: starting, or wedged. Give it the start timeout.
-            state = await _wait_for_state(home, None, START_TIMEOUT)
+            # Holding the lock but not answering: starting, draining after a stop, or wedged.
+            state = await _wait_for_state(home, None, START_TIMEOUT + settings.shutdown_grace)
             if state is not None:
                 return state
-            raise Unavailable(
-                f"a sidequest daemon holds {home / LOCK_FILE} but does not answer; see {home / LOG_FILE}, "
-                "or stop it with `sidequest stop`"
-            )
-        child = spawn_daemon(settings, config_path)
+            if daemon_alive(home):
+                raise Unavailable(
+                    f"a sidequest daemon holds {home / LOCK_FILE} but does not answer; see "
+                    f"{home / LOG_FILE}, or stop it with `sidequest stop`"
+                )
+            # It finished stopping while we waited: start the next one.
+        child = spawn_daemon(settings, config_path, serve_args)
         log.info("started the sidequest daemon (pid %d) for %s", child.pid, home)
         state = await _wait_for_state(home, child, START_TIMEOUT)
         if state is None:
@@ -271,17 +293,29 @@ async def _wait_for_state(
             return state
         if child is not None and child.poll() is not None:
             return None
+        if child is None and not daemon_alive(home):
+            return None  # the one we waited for let go (a stop's drain ended)
         await anyio.sleep(0.03)
     return None
 
 
-async def stop_daemon(home: Path, timeout: float = 30.0) -> DaemonState | None:
+async def stop_daemon(
+    home: Path, timeout: float = 30.0, expected_pid: int | None = None
+) -> DaemonState | None:
     """SIGTERM the daemon and wait until it let go of the data dir; the state it had, or None."""
     state = read_state(home)
     if state is None:
         if daemon_alive(home):
             raise Unavailable(f"a daemon holds {home / LOCK_FILE} but left no {STATE_FILE}; find it with ps")
         return None
+    if expected_pid is not None and state.pid != expected_pid:
+        return None  # another daemon took over since the caller looked: not ours to stop
+    if not await healthy(state):
+        # Never signal a pid we cannot confirm: it may have been recycled by an unrelated process.
+        raise Unavailable(
+            f"the daemon recorded in {home / STATE_FILE} (pid {state.pid}) does not answer; if it is "
+            "wedged, kill it by hand"
+        )
     try:
         os.kill(state.pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -323,7 +357,7 @@ class DaemonLocator:
         state = await ensure_daemon(self.settings, self.config_path) if start else await find_daemon(home)
         if state is None:
             raise Unavailable(f"no sidequest daemon is running for {home}")
-        if state.pid not in self._checked:
+        if start and state.pid not in self._checked:  # the event relay (start=False) never restarts
             self._checked.add(state.pid)
             if state.version != __version__:
                 state = await self._on_version_mismatch(state)
@@ -340,7 +374,7 @@ class DaemonLocator:
                 state.version,
                 __version__,
             )
-            await stop_daemon(self.settings.home)
+            await stop_daemon(self.settings.home, expected_pid=state.pid)
             return await ensure_daemon(self.settings, self.config_path)
         self.version_warning = (
             f"the sidequest daemon (pid {state.pid}) runs version {state.version} but this client is "
@@ -354,7 +388,7 @@ class DaemonLocator:
 async def _running_count(state: DaemonState) -> int | None:
     """Attempts running in that daemon; None when it cannot tell (treated as busy)."""
     try:
-        async with httpx2.AsyncClient(timeout=5.0) as http:
+        async with http_client(5.0) as http:
             response = await http.get(
                 state.url + "/api/v1/daemon", headers={"Authorization": f"Bearer {state.token}"}
             )

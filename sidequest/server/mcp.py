@@ -276,9 +276,17 @@ class Backend(Protocol):
     async def schedule_runs(self, schedule_id: str, limit: int = 20, offset: int = 0) -> ScheduleRuns: ...
 
 
-def build_server(engine: Backend, default_scope: str) -> MCPServer:
-    """The MCP server over an engine (or the daemon's client); `default_scope` is this client's project."""
-    engine.trust_project(default_scope)
+def build_server(
+    engine: Backend, default_scope: str, *, trusted: bool = True, notice: str | None = None
+) -> MCPServer:
+    """The MCP server over an engine (or the daemon's client); `default_scope` is this client's project.
+
+    `trusted=False` when the scope is not a project a user connected from (the daemon's own
+    /mcp, whose working directory is the data dir): agents may then not work in it.
+    `notice` is added to the instructions the client's model reads (a version mismatch).
+    """
+    if trusted:
+        engine.trust_project(default_scope)
     bus = InMemorySubscriptionBus()
 
     @asynccontextmanager
@@ -289,7 +297,7 @@ def build_server(engine: Backend, default_scope: str) -> MCPServer:
     server = MCPServer(
         "sidequest",
         version=__version__,
-        instructions=INSTRUCTIONS,
+        instructions=INSTRUCTIONS + (f"\nNOTE: {notice}\n" if notice else ""),
         lifespan=lifespan,
         subscriptions=bus,
     )

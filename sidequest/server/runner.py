@@ -110,12 +110,13 @@ async def stdio_front(settings: Settings) -> None:
     from sidequest.server.mcp import build_server
 
     project = _default_scope()
-    async with DaemonClient(DaemonLocator(settings), project) as client:
+    locator = DaemonLocator(settings)
+    async with DaemonClient(locator, project) as client:
         try:
             endpoint = await client.connect()
         except Unavailable as exc:
             raise Fatal(str(exc)) from exc
-        server = build_server(client, project)
+        server = build_server(client, project, notice=locator.version_warning)
         async with anyio.create_task_group() as tg:
             await tg.start(_stop_on_signal, tg.cancel_scope)
             tg.start_soon(client.relay_events)
@@ -240,7 +241,9 @@ async def serve(settings: Settings) -> None:
         with _startup_errors(), sock:
             async with engine.running():
                 rest = build_rest_app(engine, daemon_status)
-                app = build_app(build_server(engine, _default_scope()), token, host, rest)
+                # HTTP MCP clients share the daemon's scope, which is no project anyone connected from.
+                mcp = build_server(engine, _default_scope(), trusted=False)
+                app = build_app(mcp, token, host, rest)
                 config = uvicorn.Config(
                     app,
                     log_level="warning",
@@ -268,12 +271,12 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
-async def detach(settings: Settings) -> None:
+async def detach(settings: Settings, serve_args: list[str]) -> None:
     from sidequest.engine.errors import Unavailable
     from sidequest.server.daemon import LOG_FILE, ensure_daemon
 
     try:
-        state = await ensure_daemon(settings)
+        state = await ensure_daemon(settings, serve_args=serve_args)
     except Unavailable as exc:
         raise Fatal(str(exc)) from exc
     print(
@@ -283,6 +286,15 @@ async def detach(settings: Settings) -> None:
         f"  stop it: sidequest stop",
         file=sys.stderr,
     )
+    wanted = settings.http
+    if (wanted.port and wanted.port != state.port) or state.host != wanted.host:
+        log.warning(
+            "the running daemon listens on %s:%d, not the %s:%d asked for; `sidequest stop` to change it",
+            state.host,
+            state.port,
+            wanted.host,
+            wanted.port,
+        )
 
 
 async def stop(settings: Settings) -> None:
@@ -364,8 +376,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise Fatal(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
+    return sock  # not inheritable: an agent's child outliving us must not keep the port
 
 
 async def _announce(server: QuietUvicorn, state: DaemonState, engine: Engine) -> None:
