@@ -51,6 +51,7 @@ DUE_BATCH = 100
 MAX_SLEEP = 3600.0
 """Wake at least hourly, so a wall clock stepped forward (suspend, NTP) is noticed."""
 _FORBIDDEN_OPTIONS = ("workflow_id", "idempotency_key", "delay", "not_before")
+_STORED = ScheduleConfig(allow_seconds=True)
 
 
 # ---- time ------------------------------------------------------------------------
@@ -84,7 +85,9 @@ class SystemClock:
 class Cron:
     """A validated cron expression in a time zone; all times in and out are UTC."""
 
-    def __init__(self, expr: str, timezone: str, config: ScheduleConfig) -> None:
+    def __init__(
+        self, expr: str, timezone: str, config: ScheduleConfig, *, check_interval: bool = True
+    ) -> None:
         fields = expr.split()
         self.seconds = len(fields) == 6
         if len(fields) not in (5, 6) or (self.seconds and not config.allow_seconds):
@@ -105,7 +108,7 @@ class Cron:
             croniter(self.expr, datetime.now(self.zone), second_at_beginning=self.seconds)
         except (CroniterError, ValueError, KeyError) as exc:
             raise InvalidRequest(f"cron {expr!r} is not valid: {exc}") from exc
-        gap = self._shortest_gap()
+        gap = self._shortest_gap() if check_interval else None
         if gap is not None and gap < config.min_interval:
             raise InvalidRequest(
                 f"cron {expr!r} fires every {gap:g}s; the shortest interval allowed is "
@@ -162,6 +165,7 @@ class Scheduler:
         self.clock: Clock = clock or SystemClock()
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
+        self._crons: dict[tuple[str, str], Cron] = {}
 
     # ---- the loop ----------------------------------------------------------
 
@@ -302,8 +306,18 @@ class Scheduler:
         return Cron(expr, timezone, self.config)
 
     def _stored_cron(self, s: ScheduleRecord) -> Cron:
-        """A stored expression was validated when written; a later, stricter config must not break it."""
-        return Cron(s.cron, s.timezone, ScheduleConfig(allow_seconds=True, min_interval=1e-6))
+        """A stored expression was validated when written; a later, stricter config must not break it.
+
+        Cached: parsing and the zone lookup cost more than the fire itself at thousands of schedules.
+        """
+        key = (s.cron, s.timezone)
+        cron = self._crons.get(key)
+        if cron is None:
+            if len(self._crons) > 10_000:
+                self._crons.clear()
+            cron = Cron(s.cron, s.timezone, _STORED, check_interval=False)
+            self._crons[key] = cron
+        return cron
 
     def _check_options(self, options: TaskOptions | None) -> TaskOptions:
         options = options or TaskOptions()
