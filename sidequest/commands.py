@@ -1,4 +1,5 @@
-"""The user's commands against the shared daemon: submit, tasks, show, cancel, notifications, agents.
+"""The user's commands against the shared daemon: submit, tasks, show, cancel, notifications, agents,
+and cron schedules (schedule, schedules, schedule-show, pause, resume, unschedule).
 
 They speak to the daemon through `DaemonClient`, the same API the MCP tools use, so a task
 submitted here is the task a model sees, with the same validation and the same messages.
@@ -17,7 +18,8 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
+from zoneinfo import ZoneInfo
 
 import anyio
 from pydantic import BaseModel, Field, ValidationError
@@ -30,9 +32,17 @@ from sidequest.engine.errors import EngineError, NotFound
 from sidequest.models import (
     AgentList,
     CancelResult,
+    Misfire,
     NotificationPage,
+    Overlap,
     ResultPage,
     RetryBackoff,
+    ScheduleCreated,
+    ScheduleInfo,
+    SchedulePage,
+    ScheduleRuns,
+    ScheduleSpec,
+    ScheduleUpdate,
     TaskInfo,
     TaskOptions,
     TaskStatus,
@@ -43,7 +53,22 @@ from sidequest.models import (
 if TYPE_CHECKING:
     from sidequest.server.client import DaemonClient
 
-COMMANDS: frozenset[str] = frozenset({"submit", "tasks", "show", "cancel", "notifications", "agents"})
+COMMANDS: frozenset[str] = frozenset(
+    {
+        "submit",
+        "tasks",
+        "show",
+        "cancel",
+        "notifications",
+        "agents",
+        "schedule",
+        "schedules",
+        "schedule-show",
+        "pause",
+        "resume",
+        "unschedule",
+    }
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -61,6 +86,7 @@ STATUS_STYLE: dict[str, str] = {
     "failed": "bold red",
     "cancelled": "dim",
 }
+SCHEDULE_STYLE: dict[str, str] = {"active": "green", "paused": "yellow", "finished": "dim"}
 KIND_STYLE: dict[str, str] = {
     "task_completed": "green",
     "task_failed": "bold red",
@@ -76,6 +102,8 @@ MAX_NOTIFICATIONS = 200
 WAIT_POLL_MAX = 1.0
 PARALLEL_FETCHES = 8
 """`tasks` reads each workflow's tasks separately; a few at a time keeps long lists quick."""
+MAX_RUNS_SHOWN = 100
+"""Largest page of a schedule's runs the REST API serves."""
 
 
 class UsageError(Exception):
@@ -96,6 +124,13 @@ class TaskListing(BaseModel):
 
     tasks: list[TaskInfo]
     truncated: bool = Field(default=False, description="more tasks matched than --limit allowed")
+
+
+class ScheduleDetail(BaseModel):
+    """`schedule-show sch_… --json`: the schedule and its newest runs in one document."""
+
+    schedule: ScheduleInfo
+    runs: ScheduleRuns
 
 
 # ---- argument parsing ---------------------------------------------------------------------------
@@ -135,8 +170,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     tasks.add_argument("--all-scopes", action="store_true", help="every project, not only this one")
     tasks.add_argument("--limit", type=_positive_int, default=50, help="show at most N tasks (default 50)")
 
-    show = add("show", "show a task (and its result) or a workflow (and its tasks)")
-    show.add_argument("id", metavar="ID", help="a task id (t_…) or workflow id (wf_…)")
+    show = add(
+        "show", "show a task (and its result), a workflow (and its tasks) or a schedule (and its runs)"
+    )
+    show.add_argument("id", metavar="ID", help="a task id (t_…), workflow id (wf_…) or schedule id (sch_…)")
 
     cancel = add("cancel", "cancel a task, or every unfinished task of a workflow")
     cancel.add_argument("id", metavar="ID", help="a task id (t_…) or workflow id (wf_…)")
@@ -150,6 +187,70 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
 
     add("agents", "list the agents this project may launch")
+
+    schedule = add(
+        "schedule",
+        "run an agent on a cron schedule",
+        epilog=(
+            "CRON has 5 fields: minute hour day-of-month month day-of-week, e.g. '0 9 * * 1-5' "
+            "(weekdays at 09:00) or '*/15 * * * *' (every 15 minutes); 6 with seconds first when the "
+            "config sets [schedules] allow_seconds. Fire times follow --tz, daylight saving included. "
+            "Each run is a task with the --option values (as for submit; workflow_id, idempotency_key, "
+            "delay and not_before are not allowed)."
+        ),
+    )
+    schedule.add_argument("agent", metavar="AGENT", help="agent name (see `sidequest agents`)")
+    schedule.add_argument("prompt", metavar="PROMPT", help="what each run should do; '-' reads it from stdin")
+    schedule.add_argument("--cron", required=True, metavar="EXPR", help="when to run (quote it)")
+    schedule.add_argument(
+        "--tz", default="UTC", metavar="ZONE", help="IANA time zone of EXPR, e.g. Europe/Berlin (default UTC)"
+    )
+    schedule.add_argument("--name", help="a name to recognise it by (default: the agent's)")
+    schedule.add_argument(
+        "--overlap",
+        choices=get_args(Overlap),
+        default="skip",
+        help="a run is due while the previous one is unfinished: skip it (default), queue it, or allow both",
+    )
+    schedule.add_argument(
+        "--misfire",
+        choices=get_args(Misfire),
+        default="run_once",
+        help="runs missed while sidequest was down: one catch-up run (run_once, default) or none (skip)",
+    )
+    schedule.add_argument(
+        "--start-at",
+        type=_iso_time,
+        metavar="ISO",
+        help="no runs before this time (in --tz if no zone given)",
+    )
+    schedule.add_argument(
+        "--end-at", type=_iso_time, metavar="ISO", help="no runs after this time (in --tz if no zone given)"
+    )
+    schedule.add_argument("--max-runs", type=_positive_int, metavar="N", help="finish after N runs")
+    schedule.add_argument(
+        "-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="a task option (repeatable)"
+    )
+
+    schedules = add("schedules", "list this project's schedules")
+    schedules.add_argument("--all-scopes", action="store_true", help="every project, not only this one")
+
+    schedule_show = add("schedule-show", "show a schedule and its latest runs")
+    schedule_show.add_argument("id", metavar="ID", help="a schedule id (sch_…)")
+    schedule_show.add_argument(
+        "--runs",
+        type=_positive_int_upto(MAX_RUNS_SHOWN),
+        default=20,
+        metavar="N",
+        help=f"show the newest N runs (default 20, at most {MAX_RUNS_SHOWN})",
+    )
+
+    pause = add("pause", "pause a schedule: no runs until it is resumed")
+    pause.add_argument("id", metavar="ID", help="a schedule id (sch_…)")
+    resume = add("resume", "resume a paused schedule from its next fire time (missed runs are not made up)")
+    resume.add_argument("id", metavar="ID", help="a schedule id (sch_…)")
+    unschedule = add("unschedule", "delete a schedule (runs already started go on)")
+    unschedule.add_argument("id", metavar="ID", help="a schedule id (sch_…)")
 
 
 def _positive_int(text: str) -> int:
@@ -170,6 +271,16 @@ def _positive_int_upto(maximum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _iso_time(text: str) -> datetime:
+    """Parsed here so a typo is a usage error; a time without a zone is completed later, in --tz."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time such as 2030-01-31T09:00 or 2030-01-31T09:00+01:00, got {text!r}"
+        ) from None
 
 
 def _cursor(text: str) -> int:
@@ -455,7 +566,8 @@ async def _tasks(args: argparse.Namespace, settings: Settings, out: Output) -> i
         hint = "" if args.all else " (--all includes finished ones)"
         out.print(Text(f"no {'' if args.all else 'active '}tasks in {where}{hint}", style="dim"))
         return EXIT_OK
-    out.print(_task_table(listing.tasks, workflow=True, scope=args.all_scopes))
+    schedule = any(t.schedule_id for t in listing.tasks)
+    out.print(_task_table(listing.tasks, workflow=True, scope=args.all_scopes, schedule=schedule))
     if listing.truncated:
         out.note(f"showing the newest {len(listing.tasks)}; --limit N shows more")
     return EXIT_OK
@@ -517,6 +629,8 @@ async def _tasks_of(client: DaemonClient, workflows: list[WorkflowInfo]) -> list
 
 
 async def _show(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    if args.id.startswith("sch_"):
+        return await _schedule_show(args, settings, out)
     async with _connect(settings, args.config) as client:
         found = await _lookup(client, args.id)
         if isinstance(found, WorkflowInfo):
@@ -662,6 +776,228 @@ def _print_agents(out: Output, listing: AgentList) -> None:
         out.print(Text(f"broken agent file {problem.file}: {problem.error}", style="red"), soft_wrap=True)
 
 
+# ---- schedules ------------------------------------------------------------------------------------
+
+
+def _in_zone(when: datetime | None, zone: str) -> datetime | None:
+    """A time typed without a zone means wall-clock time where the schedule runs, as its cron does.
+
+    An unknown zone is left for the daemon to report (with the message every surface gives).
+    """
+    if when is None or when.tzinfo is not None:
+        return when
+    try:
+        return when.replace(tzinfo=ZoneInfo(zone))
+    except (LookupError, ValueError, OSError):
+        return when
+
+
+async def _schedule(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    options = parse_options(args.option) if args.option else None
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UsageError(
+            "the prompt is empty; say what each run should do"
+            + (" (stdin was empty)" if args.prompt == "-" else "")
+        )
+    try:
+        spec = ScheduleSpec(
+            agent_definition=args.agent,
+            prompt=prompt,
+            cron=args.cron,
+            timezone=args.tz,
+            name=args.name,
+            options=options,
+            overlap=args.overlap,
+            misfire=args.misfire,
+            start_at=_in_zone(args.start_at, args.tz),
+            end_at=_in_zone(args.end_at, args.tz),
+            max_runs=args.max_runs,
+        )
+    except ValidationError as exc:
+        raise UsageError(_spec_errors(exc)) from None
+    async with _connect(settings, args.config) as client:
+        created = await client.schedule_task(spec)
+    if out.as_json:
+        out.emit(created)
+    else:
+        _print_created(out, created, args.tz)
+    return EXIT_OK
+
+
+_SPEC_FLAGS = {"agent_definition": "AGENT", "prompt": "PROMPT", "cron": "--cron", "timezone": "--tz"}
+
+
+def _spec_errors(exc: ValidationError) -> str:
+    """Pydantic's locations renamed to the flags the user typed (--start-at, not start_at)."""
+    messages = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        flag = _SPEC_FLAGS.get(field, "--" + field.replace("_", "-"))
+        messages.append(f"{flag}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(messages)
+
+
+def _print_created(out: Output, created: ScheduleCreated, zone: str) -> None:
+    out.print(Text.assemble("scheduled ", (created.schedule_id, "bold")), soft_wrap=True)
+    for warning in created.warnings:
+        out.warn(warning)
+    if created.next_runs:
+        out.print(Text("next runs:", style="bold"))
+        for when in created.next_runs:
+            out.print(Text(f"  {_zoned(when, zone)}"), soft_wrap=True)
+    out.note(f"follow it with: sidequest schedule-show {created.schedule_id}")
+
+
+async def _schedules(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    async with _connect(settings, args.config) as client:
+        schedules: list[ScheduleInfo] = []
+        offset: int | None = 0
+        while offset is not None:
+            page = await client.list_schedules(all_scopes=args.all_scopes, limit=PAGE_SIZE, offset=offset)
+            schedules += page.schedules
+            offset = page.next_offset
+    unique = list({s.schedule_id: s for s in schedules}.values())  # one may move between two pages
+    if out.as_json:
+        out.emit(SchedulePage(schedules=unique, total=len(unique)))
+        return EXIT_OK
+    if not unique:
+        where = "any project" if args.all_scopes else _project()
+        out.print(Text(f"no schedules in {where}", style="dim"))
+        return EXIT_OK
+    out.print(_schedule_table(unique, scope=args.all_scopes))
+    return EXIT_OK
+
+
+def _schedule_table(schedules: list[ScheduleInfo], scope: bool) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("SCHEDULE", overflow="fold")
+    table.add_column("NAME", overflow="fold")
+    table.add_column("AGENT", overflow="fold")
+    table.add_column("CRON", no_wrap=True)
+    table.add_column("TZ", overflow="fold")
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("NEXT RUN", no_wrap=True)
+    table.add_column("LAST RUN", no_wrap=True)
+    table.add_column("LAST STATUS", no_wrap=True)
+    table.add_column("RUNS", justify="right", no_wrap=True)
+    if scope:
+        table.add_column("SCOPE", overflow="fold")
+    for s in schedules:
+        row: list[Any] = [
+            s.schedule_id,
+            Text(s.name),
+            s.agent,
+            Text(s.cron),
+            s.timezone,
+            Text(s.state, style=SCHEDULE_STYLE.get(s.state, "")),
+            _ago(s.next_run_at),
+            _ago(s.last_run_at),
+            _status(s.last_status.value) if s.last_status else "-",
+            str(s.runs) if s.max_runs is None else f"{s.runs}/{s.max_runs}",
+        ]
+        if scope:
+            row.append(s.scope)
+        table.add_row(*row)
+    return table
+
+
+async def _schedule_show(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    async with _connect(settings, args.config) as client:
+        detail = await _schedule_detail(client, args.id, getattr(args, "runs", 20))
+    if out.as_json:
+        out.emit(detail)
+    else:
+        _print_schedule(out, detail)
+    return EXIT_OK
+
+
+async def _schedule_detail(client: DaemonClient, schedule_id: str, runs: int) -> ScheduleDetail:
+    schedule = await client.get_schedule(schedule_id)
+    return ScheduleDetail(schedule=schedule, runs=await client.schedule_runs(schedule_id, limit=runs))
+
+
+def _print_schedule(out: Output, detail: ScheduleDetail) -> None:
+    s = detail.schedule
+    grid = _Fields()
+    grid.add_row("schedule", s.schedule_id)
+    grid.add_row("name", Text(s.name))
+    grid.add_row("agent", s.agent)
+    grid.add_row("cron", Text(f"{s.cron}  ({s.timezone})"))
+    grid.add_row("state", Text(s.state, style=SCHEDULE_STYLE.get(s.state, "")))
+    grid.add_row("scope", s.scope)
+    grid.add_row("overlap", s.overlap)
+    grid.add_row("misfire", s.misfire)
+    if s.start_at is not None:
+        grid.add_row("start at", _zoned(s.start_at, s.timezone))
+    if s.end_at is not None:
+        grid.add_row("end at", _zoned(s.end_at, s.timezone))
+    grid.add_row("runs", str(s.runs) if s.max_runs is None else f"{s.runs} of {s.max_runs}")
+    if s.last_run_at is not None:
+        status = f" ({s.last_status.value})" if s.last_status else ""
+        grid.add_row(
+            "last run", Text(f"{_zoned(s.last_run_at, s.timezone)}: {s.last_task_id or '-'}{status}")
+        )
+    if s.queued_run_at is not None:
+        grid.add_row("queued", _zoned(s.queued_run_at, s.timezone))
+    if s.last_error:
+        grid.add_row("last error", Text(s.last_error, style="red"))
+    if s.options:
+        grid.add_row("options", Text(json.dumps(s.options, ensure_ascii=False)))
+    grid.add_row("created", _when(s.created_at))
+    grid.add_row("prompt", Text(s.prompt))
+    grid.render(out)
+    if s.next_runs:
+        out.print()
+        out.print(Text("next runs:", style="bold"))
+        for when in s.next_runs:
+            out.print(Text(f"  {_zoned(when, s.timezone)}"), soft_wrap=True)
+    out.print()
+    if not detail.runs.tasks:
+        out.print(Text("no runs yet", style="dim"))
+        return
+    out.print(Text(f"runs ({detail.runs.total}, newest first):", style="bold"))
+    out.print(_task_table(detail.runs.tasks, workflow=True, scope=False))
+    if detail.runs.next_offset is not None:
+        out.note(f"showing the newest {len(detail.runs.tasks)}; --runs N shows more")
+
+
+async def _pause(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    return await _set_paused(args, settings, out, paused=True)
+
+
+async def _resume(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    return await _set_paused(args, settings, out, paused=False)
+
+
+async def _set_paused(args: argparse.Namespace, settings: Settings, out: Output, paused: bool) -> int:
+    async with _connect(settings, args.config) as client:
+        info = await client.update_schedule(args.id, ScheduleUpdate(paused=paused))
+    if out.as_json:
+        out.emit(info)
+        return EXIT_OK
+    line = Text.assemble(
+        ("paused " if paused else "resumed ", ""),
+        (info.schedule_id, "bold"),
+        f" ({info.name}): ",
+        (info.state, SCHEDULE_STYLE.get(info.state, "")),
+    )
+    if info.next_run_at is not None:
+        line.append(f", next run {_zoned(info.next_run_at, info.timezone)}")
+    out.print(line, soft_wrap=True)
+    return EXIT_OK
+
+
+async def _unschedule(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    async with _connect(settings, args.config) as client:
+        deleted = await client.delete_schedule(args.id)
+    if out.as_json:
+        out.emit(deleted)
+    else:
+        out.print(Text.assemble("deleted schedule ", (deleted.schedule_id, "bold")), soft_wrap=True)
+    return EXIT_OK
+
+
 _HANDLERS: dict[str, Handler] = {
     "submit": _submit,
     "tasks": _tasks,
@@ -669,6 +1005,12 @@ _HANDLERS: dict[str, Handler] = {
     "cancel": _cancel,
     "notifications": _notifications,
     "agents": _agents,
+    "schedule": _schedule,
+    "schedules": _schedules,
+    "schedule-show": _schedule_show,
+    "pause": _pause,
+    "resume": _resume,
+    "unschedule": _unschedule,
 }
 assert set(_HANDLERS) == COMMANDS
 
@@ -704,6 +1046,18 @@ def _when(when: datetime | None) -> str:
     return f"{when.astimezone().strftime('%Y-%m-%d %H:%M:%S')} ({_ago(when)})"
 
 
+def _zoned(when: datetime, zone: str) -> str:
+    """A fire time in the schedule's zone, where its cron reads it (09:00 there, not 08:00 here)."""
+    try:
+        local = when.astimezone(ZoneInfo(zone))
+    except (LookupError, ValueError, OSError, OverflowError):
+        local = when
+    relative = _ago(when)
+    if relative[:1].isdigit() and not relative.endswith(" ago"):
+        return local.strftime("%Y-%m-%d %H:%M:%S %Z")  # over a week away: _ago gave a date, not a span
+    return f"{local.strftime('%Y-%m-%d %H:%M:%S %Z')} ({relative})"
+
+
 def _progress(task: TaskInfo) -> str:
     if task.status == TaskStatus.waiting and task.not_before is not None:
         return f"starts {_ago(task.not_before)}"
@@ -719,7 +1073,8 @@ def _progress(task: TaskInfo) -> str:
     return " ".join(parts)
 
 
-def _task_table(tasks: list[TaskInfo], workflow: bool, scope: bool) -> Table:
+def _task_table(tasks: list[TaskInfo], workflow: bool, scope: bool, schedule: bool = False) -> Table:
+    """`schedule` adds the schedule that started each task, shown only when some listed task has one."""
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("TASK", overflow="fold")
     table.add_column("AGENT", overflow="fold")
@@ -727,6 +1082,8 @@ def _task_table(tasks: list[TaskInfo], workflow: bool, scope: bool) -> Table:
     table.add_column("PROGRESS", overflow="fold")
     if workflow:
         table.add_column("WORKFLOW", overflow="fold")
+    if schedule:
+        table.add_column("SCHEDULE", overflow="fold")
     table.add_column("CREATED", no_wrap=True)
     if scope:
         table.add_column("SCOPE", overflow="fold")
@@ -734,6 +1091,8 @@ def _task_table(tasks: list[TaskInfo], workflow: bool, scope: bool) -> Table:
         row: list[Any] = [task.task_id, task.agent, _status(task.status.value), Text(_progress(task))]
         if workflow:
             row.append(task.workflow_id)
+        if schedule:
+            row.append(task.schedule_id or "-")
         row.append(_ago(task.created_at))
         if scope:
             row.append(task.scope)
@@ -860,4 +1219,12 @@ def _print_workflow(out: Output, workflow: WorkflowInfo) -> None:
         out.print(_task_table(workflow.tasks, workflow=False, scope=False))
 
 
-__all__ = ["COMMANDS", "TaskDetail", "TaskListing", "add_commands", "parse_options", "run_command"]
+__all__ = [
+    "COMMANDS",
+    "ScheduleDetail",
+    "TaskDetail",
+    "TaskListing",
+    "add_commands",
+    "parse_options",
+    "run_command",
+]

@@ -374,7 +374,17 @@ class ApiError(BaseModel):
 Overlap = Literal["skip", "queue", "allow"]
 Misfire = Literal["run_once", "skip"]
 ScheduleState = Literal["active", "paused", "finished"]
-UtcTime = Annotated[datetime, AfterValidator(lambda v: as_utc(v))]
+
+
+def _schedule_time(value: datetime) -> datetime:
+    value = as_utc(value)
+    if not 1970 <= value.year <= 9000:
+        raise ValueError("must be between the years 1970 and 9000")
+    return value
+
+
+UtcTime = Annotated[datetime, AfterValidator(_schedule_time)]
+"""A schedule's bound: UTC if no zone; a year far out is a typo (and overflows calendar math)."""
 
 
 class ScheduleSpec(_Strict):
@@ -408,6 +418,16 @@ class ScheduleSpec(_Strict):
 
 class ScheduleUpdate(_Strict):
     """`update_schedule`: only the fields given change."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        """null would mean "no value" for fields that must have one; only the bounds may be cleared."""
+        if isinstance(data, dict):
+            for key in ("paused", "prompt", "cron", "timezone", "name", "options", "overlap", "misfire"):
+                if key in data and data[key] is None:
+                    raise ValueError(f"{key} cannot be null; leave it out to keep it unchanged")
+        return data
 
     paused: bool | None = Field(default=None, description="true pauses, false resumes")
     prompt: str | None = Field(default=None, min_length=1)

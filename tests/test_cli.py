@@ -1,4 +1,4 @@
-"""The daemon's client commands (submit, tasks, show, cancel, notifications, agents) as a user runs
+"""The daemon's client commands (submit, tasks, show, cancel, notifications, agents, schedules) as a user runs
 them: `python -m sidequest.cli …` processes against one real daemon they start themselves.
 
 One daemon serves the whole module (starting one per test would dominate the run time); each test
@@ -22,11 +22,15 @@ import pytest
 from conftest import TEST_AGENTS, agents_toml
 
 import sidequest
-from sidequest.commands import TaskDetail, TaskListing, UsageError, parse_options
+from sidequest.commands import ScheduleDetail, TaskDetail, TaskListing, UsageError, parse_options
 from sidequest.models import (
     AgentList,
     CancelResult,
     NotificationPage,
+    ScheduleCreated,
+    ScheduleDeleted,
+    ScheduleInfo,
+    SchedulePage,
     TaskStatus,
     TaskSubmitted,
     WorkflowInfo,
@@ -116,7 +120,9 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
     home = base / "home"
     home.mkdir()
     config = base / "test.toml"
-    config.write_text("shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml(), encoding="utf-8")
+    settings = "shutdown_grace = 1\nlease_seconds = 5\n\n"
+    every_second = "[schedules]\nallow_seconds = true\nmin_interval = 1\n\n"  # a schedule fires within a test
+    config.write_text(settings + every_second + agents_toml(), encoding="utf-8")
     user_agents = base / "user-agents"  # not the real ~/.claude/agents
     user_agents.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(_DROPPED_ENV)}
@@ -302,6 +308,100 @@ def test_unknown_ids_fail_with_one_line(cli: Cli) -> None:
     assert missing.stdout == "" and missing_workflow.stdout == ""
     assert "t_nosuchtask" in only_line(missing.stderr)
     assert "wf_nosuchworkflow" in only_line(missing_workflow.stderr)
+
+
+def test_schedule_fires_then_pause_resume_unschedule(cli: Cli) -> None:
+    project = cli.project("schedules")
+    ticking, daily = cli.many(
+        project,
+        [
+            "schedule",
+            "echo",
+            "tick",
+            "--cron",
+            "*/1 * * * * *",
+            "--name",
+            "ticker",
+            "--max-runs",
+            "2",
+            "--json",
+        ],
+        [
+            "schedule",
+            "echo",
+            "standup",
+            "--cron",
+            "0 9 * * 1-5",
+            "--tz",
+            "Europe/Berlin",
+            "-o",
+            "priority=high",
+        ],
+    )
+    ticker = ScheduleCreated.model_validate_json(ticking.stdout).schedule_id
+    assert ticker.startswith("sch_")
+    assert "scheduled sch_" in daily.stdout
+    next_runs = [line for line in daily.stdout.splitlines() if " 09:00:00 CE" in line]  # CET or CEST
+    assert len(next_runs) == 5, daily.stdout
+    standup = daily.stdout.split("scheduled ", 1)[1].split()[0]
+
+    def fired() -> ScheduleDetail | None:
+        detail = ScheduleDetail.model_validate_json(cli(project, "schedule-show", ticker, "--json").stdout)
+        return detail if detail.runs.tasks and detail.runs.tasks[-1].status.finished else None
+
+    detail = wait_until(fired, "the every-second schedule to run once", timeout=20)
+    assert isinstance(detail, ScheduleDetail)
+    first = detail.runs.tasks[-1]
+    assert first.schedule_id == ticker and first.status == TaskStatus.completed and first.agent == "echo"
+
+    listing, table, shown, tasks = cli.many(
+        project, ["schedules", "--json"], ["schedules"], ["schedule-show", standup], ["tasks", "--all"]
+    )
+    page = SchedulePage.model_validate_json(listing.stdout)
+    by_id = {s.schedule_id: s for s in page.schedules}
+    assert set(by_id) == {ticker, standup} and page.total == 2
+    assert by_id[standup].options == {"priority": "high"} and by_id[standup].timezone == "Europe/Berlin"
+    assert by_id[ticker].name == "ticker" and by_id[ticker].runs >= 1
+    assert "ticker" in table.stdout and "0 9 * * 1-5" in table.stdout and "Europe/Berlin" in table.stdout
+    assert "standup" in shown.stdout and "no runs yet" in shown.stdout and "active" in shown.stdout
+    assert "SCHEDULE" in tasks.stdout and ticker in tasks.stdout
+
+    paused = ScheduleInfo.model_validate_json(cli(project, "pause", standup, "--json").stdout)
+    assert paused.state == "paused" and paused.next_run_at is None
+    assert "paused" in cli(project, "schedules").stdout
+    resumed = cli(project, "resume", standup).stdout
+    assert f"resumed {standup}" in resumed and "next run" in resumed
+
+    deleted, gone = cli.many(project, ["unschedule", standup, "--json"], ["unschedule", ticker])
+    assert ScheduleDeleted.model_validate_json(deleted.stdout).deleted
+    assert f"deleted schedule {ticker}" in gone.stdout
+    after, empty = cli.many(project, ["schedules", "--json"], ["schedules"])
+    assert SchedulePage.model_validate_json(after.stdout).schedules == []
+    assert "no schedules" in empty.stdout
+    missing = cli(project, "schedule-show", standup, code=1)
+    assert missing.stdout == "" and standup in only_line(missing.stderr)
+
+
+def test_schedule_mistakes_are_one_line_errors(cli: Cli) -> None:
+    project = cli.project("schedule-errors")
+    bad_cron, bad_zone, bad_option = cli.many(
+        project,
+        ["schedule", "echo", "x", "--cron", "61 * * * *"],
+        ["schedule", "echo", "x", "--cron", "0 9 * * *", "--tz", "Mars/Base"],
+        ["schedule", "echo", "x", "--cron", "0 9 * * *", "-o", "delay=5"],
+        code=1,
+    )
+    assert "is not valid" in only_line(bad_cron.stderr)
+    assert "unknown time zone 'Mars/Base'" in only_line(bad_zone.stderr)
+    assert "delay" in only_line(bad_option.stderr)
+    no_cron, bad_time = cli.many(
+        project,
+        ["schedule", "echo", "x"],
+        ["schedule", "echo", "x", "--cron", "0 9 * * *", "--start-at", "tomorrow"],
+        code=2,
+    )
+    assert "--cron" in no_cron.stderr and "ISO 8601" in bad_time.stderr
+    assert SchedulePage.model_validate_json(cli(project, "schedules", "--json").stdout).total == 0
 
 
 def test_option_parsing() -> None:

@@ -37,7 +37,8 @@ def make_env(home: Path, project: str | None = None) -> dict[str, str]:
     config = home / "test.toml"
     if not config.exists():
         home.mkdir(parents=True, exist_ok=True)
-        config.write_text("shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml(), encoding="utf-8")
+        pwd = '[agents.pwd]\nexecutor = "command"\nargv = ["pwd"]\n\n'
+        config.write_text("shutdown_grace = 1\nlease_seconds = 5\n\n" + pwd + agents_toml(), encoding="utf-8")
     env = {
         "SIDEQUEST_HOME": str(home),
         "SIDEQUEST_CONFIG": str(config),
@@ -206,6 +207,32 @@ async def test_resource_updated_reaches_a_front_from_the_daemon(home: Path, tmp_
                         if task["status"] == "completed":
                             break
                 tg.cancel_scope.cancel()
+
+
+async def test_a_model_typed_scope_does_not_widen_where_agents_run(home: Path, tmp_path: Path) -> None:
+    """The front names its own project to the daemon; a scope in the arguments stays untrusted.
+    The project path is not ASCII, as paths need not be."""
+    project = tmp_path / "projé ünïcode"
+    project.mkdir()
+    async with front(home, str(project)) as client:
+        mine = await call(client, "task_async", agent_definition="pwd", prompt="here")
+        task = await wait_task(client, mine["task_id"])
+        assert task["scope"] == str(project)
+        assert (await call(client, "get_task_result", task_id=mine["task_id"]))["content"].strip() == str(
+            project
+        )
+
+        elsewhere = await client.call_tool(
+            "task_async",
+            {"agent_definition": "pwd", "prompt": "x", "options": {"scope": "/", "cwd": "/etc"}},
+        )
+        if not elsewhere.is_error:  # accepted, then refused when it would start
+            task_id = elsewhere.structured_content["task_id"]  # type: ignore[index]
+            failed = await wait_task(client, task_id, status="failed")
+            assert "allowed" in failed["error"], failed
+            assert "/etc" not in (await call(client, "get_task_result", task_id=task_id))["content"]
+        else:
+            assert "allowed" in elsewhere.content[0].text  # type: ignore[union-attr]
 
 
 # ---- starting ----------------------------------------------------------------------

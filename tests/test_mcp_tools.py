@@ -242,6 +242,11 @@ async def test_tool_metadata_fits_claude_code(client: Client) -> None:
         "cancel_task",
         "get_workflow_history",
         "list_agents",
+        "schedule_task",
+        "list_schedules",
+        "update_schedule",
+        "delete_schedule",
+        "get_schedule_runs",
     }
     for tool in tools.values():
         assert tool.description and len(tool.description.encode()) < 2048, tool.name
@@ -251,6 +256,8 @@ async def test_tool_metadata_fits_claude_code(client: Client) -> None:
     assert tools["cancel_task"].annotations.destructive_hint is True  # type: ignore[union-attr]
     assert tools["task_async"].annotations.read_only_hint is False  # type: ignore[union-attr]
     assert tools["task_async"].annotations.idempotent_hint is False  # type: ignore[union-attr]
+    assert tools["delete_schedule"].annotations.destructive_hint is True  # type: ignore[union-attr]
+    assert tools["list_schedules"].annotations.read_only_hint is True  # type: ignore[union-attr]
     assert len(INSTRUCTIONS.encode()) < 2048
 
 

@@ -11,8 +11,10 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import anyio
 import httpx2
@@ -28,7 +30,7 @@ from schemathesis.engine import events as engine_events
 from starlette.applications import Starlette
 
 import sidequest
-from sidequest.config import Settings
+from sidequest.config import ScheduleConfig, Settings
 from sidequest.engine.engine import Engine
 from sidequest.models import DaemonStatus, utcnow
 from sidequest.server.rest import (
@@ -72,6 +74,17 @@ def serving_app(engine: Engine, port: int) -> tuple[Starlette, FastAPI]:
 
     rest = build_rest_app(engine, status)
     return Starlette(routes=[rest_mount(rest)]), rest
+
+
+@pytest.fixture
+def schedule_config() -> ScheduleConfig:
+    """The [schedules] config of `live`; a test parametrizes it to allow second-level crons."""
+    return ScheduleConfig()
+
+
+@pytest.fixture
+def settings(settings: Settings, schedule_config: ScheduleConfig) -> Settings:
+    return settings.model_copy(update={"schedules": schedule_config})
 
 
 @dataclass
@@ -347,6 +360,148 @@ async def test_notifications_follow_the_project(http: httpx2.AsyncClient, tmp_pa
     assert (await http.get("/notifications")).json()["notifications"] == []
     assert len((await http.get("/notifications", headers=elsewhere)).json()["notifications"]) == 1
     assert len((await http.get("/notifications", params={"all_scopes": True})).json()["notifications"]) == 1
+
+
+# ---- schedules ------------------------------------------------------------------------------
+
+EVERY_SECOND = ScheduleConfig(allow_seconds=True, min_interval=1)
+
+
+def schedule_body(**fields: Any) -> dict[str, Any]:
+    return {"agent_definition": "echo", "prompt": "tick", "cron": "0 9 * * 1-5", **fields}
+
+
+def wall_clock(times: list[str], zone: str) -> set[tuple[int, int]]:
+    return {(t.hour, t.minute) for t in (datetime.fromisoformat(r).astimezone(ZoneInfo(zone)) for r in times)}
+
+
+async def test_schedule_create_list_get_patch_runs_delete(http: httpx2.AsyncClient, tmp_path: Path) -> None:
+    created = await http.post(
+        "/schedules", json=schedule_body(name="standup", timezone="Europe/Berlin", max_runs=10)
+    )
+    assert created.status_code == 201, created.text
+    sid = created.json()["schedule_id"]
+    assert sid.startswith("sch_")
+    next_runs = created.json()["next_runs"]
+    assert len(next_runs) == 5 and next_runs == sorted(next_runs)
+    assert wall_clock(next_runs, "Europe/Berlin") == {(9, 0)}, "09:00 in Berlin, whatever its UTC offset"
+    assert all(datetime.fromisoformat(t).isoweekday() <= 5 for t in next_runs)
+
+    listed = (await http.get("/schedules")).json()  # the server's own project is the caller's
+    assert [s["schedule_id"] for s in listed["schedules"]] == [sid] and listed["total"] == 1
+    elsewhere = {PROJECT_HEADER: str(tmp_path)}
+    assert (await http.get("/schedules", headers=elsewhere)).json()["total"] == 0
+    assert (await http.get("/schedules", params={"all_scopes": True}, headers=elsewhere)).json()["total"] == 1
+
+    info = (await http.get(f"/schedules/{sid}")).json()
+    assert (info["name"], info["agent"], info["state"], info["runs"]) == ("standup", "echo", "active", 0)
+    assert (info["overlap"], info["misfire"], info["max_runs"]) == ("skip", "run_once", 10)
+    assert info["next_run_at"] == next_runs[0]
+
+    paused = (await http.patch(f"/schedules/{sid}", json={"paused": True})).json()
+    assert paused["state"] == "paused" and paused["next_run_at"] is None and paused["next_runs"] == []
+    resumed = (await http.patch(f"/schedules/{sid}", json={"paused": False})).json()
+    assert resumed["state"] == "active" and resumed["next_run_at"] is not None
+    retimed = (await http.patch(f"/schedules/{sid}", json={"cron": "30 6 * * *", "max_runs": None})).json()
+    assert retimed["cron"] == "30 6 * * *" and retimed["max_runs"] is None, "null removes the limit"
+    assert (retimed["name"], retimed["timezone"], retimed["state"]) == ("standup", "Europe/Berlin", "active")
+    assert wall_clock(retimed["next_runs"], "Europe/Berlin") == {(6, 30)}
+
+    runs = (await http.get(f"/schedules/{sid}/runs")).json()
+    assert runs == {"schedule_id": sid, "tasks": [], "total": 0, "next_offset": None}
+
+    assert (await http.delete(f"/schedules/{sid}")).json() == {"schedule_id": sid, "deleted": True}
+    assert "unknown schedule_id" in assert_error(await http.get(f"/schedules/{sid}"), 404, "not_found")
+    assert_error(await http.delete(f"/schedules/{sid}"), 404, "not_found")
+    assert_error(await http.patch(f"/schedules/{sid}", json={"paused": True}), 404, "not_found")
+    assert_error(await http.get(f"/schedules/{sid}/runs"), 404, "not_found")
+    assert (await http.get("/schedules")).json()["total"] == 0
+
+
+async def test_schedule_scope_is_options_scope_else_the_caller(
+    http: httpx2.AsyncClient, tmp_path: Path
+) -> None:
+    alpha, beta = tmp_path / "alpha", tmp_path / "beta"
+    alpha.mkdir()
+    beta.mkdir()
+    in_alpha = {PROJECT_HEADER: str(alpha)}
+    by_header = (await http.post("/schedules", json=schedule_body(), headers=in_alpha)).json()
+    by_option = (
+        await http.post("/schedules", json=schedule_body(options={"scope": str(beta)}), headers=in_alpha)
+    ).json()
+    assert (await http.get(f"/schedules/{by_header['schedule_id']}")).json()["scope"] == str(alpha)
+    assert (await http.get(f"/schedules/{by_option['schedule_id']}")).json()["scope"] == str(beta)
+    listed = (await http.get("/schedules", headers=in_alpha)).json()
+    assert [s["schedule_id"] for s in listed["schedules"]] == [by_header["schedule_id"]]
+
+
+async def test_schedule_errors_say_what_is_wrong(http: httpx2.AsyncClient) -> None:
+    words = await http.post("/schedules", json=schedule_body(cron="every day at nine"))
+    assert "has 4 fields; expected 5 fields" in assert_error(words, 400, "invalid_request")
+    out_of_range = await http.post("/schedules", json=schedule_body(cron="61 * * * *"))
+    assert "cron '61 * * * *' is not valid" in assert_error(out_of_range, 400, "invalid_request")
+    seconds = await http.post("/schedules", json=schedule_body(cron="*/5 * * * * *"))
+    message = assert_error(seconds, 400, "invalid_request")
+    assert "has 6 fields" in message and "seconds" not in message, "seconds are not allowed by default"
+    zone = await http.post("/schedules", json=schedule_body(timezone="Mars/Olympus_Mons"))
+    assert "unknown time zone 'Mars/Olympus_Mons'" in assert_error(zone, 400, "invalid_request")
+    assert_error(
+        await http.post("/schedules", json=schedule_body(agent_definition="nope")), 400, "invalid_request"
+    )
+    delay = await http.post("/schedules", json=schedule_body(options={"delay": 5}))
+    assert "delay" in assert_error(delay, 400, "invalid_request")
+    backwards = schedule_body(start_at="2030-01-02T00:00:00Z", end_at="2030-01-01T00:00:00Z")
+    message = assert_error(await http.post("/schedules", json=backwards), 400, "invalid_request")
+    assert "end_at must be after start_at" in message
+    overlap = await http.post("/schedules", json=schedule_body(overlap="sometimes"))
+    assert "'body.overlap'" in assert_error(overlap, 422, "invalid_request")
+    typo = await http.post("/schedules", json=schedule_body(cronn="* * * * *"))
+    assert "unknown key 'body.cronn'" in assert_error(typo, 422, "invalid_request")
+    assert_error(await http.get("/schedules", params={"limit": 101}), 422, "invalid_request")
+    assert_error(await http.get("/schedules/sch_nope"), 404, "not_found")
+    put = await http.put("/schedules/sch_nope", json={})
+    assert_error(put, 405, "method_not_allowed")
+    assert {"GET", "PATCH", "DELETE"} <= set(put.headers["allow"].split(", ")), "every route on the path"
+
+    sid = (await http.post("/schedules", json=schedule_body())).json()["schedule_id"]
+    bad_patch = await http.patch(f"/schedules/{sid}", json={"cron": "* * *"})
+    assert "has 3 fields" in assert_error(bad_patch, 400, "invalid_request")
+    other_agent = await http.patch(f"/schedules/{sid}", json={"agent_definition": "sleep"})
+    assert "unknown key 'body.agent_definition'" in assert_error(other_agent, 422, "invalid_request")
+    assert (await http.get(f"/schedules/{sid}")).json()["cron"] == "0 9 * * 1-5", (
+        "refused changes change nothing"
+    )
+
+
+@pytest.mark.parametrize("schedule_config", [ScheduleConfig(allow_seconds=True, min_interval=30)])
+async def test_schedule_shorter_than_min_interval_is_refused(http: httpx2.AsyncClient) -> None:
+    short = await http.post("/schedules", json=schedule_body(cron="*/10 * * * * *"))
+    message = assert_error(short, 400, "invalid_request")
+    assert "fires every 10s; the shortest interval allowed is 30s (schedules.min_interval" in message
+    allowed = await http.post("/schedules", json=schedule_body(cron="*/30 * * * * *"))
+    assert allowed.status_code == 201, allowed.text
+
+
+@pytest.mark.parametrize("schedule_config", [EVERY_SECOND])
+async def test_schedule_fires_and_lists_its_runs(http: httpx2.AsyncClient) -> None:
+    body = schedule_body(cron="*/1 * * * * *", prompt="tick", max_runs=2)
+    created = await http.post("/schedules", json=body)
+    assert created.status_code == 201, created.text
+    sid = created.json()["schedule_id"]
+
+    async def ran() -> dict[str, Any] | None:
+        runs = (await http.get(f"/schedules/{sid}/runs")).json()
+        return runs if runs["tasks"] else None
+
+    runs = await wait_for(ran, timeout=10, what="the every-second schedule to fire")
+    task = runs["tasks"][0]
+    assert task["schedule_id"] == sid and task["agent"] == "echo"
+    done = await finished(http, task["task_id"])
+    assert done["status"] == "completed" and done["result_preview"] == "tick"
+    assert done["schedule_id"] == sid
+    info = (await http.get(f"/schedules/{sid}")).json()
+    assert info["runs"] >= 1 and info["last_task_id"] is not None
+    assert (await http.delete(f"/schedules/{sid}")).status_code == 200
 
 
 # ---- errors ---------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class Cron:
             raise InvalidRequest(f"cron {expr!r} has {len(fields)} fields; expected {accepted}")
         try:
             self.zone = ZoneInfo(timezone)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a tzdata folder
             raise InvalidRequest(
                 f"unknown time zone {timezone!r}: use an IANA name such as 'UTC', 'Europe/Berlin' "
                 "or 'America/New_York'"
@@ -108,7 +108,10 @@ class Cron:
             croniter(self.expr, datetime.now(self.zone), second_at_beginning=self.seconds)
         except (CroniterError, ValueError, KeyError) as exc:
             raise InvalidRequest(f"cron {expr!r} is not valid: {exc}") from exc
-        gap = self._shortest_gap() if check_interval else None
+        try:
+            gap = self._shortest_gap() if check_interval else None
+        except (CroniterError, ValueError, OverflowError) as exc:
+            raise InvalidRequest(f"cron {expr!r} never fires (no such date): {exc}") from exc
         if gap is not None and gap < config.min_interval:
             raise InvalidRequest(
                 f"cron {expr!r} fires every {gap:g}s; the shortest interval allowed is "
@@ -362,12 +365,16 @@ class Scheduler:
             end_at=spec.end_at,
             max_runs=spec.max_runs,
         )
-        record.next_run_at = self._upcoming(cron, record, now)
+        try:
+            record.next_run_at = self._upcoming(cron, record, now)
+            next_runs = self._next_runs(cron, record, now)
+        except (OverflowError, CroniterError) as exc:  # a bound near the calendar's edge
+            raise InvalidRequest(f"no fire time can be computed for this schedule: {exc}") from exc
         if record.next_run_at is None:
             raise InvalidRequest("this schedule would never run: no fire time before end_at")
         await self.store.save_schedule(record)
         self.wake()
-        return ScheduleCreated(schedule_id=record.id, next_runs=self._next_runs(cron, record, now))
+        return ScheduleCreated(schedule_id=record.id, next_runs=next_runs)
 
     def _next_runs(self, cron: Cron, s: ScheduleRecord, now: datetime) -> list[datetime]:
         if not s.enabled or s.finished_at is not None or s.next_run_at is None:
@@ -436,7 +443,11 @@ class Scheduler:
     async def update(self, schedule_id: str, change: ScheduleUpdate) -> ScheduleInfo:
         for _ in range(5):  # the scheduler may write the row between our read and our write
             before = await self._get(schedule_id)
-            after = self._changed(before, change)
+            try:
+                after = self._changed(before, change)
+                self._next_runs(self._stored_cron(after), after, self.clock.now())  # fails before the write
+            except (OverflowError, CroniterError) as exc:
+                raise InvalidRequest(f"no fire time can be computed for this schedule: {exc}") from exc
             if await self.store.update_schedule_if(after, before.updated_at):
                 self.wake()
                 return await self.info(after)

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import anyio
 import httpx2
@@ -36,6 +37,13 @@ from sidequest.models import (
     DaemonStatus,
     NotificationPage,
     ResultPage,
+    ScheduleCreated,
+    ScheduleDeleted,
+    ScheduleInfo,
+    SchedulePage,
+    ScheduleRuns,
+    ScheduleSpec,
+    ScheduleUpdate,
     StatusReport,
     TaskCreate,
     TaskInfo,
@@ -115,7 +123,8 @@ class DaemonClient:
         self.project = project
         self._locate = locate
         self._endpoint: Endpoint | None = None
-        self._http = httpx2.AsyncClient(timeout=httpx2.Timeout(timeout, connect=5.0))
+        # trust_env=False: a proxy from the environment would see the bearer token.
+        self._http = httpx2.AsyncClient(timeout=httpx2.Timeout(timeout, connect=5.0), trust_env=False)
         self._listeners: list[Callable[[Committed], None]] = []
         self._relocating = anyio.Lock()
 
@@ -146,8 +155,11 @@ class DaemonClient:
             self._endpoint = await self._locate(True)
             return self._endpoint
 
-    def _headers(self, endpoint: Endpoint, scope: str | None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {endpoint.token}", PROJECT_HEADER: scope or self.project}
+    def _headers(self, endpoint: Endpoint, scope: str | None = None) -> dict[str, str]:
+        """The header names *our* project, never a scope from a call's arguments: the daemon trusts
+        it as a working directory, and a model types those arguments (`options.scope` travels in
+        the body, untrusted). Percent-encoded: header values are ASCII, paths need not be."""
+        return {"Authorization": f"Bearer {endpoint.token}", PROJECT_HEADER: quote(self.project, safe="/")}
 
     async def _call(
         self,
@@ -158,9 +170,19 @@ class DaemonClient:
         scope: str | None = None,
         params: Mapping[str, Any] | None = None,
         body: BaseModel | None = None,
+        exclude_unset: bool = False,
     ) -> M:
+        """`exclude_unset` sends only the fields the caller set, nulls included: a PATCH body, where an
+        explicit null (end_at: null, "no end") means something different from leaving a field out."""
         endpoint = await self.connect()
-        content = body.model_dump_json(exclude_none=True).encode() if body is not None else None
+        content = None
+        if body is not None:
+            dumped = (
+                body.model_dump_json(exclude_unset=True)
+                if exclude_unset
+                else body.model_dump_json(exclude_none=True)
+            )
+            content = dumped.encode()
         headers = self._headers(endpoint, scope)
         if content is not None:
             headers["Content-Type"] = "application/json"
@@ -303,6 +325,42 @@ class DaemonClient:
         result = await self._call("POST", "/notifications/ack", AckResult, body=AckRequest(cursors=cursors))
         return result.acknowledged
 
+    async def schedule_task(self, spec: ScheduleSpec, scope: str | None = None) -> ScheduleCreated:
+        """Sent again if the daemon goes away mid-request, as every call is; unlike `submit` there is no
+        idempotency key, so a create whose answer was lost can leave a duplicate (listed; rare)."""
+        scope = (spec.options.scope if spec.options else None) or scope
+        return await self._call("POST", "/schedules", ScheduleCreated, body=spec, scope=scope)
+
+    async def list_schedules(
+        self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0
+    ) -> SchedulePage:
+        return await self._call(
+            "GET",
+            "/schedules",
+            SchedulePage,
+            scope=scope,
+            params={"all_scopes": all_scopes, "limit": limit, "offset": offset},
+        )
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleInfo:
+        return await self._call("GET", f"/schedules/{_segment(schedule_id)}", ScheduleInfo)
+
+    async def update_schedule(self, schedule_id: str, change: ScheduleUpdate) -> ScheduleInfo:
+        return await self._call(
+            "PATCH", f"/schedules/{_segment(schedule_id)}", ScheduleInfo, body=change, exclude_unset=True
+        )
+
+    async def delete_schedule(self, schedule_id: str) -> ScheduleDeleted:
+        return await self._call("DELETE", f"/schedules/{_segment(schedule_id)}", ScheduleDeleted)
+
+    async def schedule_runs(self, schedule_id: str, limit: int = 20, offset: int = 0) -> ScheduleRuns:
+        return await self._call(
+            "GET",
+            f"/schedules/{_segment(schedule_id)}/runs",
+            ScheduleRuns,
+            params={"limit": limit, "offset": offset},
+        )
+
     async def agent_list(self, scope: str | None = None) -> AgentList:
         return await self._call("GET", "/agents", AgentList, scope=scope)
 
@@ -369,11 +427,12 @@ class DaemonClient:
 
 
 async def _answers(http: httpx2.AsyncClient, endpoint: Endpoint) -> bool:
+    """The daemon we knew still answers there (not another process that took its port)."""
     try:
         response = await http.get(endpoint.url + "/health", timeout=2.0)
-    except httpx2.HTTPError:
+        return response.status_code == 200 and response.json().get("pid") == endpoint.pid
+    except (httpx2.HTTPError, ValueError, AttributeError):
         return False
-    return response.status_code == 200
 
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
@@ -383,7 +442,7 @@ def _segment(value: str) -> str:
     """Ids are url-safe by construction; anything else (a model-typed "t_1/cancel") is no id of
     ours, and must not become a path to another route."""
     if not _ID.fullmatch(value):
-        raise NotFound(f"unknown id {value[:100]!r}: ids look like 't_…' or 'wf_…'")
+        raise NotFound(f"unknown id {value[:100]!r}: ids look like 't_…', 'wf_…' or 'sch_…'")
     return value
 
 

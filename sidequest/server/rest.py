@@ -14,6 +14,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Final
+from urllib.parse import unquote
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Mount
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidequest import __version__
@@ -38,6 +39,13 @@ from sidequest.models import (
     DaemonStatus,
     NotificationPage,
     ResultPage,
+    ScheduleCreated,
+    ScheduleDeleted,
+    ScheduleInfo,
+    SchedulePage,
+    ScheduleRuns,
+    ScheduleSpec,
+    ScheduleUpdate,
     StatusReport,
     TaskCreate,
     TaskInfo,
@@ -82,7 +90,7 @@ Offset = Annotated[int, Query(ge=0, le=_MAX_OFFSET)]
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ApiError, "description": "The engine refused the request (the message says why)"},
-    404: {"model": ApiError, "description": "No such task, workflow or route"},
+    404: {"model": ApiError, "description": "No such task, workflow, schedule or route"},
     415: {"model": ApiError, "description": "The body is not JSON"},
     422: {"model": ApiError, "description": "A parameter or the body does not match the schema"},
     500: {"model": ApiError, "description": "A bug in sidequest; the server log has the traceback"},
@@ -197,7 +205,23 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
         message = f"no route {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
-    return _error(exc.status_code, code, message, headers=dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return _error(exc.status_code, code, message, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this path: Starlette names only the first route's.
+
+    /schedules/{id} is three routes (GET, PATCH, DELETE), so its 405 would otherwise deny two of them.
+    """
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 class _InternalErrors:
@@ -248,8 +272,9 @@ async def _request_scope(
             alias=PROJECT_HEADER,
             min_length=1,
             max_length=_MAX_SCOPE,
-            description="The calling client's project directory (absolute path): the default scope "
-            "for this request; without it, the server's own project.",
+            description="The calling client's project directory (absolute path, percent-encoded "
+            "UTF-8, so '%' itself is '%25'): the default scope for this request; without it, the "
+            "server's own project.",
         ),
     ] = None,
 ) -> str:
@@ -260,6 +285,10 @@ async def _request_scope(
     """
     if project is None:
         return default_scope()
+    try:
+        project = unquote(project, errors="strict") if "%" in project else project  # headers are ASCII
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"{PROJECT_HEADER} is not percent-encoded UTF-8: {exc.reason}") from exc
     if not os.path.isabs(project) or "\x00" in project:
         raise InvalidRequest(f"{PROJECT_HEADER} must be an absolute path, got {project!r}")
     engine: Engine = request.app.state.engine
@@ -270,6 +299,7 @@ async def _request_scope(
 CallerScope = Annotated[str, Depends(_request_scope)]
 TaskId = Annotated[str, Path(description="a task_id from POST /tasks")]
 WorkflowId = Annotated[str, Path(description="a workflow_id from POST /tasks")]
+ScheduleId = Annotated[str, Path(description="a schedule_id (sch_…) from POST /schedules")]
 AllScopes = Annotated[bool, Query(description="every project's, not only the caller's")]
 
 
@@ -540,6 +570,65 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
     )
     async def ack_notifications(body: AckRequest) -> AckResult:
         return AckResult(acknowledged=await engine.acknowledge(body.cursors))
+
+    @app.post(
+        "/schedules",
+        status_code=201,
+        response_model=ScheduleCreated,
+        summary="Run an agent on a cron schedule",
+        description="As the schedule_task tool: every fire time starts a task (in a workflow of its own) "
+        "with these options. cron has 5 fields (minute hour day-of-month month day-of-week), or 6 with "
+        "seconds first when the server's config allows it; fire times follow `timezone`, DST included. "
+        "options.scope defaults to the caller's project. The answer lists the next five fire times (UTC).",
+    )
+    async def create_schedule(body: ScheduleSpec, scope: CallerScope) -> ScheduleCreated:
+        return await engine.schedule_task(body, scope=scope)
+
+    @app.get("/schedules", response_model=SchedulePage, summary="Schedules, active, paused and finished")
+    async def list_schedules(
+        scope: CallerScope,
+        all_scopes: AllScopes = False,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        offset: Offset = 0,
+    ) -> SchedulePage:
+        return await engine.list_schedules(scope=scope, all_scopes=all_scopes, limit=limit, offset=offset)
+
+    @app.get("/schedules/{schedule_id}", response_model=ScheduleInfo, summary="One schedule")
+    async def get_schedule(schedule_id: ScheduleId) -> ScheduleInfo:
+        return await engine.get_schedule(schedule_id)
+
+    @app.patch(
+        "/schedules/{schedule_id}",
+        response_model=ScheduleInfo,
+        summary="Change, pause or resume a schedule",
+        description='Only the fields present in the body change: {"paused": true} pauses, '
+        '{"paused": false} resumes (from the next fire time after now; missed ones are not caught up). '
+        "start_at, end_at and max_runs may be null to remove the limit. Giving a finished schedule more "
+        "room (end_at, max_runs) or resuming it makes it run again.",
+    )
+    async def update_schedule(schedule_id: ScheduleId, body: ScheduleUpdate) -> ScheduleInfo:
+        return await engine.update_schedule(schedule_id, body)
+
+    @app.delete(
+        "/schedules/{schedule_id}",
+        response_model=ScheduleDeleted,
+        summary="Delete a schedule",
+        description="No further runs start; runs already started go on, and keep their schedule_id.",
+    )
+    async def delete_schedule(schedule_id: ScheduleId) -> ScheduleDeleted:
+        return await engine.delete_schedule(schedule_id)
+
+    @app.get(
+        "/schedules/{schedule_id}/runs",
+        response_model=ScheduleRuns,
+        summary="A schedule's runs: the tasks it started, newest first",
+    )
+    async def schedule_runs(
+        schedule_id: ScheduleId,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        offset: Offset = 0,
+    ) -> ScheduleRuns:
+        return await engine.schedule_runs(schedule_id, limit=limit, offset=offset)
 
     @app.get("/agents", response_model=AgentList, summary="Agents the caller's project may launch")
     async def list_agents(scope: CallerScope) -> AgentList:

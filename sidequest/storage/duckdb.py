@@ -765,8 +765,12 @@ class DuckDBStore:
     @staticmethod
     def _schedules_from(result: duckdb.DuckDBPyConnection) -> list[ScheduleRecord]:
         columns = [d[0] for d in result.description]  # type: ignore[union-attr]
+        return DuckDBStore._schedules_from_rows(columns, result.fetchall())
+
+    @staticmethod
+    def _schedules_from_rows(columns: list[str], rows: list[Any]) -> list[ScheduleRecord]:
         records = []
-        for row in result.fetchall():
+        for row in rows:
             values = dict(zip(columns, row, strict=True))
             kwargs: dict[str, Any] = {}
             for name in SCHEDULE_COLUMNS:
@@ -790,7 +794,12 @@ class DuckDBStore:
         self, scope: str | None, limit: int, offset: int
     ) -> tuple[list[ScheduleRecord], int]:
         def run(cur: duckdb.DuckDBPyConnection) -> tuple[list[ScheduleRecord], int]:
-            records = self._schedules_from(cur.execute(Q["list_schedules"], [scope, limit, offset]))
+            result = cur.execute(Q["list_schedules"], [scope, limit, offset])
+            columns = [d[0] for d in result.description]  # type: ignore[union-attr]
+            rows = result.fetchall()
+            records = self._schedules_from_rows(columns, rows)
+            if rows:  # the page and its total from one statement: one snapshot
+                return records, int(rows[0][columns.index("total_rows")])
             total = cur.execute(Q["count_schedules_in"], [scope]).fetchone()[0]  # type: ignore[index]
             return records, int(total)
 
@@ -859,7 +868,12 @@ class DuckDBStore:
         def run(cur: duckdb.DuckDBPyConnection) -> tuple[list[TaskRecord], int]:
             result = cur.execute(Q["schedule_tasks"], [schedule_id, limit, offset])
             columns = [d[0] for d in result.description]  # type: ignore[union-attr]
-            tasks = [_task_from_row(columns, row) for row in result.fetchall()]
+            rows = result.fetchall()
+            total_at = columns.index("total_rows")
+            columns, rows = columns[:total_at], [(row[:total_at], row[total_at]) for row in rows]
+            tasks = [_task_from_row(columns, row) for row, _ in rows]
+            if rows:
+                return tasks, int(rows[0][1])
             total = cur.execute(Q["count_schedule_tasks"], [schedule_id]).fetchone()[0]  # type: ignore[index]
             return tasks, int(total)
 

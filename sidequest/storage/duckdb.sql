@@ -105,7 +105,7 @@ SELECT * FROM scheduled_tasks WHERE id = $1;
 
 -- list_schedules --
 -- Schedules of a scope (or all, when $1 is null), newest first, paged.
-SELECT * FROM scheduled_tasks
+SELECT *, count(*) OVER () AS total_rows FROM scheduled_tasks
 WHERE $1 IS NULL OR scope = $1
 ORDER BY created_at DESC, id
 LIMIT $2 OFFSET $3;
@@ -137,7 +137,8 @@ ON CONFLICT DO NOTHING RETURNING schedule_id;
 
 -- schedule_tasks --
 -- The tasks a schedule started, newest first, paged.
-SELECT * FROM task_executions WHERE schedule_id = $1 ORDER BY created_at DESC, seq DESC LIMIT $2 OFFSET $3;
+SELECT *, count(*) OVER () AS total_rows FROM task_executions WHERE schedule_id = $1
+ORDER BY created_at DESC, seq DESC LIMIT $2 OFFSET $3;
 
 -- count_schedule_tasks --
 -- How many tasks a schedule started.
