@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 NEXT_RUNS_SHOWN = 5
 DUE_BATCH = 100
+STUCK_RETRY = 30.0
+"""Seconds before retrying a due schedule whose decision failed (logged each time)."""
 MAX_SLEEP = 3600.0
 """Wake at least hourly, so a wall clock stepped forward (suspend, NTP) is noticed."""
 _FORBIDDEN_OPTIONS = ("workflow_id", "idempotency_key", "delay", "not_before")
@@ -169,6 +171,7 @@ class Scheduler:
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
         self._crons: dict[tuple[str, str], Cron] = {}
+        self._stuck = False
 
     # ---- the loop ----------------------------------------------------------
 
@@ -185,6 +188,8 @@ class Scheduler:
                 log.exception("scheduler pass failed; trying again in a minute")
                 next_due = self.clock.now() + timedelta(seconds=60)
             deadline = next_due or self.clock.now() + timedelta(seconds=MAX_SLEEP)
+            if self._stuck:  # due but undecidable (logged): never spin on it
+                deadline = max(deadline, self.clock.now() + timedelta(seconds=STUCK_RETRY))
             await self.clock.sleep_until(deadline, self._wake)
 
     async def run_due(self) -> int:
@@ -195,10 +200,16 @@ class Scheduler:
                 now = self.clock.now()
                 due = await self.store.due_schedules(now, DUE_BATCH)
                 progressed = False
+                self._stuck = False
                 for schedule in due:
-                    outcome = await self._decide(schedule, now)
+                    try:
+                        outcome = await self._decide(schedule, now)
+                    except Exception:  # one broken row must not stop every other schedule
+                        log.exception("schedule %s: cannot decide its due run; retrying later", schedule.id)
+                        self._stuck = True
+                        continue
                     started += outcome == "fired"
-                    progressed |= outcome != "waiting"
+                    progressed |= outcome not in ("waiting", "raced")
                 if len(due) < DUE_BATCH or not progressed:
                     return started
 
