@@ -170,6 +170,12 @@ class TaskOptions(_Strict):
     def _not_before_utc(cls, value: datetime | None) -> datetime | None:
         return None if value is None else as_utc(value)
 
+    @staticmethod
+    def scoped(options: TaskOptions | None, default_scope: str) -> TaskOptions:
+        """The caller's project is the scope unless the options name another (every surface)."""
+        options = options or TaskOptions()
+        return options if options.scope else options.model_copy(update={"scope": default_scope})
+
     @model_validator(mode="after")
     def _exclusive(self) -> TaskOptions:
         if self.workflow_id and self.workflow_name:

@@ -312,10 +312,42 @@ class Engine:
                 "(max_timeout in the config)"
             )
 
-    def check_task(self, agent: str, prompt: str, options: TaskOptions) -> None:
+    def check_task(self, agent: str, prompt: str, options: TaskOptions) -> Agent:
         """What submit would refuse, without submitting (a schedule's runs must be able to start)."""
         self._validate_submit(agent, prompt, options)
-        self._resolve_agent(agent, options.scope or default_scope())
+        return self._resolve_agent(agent, options.scope or default_scope())
+
+    def _new_task(
+        self,
+        resolved: Agent,
+        agent: str,
+        prompt: str,
+        options: TaskOptions,
+        scope: str,
+        workflow_id: str,
+        now: datetime,
+    ) -> TaskRecord:
+        """The queued row of a new task, whoever starts it (a client's submit, a schedule's run)."""
+        timeout = options.timeout
+        if timeout is None:
+            timeout = resolved.timeout if resolved.timeout is not None else self.settings.default_timeout
+        self._seq += 1
+        return TaskRecord(
+            id=new_id("t"),
+            seq=self._seq,
+            workflow_id=workflow_id,
+            agent=agent,
+            prompt=prompt,
+            status=TaskStatus.queued.value,
+            priority=options.priority,
+            scope=scope,
+            options=options.model_dump(mode="json", exclude_defaults=True),
+            max_retries=options.max_retries,
+            created_at=now,
+            updated_at=now,
+            callback_url=str(options.callback_url) if options.callback_url else None,
+            timeout_s=timeout,
+        )
 
     async def submit(self, agent: str, prompt: str, options: TaskOptions | None = None) -> TaskSubmitted:
         """Durably record a task and hand it to the pool; returns once the row is committed."""
@@ -374,28 +406,9 @@ class Engine:
         not_before = options.not_before
         if options.delay:
             not_before = now + timedelta(seconds=options.delay)
-        timeout = options.timeout
-        if timeout is None:
-            timeout = resolved.timeout if resolved.timeout is not None else self.settings.default_timeout
-        self._seq += 1
-        task = TaskRecord(
-            id=new_id("t"),
-            seq=self._seq,
-            workflow_id=workflow_id,
-            agent=agent,
-            prompt=prompt,
-            status=TaskStatus.queued.value,
-            priority=options.priority,
-            scope=scope,
-            options=options.model_dump(mode="json", exclude_defaults=True),
-            max_retries=options.max_retries,
-            created_at=now,
-            updated_at=now,
-            idempotency_key=options.idempotency_key,
-            callback_url=str(options.callback_url) if options.callback_url else None,
-            timeout_s=timeout,
-            not_before=not_before,
-        )
+        task = self._new_task(resolved, agent, prompt, options, scope, workflow_id, now)
+        task.idempotency_key = options.idempotency_key
+        task.not_before = not_before
         inserted = anyio.Event()
         self._inserting[task.id] = inserted
         if options.idempotency_key:
@@ -940,8 +953,14 @@ class Engine:
     def is_unfinished(self, task_id: str) -> bool:
         return task_id in self._live
 
-    async def task_record(self, task_id: str) -> TaskRecord | None:
-        return await self._record(task_id)
+    async def task_statuses(self, task_ids: list[str]) -> dict[str, str]:
+        """Live tasks from memory (ahead of the store), the rest in one statement."""
+        found = {t: self._live[t].status for t in task_ids if t in self._live}
+        rest = [t for t in task_ids if t not in found]
+        if rest:
+            await self.store.flush()
+            found.update(await self.store.task_statuses(rest))
+        return found
 
     def task_info(self, task: TaskRecord) -> TaskInfo:
         return self._task_info(task)
@@ -961,7 +980,7 @@ class Engine:
         schedule changed since it was read (the scheduler reads again)."""
         self._require_running()
         options = TaskOptions.model_validate({**schedule.options, "scope": schedule.scope})
-        self.check_task(schedule.agent, schedule.prompt, options)
+        resolved = self.check_task(schedule.agent, schedule.prompt, options)
         now = utcnow()
         workflow = WorkflowRecord(
             id=new_id("wf"),
@@ -971,28 +990,10 @@ class Engine:
             created_at=now,
             updated_at=now,
         )
-        resolved = self._resolve_agent(schedule.agent, schedule.scope)
-        timeout = options.timeout
-        if timeout is None:
-            timeout = resolved.timeout if resolved.timeout is not None else self.settings.default_timeout
-        self._seq += 1
-        task = TaskRecord(
-            id=new_id("t"),
-            seq=self._seq,
-            workflow_id=workflow.id,
-            agent=schedule.agent,
-            prompt=schedule.prompt,
-            status=TaskStatus.queued.value,
-            priority=options.priority,
-            scope=schedule.scope,
-            options=options.model_dump(mode="json", exclude_defaults=True),
-            max_retries=options.max_retries,
-            created_at=now,
-            updated_at=now,
-            callback_url=str(options.callback_url) if options.callback_url else None,
-            schedule_id=schedule.id,
-            timeout_s=timeout,
+        task = self._new_task(
+            resolved, schedule.agent, schedule.prompt, options, schedule.scope, workflow.id, now
         )
+        task.schedule_id = schedule.id
         after = dataclasses.replace(after, last_task_id=task.id)
         fire = FireRecord(schedule.id, due, task.id, now)
         if not await self.store.record_fire(fire, after, workflow, task, expected):

@@ -405,11 +405,12 @@ class Scheduler:
             raise NotFound(f"unknown schedule_id {schedule_id!r}")
         return record
 
-    async def info(self, record: ScheduleRecord) -> ScheduleInfo:
-        last_status = None
-        if record.last_task_id:
-            task = await self.engine.task_record(record.last_task_id)
-            last_status = TaskStatus(task.status) if task else None
+    async def info(self, record: ScheduleRecord, statuses: dict[str, str] | None = None) -> ScheduleInfo:
+        """`statuses`: the last runs' task statuses, read for a whole page at once by `list`."""
+        if statuses is None:
+            statuses = await self.engine.task_statuses([record.last_task_id] if record.last_task_id else [])
+        found = statuses.get(record.last_task_id) if record.last_task_id else None
+        last_status = TaskStatus(found) if found else None
         state = "finished" if record.finished_at else "active" if record.enabled else "paused"
         cron = self._stored_cron(record)
         return ScheduleInfo(
@@ -444,9 +445,10 @@ class Scheduler:
 
     async def list(self, scope: str | None, limit: int, offset: int) -> SchedulePage:
         records, total = await self.store.list_schedules(scope, limit, offset)
+        statuses = await self.engine.task_statuses([r.last_task_id for r in records if r.last_task_id])
         end = offset + len(records)
         return SchedulePage(
-            schedules=[await self.info(r) for r in records],
+            schedules=[await self.info(r, statuses) for r in records],
             total=total,
             next_offset=end if end < total else None,
         )

@@ -155,7 +155,7 @@ class DaemonClient:
             self._endpoint = await self._locate(True)
             return self._endpoint
 
-    def _headers(self, endpoint: Endpoint, scope: str | None = None) -> dict[str, str]:
+    def _headers(self, endpoint: Endpoint) -> dict[str, str]:
         """The header names *our* project, never a scope from a call's arguments: the daemon trusts
         it as a working directory, and a model types those arguments (`options.scope` travels in
         the body, untrusted). Percent-encoded: header values are ASCII, paths need not be."""
@@ -167,7 +167,6 @@ class DaemonClient:
         path: str,
         model: type[M],
         *,
-        scope: str | None = None,
         params: Mapping[str, Any] | None = None,
         body: BaseModel | None = None,
         exclude_unset: bool = False,
@@ -183,7 +182,7 @@ class DaemonClient:
                 else body.model_dump_json(exclude_none=True)
             )
             content = dumped.encode()
-        headers = self._headers(endpoint, scope)
+        headers = self._headers(endpoint)
         if content is not None:
             headers["Content-Type"] = "application/json"
         for attempt in (1, 2):
@@ -202,7 +201,7 @@ class DaemonClient:
                     "the sidequest daemon at %s is gone (%s); finding or starting one", endpoint.url, exc
                 )
                 endpoint = await self._relocate(endpoint)
-                headers = {**headers, **self._headers(endpoint, scope)}
+                headers = {**headers, **self._headers(endpoint)}
                 continue
             except httpx2.TimeoutException as exc:
                 raise Unavailable(
@@ -211,7 +210,7 @@ class DaemonClient:
                 ) from exc
             if response.status_code == 401 and attempt == 1:
                 endpoint = await self._relocate(endpoint)  # a new daemon with a new token took over
-                headers = {**headers, **self._headers(endpoint, scope)}
+                headers = {**headers, **self._headers(endpoint)}
                 continue
             if response.status_code >= 400:
                 raise _error(response.status_code, response.content)
@@ -225,6 +224,8 @@ class DaemonClient:
         raise AssertionError("unreachable")
 
     # ---- the engine's API ---------------------------------------------------
+    # `scope` arguments are accepted to match the engine, and not sent: the daemon scopes every
+    # request by the project header, and a model-typed `options.scope` travels in the body.
 
     def trust_project(self, scope: str) -> None:
         """The daemon trusts the project we name in every request's header (we hold its token)."""
@@ -236,7 +237,7 @@ class DaemonClient:
             key = IDEMPOTENCY_PREFIX + secrets.token_urlsafe(16)
             options = options.model_copy(update={"idempotency_key": key})
         body = TaskCreate(agent_definition=agent, prompt=prompt, options=options)
-        submitted = await self._call("POST", "/tasks", TaskSubmitted, body=body, scope=options.scope)
+        submitted = await self._call("POST", "/tasks", TaskSubmitted, body=body)
         if submitted.deduplicated and options.idempotency_key.startswith(IDEMPOTENCY_PREFIX):
             # Our own retry found the task the first attempt made: to the caller it is new.
             submitted = submitted.model_copy(update={"deduplicated": False})
@@ -275,7 +276,6 @@ class DaemonClient:
             "GET",
             "/workflows",
             WorkflowPage,
-            scope=scope,
             params={"all_scopes": all_scopes, "limit": limit, "offset": offset},
         )
 
@@ -299,7 +299,7 @@ class DaemonClient:
             "limit": limit,
             "offset": offset,
         }
-        return await self._call("GET", "/history", WorkflowPage, scope=scope, params=params)
+        return await self._call("GET", "/history", WorkflowPage, params=params)
 
     async def notifications(
         self,
@@ -319,7 +319,7 @@ class DaemonClient:
             "include_delivered": include_delivered,
             "limit": limit,
         }
-        return await self._call("GET", "/notifications", NotificationPage, scope=scope, params=params)
+        return await self._call("GET", "/notifications", NotificationPage, params=params)
 
     async def acknowledge(self, cursors: list[int]) -> int:
         result = await self._call("POST", "/notifications/ack", AckResult, body=AckRequest(cursors=cursors))
@@ -328,8 +328,7 @@ class DaemonClient:
     async def schedule_task(self, spec: ScheduleSpec, scope: str | None = None) -> ScheduleCreated:
         """Sent again if the daemon goes away mid-request, as every call is; unlike `submit` there is no
         idempotency key, so a create whose answer was lost can leave a duplicate (listed; rare)."""
-        scope = (spec.options.scope if spec.options else None) or scope
-        return await self._call("POST", "/schedules", ScheduleCreated, body=spec, scope=scope)
+        return await self._call("POST", "/schedules", ScheduleCreated, body=spec)
 
     async def list_schedules(
         self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0
@@ -338,7 +337,6 @@ class DaemonClient:
             "GET",
             "/schedules",
             SchedulePage,
-            scope=scope,
             params={"all_scopes": all_scopes, "limit": limit, "offset": offset},
         )
 
@@ -362,7 +360,7 @@ class DaemonClient:
         )
 
     async def agent_list(self, scope: str | None = None) -> AgentList:
-        return await self._call("GET", "/agents", AgentList, scope=scope)
+        return await self._call("GET", "/agents", AgentList)
 
     async def daemon_status(self) -> DaemonStatus:
         return await self._call("GET", "/daemon", DaemonStatus)
@@ -397,7 +395,7 @@ class DaemonClient:
             delay = min(delay * 2, 5.0)
 
     async def _events(self, endpoint: Endpoint) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        headers = self._headers(endpoint, None)
+        headers = self._headers(endpoint)
         timeout = httpx2.Timeout(None, connect=5.0)  # the stream idles between changes; pings keep it open
         async with self._http.stream(
             "GET", endpoint.url + API + "/events", headers=headers, timeout=timeout

@@ -341,14 +341,6 @@ async def _read_resource(read: Any) -> str:
     return json.dumps(model.model_dump(mode="json"))
 
 
-def _with_scope(options: TaskOptions | None, default_scope: str) -> TaskOptions:
-    """The client's project is the scope unless the caller names another."""
-    options = options or TaskOptions()
-    if options.scope:
-        return options
-    return options.model_copy(update={"scope": default_scope})
-
-
 def _register_tools(server: MCPServer, engine: Backend, default_scope: str) -> None:
     @server.tool(
         name="task_async",
@@ -383,7 +375,7 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str) -> N
         options: TaskOptions | None = None,
     ) -> TaskSubmitted:
         return await _run_tool(
-            "task_async", engine.submit(agent_definition, prompt, _with_scope(options, default_scope))
+            "task_async", engine.submit(agent_definition, prompt, TaskOptions.scoped(options, default_scope))
         )
 
     @server.tool(

@@ -303,12 +303,6 @@ ScheduleId = Annotated[str, Path(description="a schedule_id (sch_…) from POST 
 AllScopes = Annotated[bool, Query(description="every project's, not only the caller's")]
 
 
-def _with_scope(options: TaskOptions | None, scope: str) -> TaskOptions:
-    """The caller's project is the scope unless the body names another (as in the MCP tool)."""
-    options = options or TaskOptions()
-    return options if options.scope else options.model_copy(update={"scope": scope})
-
-
 # ---- server-sent events -----------------------------------------------------------
 
 
@@ -449,7 +443,9 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
         "that has the same options.idempotency_key. options.scope defaults to the caller's project.",
     )
     async def create_task(body: TaskCreate, response: Response, scope: CallerScope) -> TaskSubmitted:
-        submitted = await engine.submit(body.agent_definition, body.prompt, _with_scope(body.options, scope))
+        submitted = await engine.submit(
+            body.agent_definition, body.prompt, TaskOptions.scoped(body.options, scope)
+        )
         if submitted.deduplicated:
             response.status_code = 200
         return submitted

@@ -269,6 +269,10 @@ class Store(Protocol):
 
     async def workflow_counts(self, workflow_ids: Sequence[str]) -> dict[str, dict[str, int]]: ...
 
+    async def task_statuses(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """Status of each known task id."""
+        ...
+
     async def task_counts(self) -> dict[str, int]:
         """Tasks by status, every scope."""
         ...

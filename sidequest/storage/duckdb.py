@@ -675,6 +675,11 @@ class DuckDBStore:
             counts[wid][status] = int(n)
         return counts
 
+    async def task_statuses(self, task_ids: Sequence[str]) -> dict[str, str]:
+        ids = list(task_ids)
+        rows = await self._read(lambda cur: cur.execute(Q["task_statuses"], [ids]).fetchall())
+        return {str(task_id): str(status) for task_id, status in rows}
+
     async def task_counts(self) -> dict[str, int]:
         rows = await self._read(lambda cur: cur.execute(Q["task_counts"]).fetchall())
         return {str(status): int(n) for status, n in rows}
@@ -809,13 +814,9 @@ class DuckDBStore:
         return await self._read(lambda cur: int(cur.execute(Q["count_schedules_in"], [None]).fetchone()[0]))
 
     async def due_schedules(self, now: datetime, limit: int) -> list[ScheduleRecord]:
-        def run(cur: duckdb.DuckDBPyConnection) -> list[ScheduleRecord]:
-            due = self._schedules_from(cur.execute(Q["due_schedules"], [_naive(now), limit]))
-            queued = self._schedules_from(cur.execute(Q["queued_schedules"]))
-            seen = {s.id for s in due}
-            return due + [s for s in queued if s.id not in seen]
-
-        return await self._read(run)
+        return await self._read(
+            lambda cur: self._schedules_from(cur.execute(Q["due_schedules"], [_naive(now), limit]))
+        )
 
     async def next_due(self) -> datetime | None:
         row = await self._read(lambda cur: cur.execute(Q["next_due"]).fetchone())

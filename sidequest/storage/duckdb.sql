@@ -115,16 +115,19 @@ LIMIT $2 OFFSET $3;
 SELECT count(*) FROM scheduled_tasks WHERE $1 IS NULL OR scope = $1;
 
 -- due_schedules --
--- Enabled schedules due at or before $1, oldest due first (reads the next_run_at index).
+-- Enabled schedules due at or before $1 (oldest first, read through the next_run_at index), then
+-- those holding a run queued behind an unfinished one (overlap = queue): one statement per wake-up.
+SELECT * FROM (
+    SELECT * FROM scheduled_tasks
+    WHERE next_run_at <= $1 AND enabled AND finished_at IS NULL
+    ORDER BY next_run_at, id
+    LIMIT $2
+)
+UNION ALL
 SELECT * FROM scheduled_tasks
-WHERE next_run_at <= $1 AND enabled AND finished_at IS NULL
-ORDER BY next_run_at, id
-LIMIT $2;
-
--- queued_schedules --
--- Enabled schedules holding a run queued behind an unfinished one (overlap = queue).
-SELECT * FROM scheduled_tasks
-WHERE queued_run_at IS NOT NULL AND enabled AND finished_at IS NULL;
+WHERE queued_run_at IS NOT NULL AND enabled AND finished_at IS NULL
+  AND (next_run_at IS NULL OR next_run_at > $1)
+ORDER BY next_run_at NULLS LAST, id;
 
 -- next_due --
 -- When the scheduler must next wake.
@@ -143,3 +146,7 @@ ORDER BY created_at DESC, seq DESC LIMIT $2 OFFSET $3;
 -- count_schedule_tasks --
 -- How many tasks a schedule started.
 SELECT count(*) FROM task_executions WHERE schedule_id = $1;
+
+-- task_statuses --
+-- The status of some tasks (the last runs of a page of schedules).
+SELECT id, status FROM task_executions WHERE id = ANY($1);
