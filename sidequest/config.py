@@ -173,6 +173,23 @@ class Settings(_Strict):
     database: Path | None = Field(default=None, description="DuckDB file; default <home>/sidequest.duckdb")
     max_concurrency: int = Field(default=4, ge=1, le=1000)
     max_prompt_bytes: int = Field(default=1_000_000, ge=1)
+    max_request_bytes: int = Field(
+        default=1_000_000,
+        ge=1024,
+        description="one limit for a whole submit: prompt, metadata, tags and options together",
+    )
+    max_queued_tasks: int = Field(
+        default=100_000, ge=1, description="unfinished tasks (all scopes) before submits are refused"
+    )
+    max_lost_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="a task present at this many process deaths is failed as poisonous",
+    )
+    idempotency_window: Duration = Field(
+        default=24 * 3600.0, gt=0, description="how long after a task finishes its idempotency key holds"
+    )
     max_timeout: Duration = Field(default=7 * 24 * 3600.0, description="largest per-task timeout accepted")
     default_timeout: Duration | None = None
     lease_seconds: Duration = Field(default=30.0, gt=0)
@@ -241,6 +258,9 @@ _ENV_KEYS: dict[str, str] = {
     "SIDEQUEST_DATABASE": "database",
     "SIDEQUEST_MAX_CONCURRENCY": "max_concurrency",
     "SIDEQUEST_MAX_PROMPT_BYTES": "max_prompt_bytes",
+    "SIDEQUEST_MAX_REQUEST_BYTES": "max_request_bytes",
+    "SIDEQUEST_MAX_QUEUED_TASKS": "max_queued_tasks",
+    "SIDEQUEST_MAX_LOST_ATTEMPTS": "max_lost_attempts",
     "SIDEQUEST_MAX_TIMEOUT": "max_timeout",
     "SIDEQUEST_DEFAULT_TIMEOUT": "default_timeout",
     "SIDEQUEST_LEASE_SECONDS": "lease_seconds",

@@ -366,6 +366,9 @@ class DaemonStatus(BaseModel):
     database: str
     tasks: dict[str, int] = Field(description="tasks by status, every scope")
     running: int = Field(description="attempts running in this daemon now")
+    store_error: str | None = Field(
+        default=None, description="why the store stopped accepting writes (the daemon is stopping)"
+    )
 
 
 class ApiError(BaseModel):

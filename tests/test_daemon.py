@@ -222,17 +222,15 @@ async def test_a_model_typed_scope_does_not_widen_where_agents_run(home: Path, t
             project
         )
 
-        elsewhere = await client.call_tool(
-            "task_async",
-            {"agent_definition": "pwd", "prompt": "x", "options": {"scope": "/", "cwd": "/etc"}},
-        )
-        if not elsewhere.is_error:  # accepted, then refused when it would start
-            task_id = elsewhere.structured_content["task_id"]  # type: ignore[index]
-            failed = await wait_task(client, task_id, status="failed")
-            assert "allowed" in failed["error"], failed
-            assert "/etc" not in (await call(client, "get_task_result", task_id=task_id))["content"]
-        else:
-            assert "allowed" in elsewhere.content[0].text  # type: ignore[union-attr]
+        for scope in ("/", "/etc", str(tmp_path)):  # the root, elsewhere, and the project's parent
+            elsewhere = await client.call_tool(
+                "task_async",
+                {"agent_definition": "pwd", "prompt": "x", "options": {"scope": scope, "cwd": "/etc"}},
+            )
+            assert elsewhere.is_error, scope
+            assert "options.scope" in elsewhere.content[0].text  # type: ignore[union-attr]
+        listed = await call(client, "list_active_workflows", all_scopes=True)
+        assert listed["total"] == 0, "nothing was recorded, nothing ran"
 
 
 # ---- starting ----------------------------------------------------------------------

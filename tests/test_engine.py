@@ -139,8 +139,8 @@ async def test_high_priority_runs_before_normal_before_low_then_fifo(tmp_path: P
     assert order == ["high1", "normal1", "normal2", "low1"]
 
 
-async def test_idempotency_key_returns_the_unfinished_task(tmp_path: Path) -> None:
-    async with running_engine(tmp_path) as engine:
+async def test_idempotency_key_returns_the_same_task_until_its_window_ends(tmp_path: Path) -> None:
+    async with running_engine(tmp_path, idempotency_window=1.5) as engine:
         first = await engine.submit("sleep", "0.3", opts(idempotency_key="k1"))
         second = await engine.submit("sleep", "0.3", opts(idempotency_key="k1"))
         assert second.task_id == first.task_id and second.deduplicated
@@ -154,8 +154,19 @@ async def test_idempotency_key_returns_the_unfinished_task(tmp_path: Path) -> No
                 tg.start_soon(submit)
         assert len(set(concurrent)) == 1
         await wait_status(engine, first.task_id, TaskStatus.completed)
+        again = await engine.submit("sleep", "0.01", opts(idempotency_key="k1"))
+        assert again.task_id == first.task_id and again.deduplicated
+        assert again.status == TaskStatus.completed
+    # The key is in the store: a restart still deduplicates it.
+    async with running_engine(tmp_path, idempotency_window=1.5) as engine:
+        again = await engine.submit("sleep", "0.01", opts(idempotency_key="k1"))
+        assert again.task_id == first.task_id and again.deduplicated
+        await anyio.sleep(1.6)  # past the window after the task finished: the key is free again
         third = await engine.submit("sleep", "0.01", opts(idempotency_key="k1"))
         assert third.task_id != first.task_id and not third.deduplicated
+        await wait_status(engine, third.task_id, TaskStatus.completed)
+        fourth = await engine.submit("sleep", "0.01", opts(idempotency_key="k1"))
+        assert fourth.task_id == third.task_id and fourth.deduplicated
 
 
 async def test_failed_attempts_are_retried_with_history(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from sidequest.engine.engine import Engine
 from sidequest.server.mcp import INSTRUCTIONS, build_server
 
 SCOPE = "/projects/alpha"
-OTHER_SCOPE = "/projects/beta"
+OTHER_SCOPE = "/projects/alpha/beta"  # a narrower scope inside the project: listed apart
 MODES = ["auto", "legacy"]
 
 

@@ -257,7 +257,8 @@ async def test_active_workflows_history_and_project_scope(
         )
     ).json()
     assert (await http.get(f"/tasks/{slow['task_id']}")).json()["scope"] == str(alpha)
-    assert str(alpha.resolve()) in live.engine.workdir_roots(str(alpha)), "a client's project is trusted"
+    stored = await live.engine.store.get_task(slow["task_id"])
+    assert stored is not None and stored.project == str(alpha), "a client's project is trusted for its task"
     await finished(http, quick["task_id"])
     await finished(http, failing["task_id"])
 
@@ -421,10 +422,13 @@ async def test_schedule_create_list_get_patch_runs_delete(http: httpx2.AsyncClie
 async def test_schedule_scope_is_options_scope_else_the_caller(
     http: httpx2.AsyncClient, tmp_path: Path
 ) -> None:
-    alpha, beta = tmp_path / "alpha", tmp_path / "beta"
-    alpha.mkdir()
-    beta.mkdir()
+    alpha, beta = tmp_path / "alpha", tmp_path / "alpha" / "beta"
+    beta.mkdir(parents=True)
     in_alpha = {PROJECT_HEADER: str(alpha)}
+    outside = await http.post(
+        "/schedules", json=schedule_body(options={"scope": str(tmp_path)}), headers=in_alpha
+    )
+    assert outside.status_code == 400 and "outside your project" in outside.json()["message"]
     by_header = (await http.post("/schedules", json=schedule_body(), headers=in_alpha)).json()
     by_option = (
         await http.post("/schedules", json=schedule_body(options={"scope": str(beta)}), headers=in_alpha)

@@ -29,7 +29,7 @@ class RunningAttempt:
     task: TaskRecord
     ctx: TaskContext
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    stop_reason: str | None = None  # "cancelled" | "shutdown"
+    stop_reason: str | None = None  # "cancelled" | "shutdown" | "store_failed"
 
 
 _READY = ("queued", "retrying")
@@ -59,6 +59,10 @@ class Dispatcher:
         self._idle.set()
         self.accepting = True
         self._tg: TaskGroup | None = None
+        self._suspect_running = False
+        """Quarantine: a task present at a process death (lost_attempts > 0) runs with nothing
+        beside it, so if it kills the process again the death is counted against it alone, and
+        healthy tasks are never failed for sitting next to a poisonous one."""
 
     # ---- queueing --------------------------------------------------------
 
@@ -103,15 +107,22 @@ class Dispatcher:
 
     def _fill_slots(self, tg: TaskGroup) -> None:
         while self.accepting and self._ready and len(self.running) < self.max_concurrency:
-            entry = heapq.heappop(self._ready)
+            if self._suspect_running:
+                return  # a task that was running when the process died runs alone
+            entry = self._ready[0]
             task = self._is_ready(entry[2])
             if task is None:
+                heapq.heappop(self._ready)
                 continue  # cancelled while queued
+            if task.lost_attempts and self.running:
+                return  # it waits at the head until the running ones are done (see _quarantine)
+            heapq.heappop(self._ready)
             limit = self._agent_limit(task.agent)
             if limit is not None and self._per_agent[task.agent] >= limit:
                 self._blocked[task.agent].append(entry)
                 continue
             attempt = self._start_attempt(task)
+            self._suspect_running = bool(task.lost_attempts)
             self.running[task.id] = attempt
             self._per_agent[task.agent] += 1
             self._idle = anyio.Event()
@@ -123,6 +134,7 @@ class Dispatcher:
         finally:
             task = attempt.task
             self.running.pop(task.id, None)
+            self._suspect_running = False
             self._per_agent[task.agent] -= 1
             blocked = self._blocked.get(task.agent)
             while blocked:
@@ -149,6 +161,13 @@ class Dispatcher:
         with anyio.move_on_after(5):
             await self._idle.wait()
         return stopped
+
+    def stop_all(self, reason: str) -> None:
+        """Stop every running attempt now (the store failed: nothing they do can be kept)."""
+        for attempt in list(self.running.values()):
+            attempt.stop_reason = reason
+            attempt.ctx._cancel()
+            attempt.scope.cancel()
 
     def cancel_running(self, task_id: str) -> bool:
         attempt = self.running.get(task_id)

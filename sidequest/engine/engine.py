@@ -26,7 +26,7 @@ import anyio
 from sidequest.agents import Agent, AgentLookupError, AgentRegistry
 from sidequest.config import Settings
 from sidequest.engine.dispatcher import Dispatcher, RunningAttempt
-from sidequest.engine.errors import InvalidRequest, NotFound
+from sidequest.engine.errors import InvalidRequest, NotFound, QueueFull
 from sidequest.engine.notifier import Listener, Notifier
 from sidequest.engine.retry import backoff_delay
 from sidequest.engine.scheduler import Clock, Scheduler
@@ -70,6 +70,8 @@ from sidequest.storage.base import (
     ResultRecord,
     ScheduleRecord,
     Store,
+    StoreError,
+    StoreUnavailable,
     TaskRecord,
     WorkflowQuery,
     WorkflowRecord,
@@ -112,6 +114,14 @@ def _require_utf8(field: str, value: str | None) -> None:
         raise InvalidRequest(f"{field} is not valid UTF-8 text (position {exc.start})") from exc
 
 
+HELD_PAYLOAD_BUDGET = 64 << 20
+"""Bytes of queued prompts and options kept in memory; the rest wait on disk (read per attempt)."""
+
+
+def _payload_size(prompt: str, options: dict[str, Any]) -> int:
+    return len(prompt.encode("utf-8")) + len(json.dumps(options, ensure_ascii=False).encode("utf-8"))
+
+
 MAX_OFFSET = 2**31 - 1
 """Offsets and cursors beyond this are typos (and overflow the store's integer types)."""
 
@@ -121,6 +131,13 @@ def _check_paging(offset: int, limit: int, max_limit: int, limit_name: str = "li
         raise InvalidRequest(f"offset must be between 0 and {MAX_OFFSET}, got {offset}")
     if not 1 <= limit <= max_limit:
         raise InvalidRequest(f"{limit_name} must be between 1 and {max_limit}, got {limit}")
+
+
+def _absolute(path: str, what: str) -> str:
+    """Scopes are absolute, normalised paths (`..` and `//` removed), so one folder has one name."""
+    if "\x00" in path or not os.path.isabs(path):
+        raise InvalidRequest(f"{what} must be an absolute path, got {path!r}")
+    return os.path.normpath(path)
 
 
 def _short(text: str | None, limit: int) -> str:
@@ -158,13 +175,20 @@ class Engine:
         self._workflows: dict[str, WorkflowRecord] = {}
         self._wf_open: Counter[str] = Counter()
         self._wf_counts: dict[str, Counter[str]] = {}
-        self._idempotency: dict[tuple[str, str], str] = {}
+        self._idempotency: dict[tuple[str, str], tuple[str, datetime | None]] = {}
+        """(scope, key) -> (task id, when it finished): live tasks' keys and those still inside
+        `idempotency_window`, so a submit never reads the store to find its key."""
+        self._held: dict[str, int] = {}
+        """Bytes of prompt and options held in memory per live task (see HELD_PAYLOAD_BUDGET)."""
         self._inserting: dict[str, anyio.Event] = {}
         self._limits: dict[str, int | None] = {}
-        self._projects: set[str] = set()
+        self._held_total = 0
         self._seq = 0
         self._loop_thread: int | None = None
         self._started = False
+        self.failure: StoreUnavailable | None = None
+        self.failed = anyio.Event()
+        """Set when the store failed: the process must stop (fail-stop) and recover at its next start."""
         self.scheduler = Scheduler(self, clock)
 
     # ---- lifecycle -------------------------------------------------------
@@ -173,6 +197,7 @@ class Engine:
     async def running(self) -> AsyncIterator[Engine]:
         """Open the store, recover lapsed work, run the pool; on exit drain gracefully."""
         state = await anyio.to_thread.run_sync(self.store.open)
+        self.store.on_failure(self._on_store_failure)
         self._loop_thread = threading.get_ident()
         try:
             self._load(state)
@@ -180,6 +205,7 @@ class Engine:
                 tg.start_soon(self.store.run_writer, self.notifier.committed)
                 tg.start_soon(self.dispatcher.run)
                 tg.start_soon(self._renew_leases)
+                tg.start_soon(self._forget_idempotency_keys)
                 tg.start_soon(self.scheduler.run)
                 self._started = True
                 try:
@@ -201,13 +227,17 @@ class Engine:
         for wid, counts in state.workflow_counts.items():
             self._wf_counts[wid] = _finished_counts(counts)
             self._wf_open[wid] = sum(n for s, n in counts.items() if s not in _FINISHED)
+        horizon = utcnow() - timedelta(seconds=self.settings.idempotency_window)
+        for scope, key, task_id, finished in state.idempotency:
+            if finished is None or finished > horizon:
+                self._idempotency[(scope, key)] = (task_id, finished)
         for task in state.live_tasks:
             self._live[task.id] = task
+            if task.prompt is not None:
+                self._hold(task, _payload_size(task.prompt, task.options or {}))
             if task.agent not in self._limits:
-                found = self.agents.get(task.agent, task.scope)
+                found = self.agents.get(task.agent, task.project)
                 self._limits[task.agent] = found.max_concurrency if found else None
-            if task.idempotency_key:
-                self._idempotency[(task.scope, task.idempotency_key)] = task.id
         exclusive = getattr(self.store, "exclusive", True)
         now = utcnow()
         for task in state.live_tasks:
@@ -223,19 +253,52 @@ class Engine:
             self._finish_workflow(wid, now)
 
     def _recover_lapsed(self, task: TaskRecord, now: datetime) -> None:
-        """The process running this attempt died: count the attempt, retry or fail."""
+        """The process running this attempt died. That is not the task's failure (it may have been
+        a bystander of another task's crash), so it does not use up `max_retries`; but a task
+        present at `max_lost_attempts` deaths is failed as poisonous, or it would crash every
+        restart forever. Until then it runs again, alone (see Dispatcher), so a crash it causes
+        is counted against it and not against tasks beside it."""
         error = f"attempt {task.attempts} was lost: the process running it stopped and its lease lapsed"
         self.store.add_attempt(
             AttemptRecord(task.id, task.attempts, "lost", task.started_at, now, error, task.worker_id)
         )
         log.warning("task %s: %s", task.id, error)
-        self._after_failure(task, error, permanent=False, now=now, immediate=True)
+        task.lost_attempts += 1
+        task.worker_id = None
+        task.lease_expires_at = None
+        task.updated_at = now
+        if task.lost_attempts >= self.settings.max_lost_attempts:
+            deaths = task.lost_attempts
+            task.failures += 1
+            task.error = (
+                f"poisonous: the process died {deaths} time{'s' if deaths != 1 else ''} while it ran "
+                f"(max_lost_attempts is {self.settings.max_lost_attempts}); run it with an isolated "
+                'agent (isolation = "process") or fix what kills the process'
+            )
+            self._fail_task(task, task.error, now)
+            return
+        task.status = TaskStatus.queued.value
+        task.next_attempt_at = None
+        self.store.update_task(task)
+        self.dispatcher.enqueue(task)
+
+    def _on_store_failure(self, failure: StoreUnavailable) -> None:
+        """Fail-stop: start nothing more, stop what runs (its writes could not be kept; it runs
+        again after the restart), and tell whoever runs us to stop the process."""
+        self.failure = failure
+        self.dispatcher.accepting = False
+        self.dispatcher.stop_all("store_failed")
+        self.failed.set()
 
     async def _shutdown(self) -> None:
-        stopped = await self.dispatcher.drain(self.settings.shutdown_grace)
-        if stopped:
+        grace = 0.0 if self.failure is not None else self.settings.shutdown_grace
+        stopped = await self.dispatcher.drain(grace)
+        if stopped and self.failure is None:
             log.info("put %d running task(s) back in the queue at shutdown", len(stopped))
-        await self.store.flush()
+        try:
+            await self.store.flush()
+        except StoreError as exc:
+            log.error("not everything could be written at shutdown: %s", exc)
 
     async def _renew_leases(self) -> None:
         interval = max(0.05, self.settings.lease_seconds / 3)
@@ -246,45 +309,102 @@ class Engine:
                 attempt.task.lease_expires_at = expires
                 self.store.update_task(attempt.task)
 
+    async def _forget_idempotency_keys(self) -> None:
+        """Keys outlive their task by `idempotency_window`; then memory and the store drop them."""
+        while True:
+            horizon = utcnow() - timedelta(seconds=self.settings.idempotency_window)
+            expired = [
+                k for k, (_, done) in self._idempotency.items() if done is not None and done <= horizon
+            ]
+            for key in expired:
+                del self._idempotency[key]
+            try:
+                await self.store.purge_idempotency_keys(horizon)
+            except StoreError:
+                return  # fail-stop is under way
+            await anyio.sleep(min(3600.0, max(1.0, self.settings.idempotency_window / 10)))
+
+    def _hold(self, task: TaskRecord, size: int) -> None:
+        """Keep a task's prompt and options in memory while the budget allows; beyond it they stay
+        on disk and are read when its attempt starts (a queue of large prompts stays small)."""
+        if self._held_total + size <= HELD_PAYLOAD_BUDGET:
+            self._held[task.id] = size
+            self._held_total += size
+        else:
+            task.prompt, task.options = None, None
+
+    def _release(self, task_id: str) -> None:
+        self._held_total -= self._held.pop(task_id, 0)
+
     def add_listener(self, listener: Listener) -> Callable[[], None]:
         return self.notifier.add_listener(listener)
 
     # ---- submit ----------------------------------------------------------
 
-    def trust_project(self, scope: str) -> None:
-        """A project directory a client connected from (not one a model typed): processes may run there."""
-        if os.path.isabs(scope) and os.path.isdir(scope):
-            self._projects.add(os.path.realpath(scope))
+    def admit_scope(self, requested: str | None, project: str | None) -> tuple[str, str | None]:
+        """(the task's scope, the caller's trusted project) for one request.
 
-    def workdir_roots(self, scope: str) -> list[str]:
+        Trust is per request, never remembered: `project` is the caller's own project (the
+        front's header, the embedded server's directory), and it and `allowed_roots` are the only
+        places the task's processes may run and its agent files are read. A model-typed scope may
+        narrow inside them; it cannot widen: outside them, `/`, or the home directory is refused.
+        Without a project, a scope is only a label for listing (it makes nothing trusted)."""
+        if project is not None:
+            project = _absolute(project, "the caller's project")
+        if requested is None:
+            return project or default_scope(), project
+        if project is None:
+            return requested, None
+        scope = _absolute(requested, "options.scope")
+        real = os.path.realpath(scope)
+        home = os.path.realpath(os.path.expanduser("~"))
+        roots = [os.path.realpath(project), *(os.path.realpath(r) for r in self.settings.allowed_roots)]
+        if real in ("/", home) and real not in roots:
+            raise InvalidRequest(
+                f"options.scope {requested!r} is {'the root folder' if real == '/' else 'the home folder'}; "
+                f"a scope may only narrow to a folder inside your project {project!r}"
+            )
+        if not any(is_inside(real, root) for root in roots):
+            raise InvalidRequest(
+                f"options.scope {requested!r} is outside your project {project!r}"
+                + (f" and allowed_roots ({', '.join(roots[1:])})" if roots[1:] else "")
+                + "; a scope may only narrow to a folder inside them (omit it to use your project)"
+            )
+        return scope, project
+
+    def workdir_roots(self, scope: str, project: str | None) -> list[str]:
+        """Where a task's processes may run: its scope (inside its caller's project, checked at
+        admission) when the caller named a project, and `allowed_roots`."""
         roots = [os.path.realpath(root) for root in self.settings.allowed_roots]
-        if os.path.isabs(scope) and os.path.isdir(scope):
-            real = os.path.realpath(scope)
-            if any(is_inside(real, project) for project in self._projects):
-                roots.insert(0, real)
+        if project is not None and os.path.isabs(scope) and os.path.isdir(scope):
+            roots.insert(0, os.path.realpath(scope))
         return roots
 
-    def list_agents(self, scope: str | None = None) -> tuple[list[AgentInfo], list[AgentProblem]]:
-        """Agents this scope may launch, and agent files that are broken (so the user can fix them)."""
-        scope = scope or default_scope()
+    def list_agents(
+        self, scope: str | None = None, project: str | None = None
+    ) -> tuple[list[AgentInfo], list[AgentProblem]]:
+        """Agents this caller may launch, and agent files that are broken (so the user can fix them).
+
+        Agent files come from the caller's project, the user's folder and configured folders,
+        never from a folder a model typed (`scope` is accepted for the surfaces' sake)."""
         try:
-            catalog = self.agents.catalog(scope)
-        except OSError as exc:  # e.g. a scope path the OS refuses (name too long)
-            raise InvalidRequest(f"cannot read the agent folders of scope {scope!r}: {exc}") from exc
+            catalog = self.agents.catalog(project)
+        except OSError as exc:  # e.g. a project path the OS refuses (name too long)
+            raise InvalidRequest(f"cannot read the agent folders of {project!r}: {exc}") from exc
         return [a.info() for a in catalog.agents.values()], catalog.problems
 
-    async def agent_list(self, scope: str | None = None) -> AgentList:
+    async def agent_list(self, scope: str | None = None, project: str | None = None) -> AgentList:
         """`list_agents` for async surfaces: reading agent files is disk work, kept off the loop."""
-        agents, problems = await anyio.to_thread.run_sync(self.list_agents, scope)
+        agents, problems = await anyio.to_thread.run_sync(self.list_agents, scope, project)
         return AgentList(agents=agents, problems=problems)
 
-    def _resolve_agent(self, agent: str, scope: str) -> Agent:
+    def _resolve_agent(self, agent: str, project: str | None) -> Agent:
         try:
-            found = self.agents.resolve(agent, scope)
+            found = self.agents.resolve(agent, project)
         except AgentLookupError as exc:
             raise InvalidRequest(str(exc)) from exc
-        except OSError as exc:  # e.g. a scope path the OS refuses (name too long)
-            raise InvalidRequest(f"cannot look up agent {agent!r} in scope {scope!r}: {exc}") from exc
+        except OSError as exc:  # e.g. a project path the OS refuses (name too long)
+            raise InvalidRequest(f"cannot look up agent {agent!r} in {project!r}: {exc}") from exc
         self._limits[agent] = found.max_concurrency
         return found
 
@@ -299,12 +419,22 @@ class Engine:
             _require_utf8(f"options.{field}", getattr(options, field))
         for tag in options.tags:
             _require_utf8("options.tags", tag)
-        _require_utf8("options.metadata", json.dumps(options.metadata, ensure_ascii=False))
+        metadata = json.dumps(options.metadata, ensure_ascii=False)
+        _require_utf8("options.metadata", metadata)
         size = len(prompt.encode("utf-8"))
         if size > self.settings.max_prompt_bytes:
             raise InvalidRequest(
                 f"prompt is {size} bytes, over the {self.settings.max_prompt_bytes}-byte limit "
                 "(max_prompt_bytes in the config); pass a file path or a summary instead"
+            )
+        total = _payload_size(prompt, options.model_dump(mode="json", exclude_defaults=True)) + len(agent)
+        if total > self.settings.max_request_bytes:
+            meta, tags = len(metadata.encode()), len(json.dumps(options.tags, ensure_ascii=False).encode())
+            raise InvalidRequest(
+                f"the request is {total} bytes (prompt {size}, metadata {meta}, tags {tags}, the rest of "
+                f"the options {max(0, total - size - meta - tags - len(agent))}), over the "
+                f"{self.settings.max_request_bytes}-byte limit for a whole submit (max_request_bytes in "
+                "the config); put large inputs in a file and pass its path"
             )
         if options.timeout is not None and options.timeout > self.settings.max_timeout:
             raise InvalidRequest(
@@ -312,10 +442,10 @@ class Engine:
                 "(max_timeout in the config)"
             )
 
-    def check_task(self, agent: str, prompt: str, options: TaskOptions) -> Agent:
+    def check_task(self, agent: str, prompt: str, options: TaskOptions, project: str | None) -> Agent:
         """What submit would refuse, without submitting (a schedule's runs must be able to start)."""
         self._validate_submit(agent, prompt, options)
-        return self._resolve_agent(agent, options.scope or default_scope())
+        return self._resolve_agent(agent, project)
 
     def _new_task(
         self,
@@ -349,17 +479,23 @@ class Engine:
             timeout_s=timeout,
         )
 
-    async def submit(self, agent: str, prompt: str, options: TaskOptions | None = None) -> TaskSubmitted:
-        """Durably record a task and hand it to the pool; returns once the row is committed."""
+    async def submit(
+        self, agent: str, prompt: str, options: TaskOptions | None = None, *, project: str | None = None
+    ) -> TaskSubmitted:
+        """Durably record a task and hand it to the pool; returns once the row is committed.
+
+        `project` is the caller's own project, from the surface (never from the arguments a
+        model types): see `admit_scope`."""
         self._require_running()
         options = options or TaskOptions()
         self._validate_submit(agent, prompt, options)
-        scope = options.scope or default_scope()
+        scope, project = self.admit_scope(options.scope, project)
 
         if options.idempotency_key:
-            existing = self._idempotency.get((scope, options.idempotency_key))
+            existing = self._known_key(scope, options.idempotency_key)
             if existing is not None:
                 return await self._existing_submission(existing)
+        self._check_queue()
 
         now = utcnow()
         new_workflow: WorkflowRecord | None = None
@@ -395,35 +531,43 @@ class Engine:
             )
         workflow_id = options.workflow_id or new_workflow.id  # type: ignore[union-attr]
 
-        resolved = self._resolve_agent(agent, scope)
-        warnings = await self._preflight(resolved, options, scope)
+        resolved = self._resolve_agent(agent, project)
+        warnings = await self._preflight(resolved, options, scope, project)
 
         if options.idempotency_key:  # re-check: the workflow lookup may have awaited
-            existing = self._idempotency.get((scope, options.idempotency_key))
+            existing = self._known_key(scope, options.idempotency_key)
             if existing is not None:
                 return await self._existing_submission(existing)
+        self._check_queue()
 
         not_before = options.not_before
         if options.delay:
             not_before = now + timedelta(seconds=options.delay)
         task = self._new_task(resolved, agent, prompt, options, scope, workflow_id, now)
+        task.project = project
         task.idempotency_key = options.idempotency_key
         task.not_before = not_before
         inserted = anyio.Event()
         self._inserting[task.id] = inserted
-        if options.idempotency_key:
-            self._idempotency[(scope, options.idempotency_key)] = task.id
+        key = (scope, options.idempotency_key) if options.idempotency_key else None
+        earlier = self._idempotency.get(key) if key else None
+        if key:
+            self._idempotency[key] = (task.id, None)
         try:
             await self.store.insert([new_workflow] if new_workflow else [], [task])
         except BaseException:
-            if options.idempotency_key:
-                self._idempotency.pop((scope, options.idempotency_key), None)
+            if key:
+                if earlier is not None:
+                    self._idempotency[key] = earlier
+                else:
+                    self._idempotency.pop(key, None)
             raise
         finally:
             self._inserting.pop(task.id, None)
             inserted.set()
 
         self._live[task.id] = task
+        self._hold(task, _payload_size(prompt, task.options or {}))
         if new_workflow is not None:
             self._workflows[new_workflow.id] = new_workflow
             self._wf_counts[new_workflow.id] = Counter()
@@ -443,7 +587,9 @@ class Engine:
             warnings=warnings,
         )
 
-    async def _preflight(self, agent: Agent, options: TaskOptions, scope: str) -> list[str]:
+    async def _preflight(
+        self, agent: Agent, options: TaskOptions, scope: str, project: str | None
+    ) -> list[str]:
         """Reject what cannot work (a session that does not exist); warn about what may fail (no key)."""
         if options.resume_task_id:
             earlier = await self._record(options.resume_task_id)
@@ -455,7 +601,28 @@ class Engine:
                     f"{agent.executor.name!r}"
                 )
         preflight = getattr(agent.executor, "preflight", None)
-        return list(preflight(options, scope, self.workdir_roots(scope))) if preflight is not None else []
+        if preflight is None:
+            return []
+        return list(preflight(options, scope, self.workdir_roots(scope, project)))
+
+    def _known_key(self, scope: str, key: str) -> str | None:
+        """The task this key made, while it still deduplicates: unfinished, or finished inside
+        `idempotency_window` (the same key then returns that task whatever its state)."""
+        found = self._idempotency.get((scope, key))
+        if found is None:
+            return None
+        task_id, finished = found
+        if finished is not None and utcnow() - finished > timedelta(seconds=self.settings.idempotency_window):
+            return None
+        return task_id
+
+    def _check_queue(self) -> None:
+        if len(self._live) >= self.settings.max_queued_tasks:
+            raise QueueFull(
+                f"queue full: {len(self._live)} tasks are unfinished, the limit is "
+                f"{self.settings.max_queued_tasks} (max_queued_tasks in the config); wait for some to "
+                "finish or cancel some, then submit again"
+            )
 
     async def _existing_submission(self, task_id: str) -> TaskSubmitted:
         pending = self._inserting.get(task_id)
@@ -477,6 +644,8 @@ class Engine:
         return self._live.get(task_id) or await self.store.get_task(task_id)
 
     def _require_running(self) -> None:
+        if self.failure is not None:
+            raise self.failure
         if not self._started:
             raise InvalidRequest("the engine is not running")
 
@@ -501,21 +670,21 @@ class Engine:
         task.next_attempt_at = None
         task.worker_id = self.worker_id
         task.lease_expires_at = now + timedelta(seconds=self.settings.lease_seconds)
-        self.store.update_task(task)
+        self.store.attempt_started(task)  # a crash from here on is counted against this task
         ctx = TaskContext(
             task_id=task.id,
             workflow_id=task.workflow_id,
             agent=task.agent,
             attempt=task.attempts,
             scope=task.scope,
-            metadata=dict(task.options.get("metadata", {})),
+            metadata=dict((task.options or {}).get("metadata", {})),
             _on_progress=lambda p, m: self._call_in_loop(self._progress, task, p, m),
             _on_usage=lambda u: self._call_in_loop(self.store.add_usage, u),
-            options=task.options,
+            options=task.options or {},
             session_id=task.session_id,
             batch_id=task.batch_id,
             _on_state=lambda sid, bid: self._call_in_loop(self._save_state, task, sid, bid),
-            _workdir_roots=lambda: self.workdir_roots(task.scope),
+            _workdir_roots=lambda: self.workdir_roots(task.scope, task.project),
         )
         return RunningAttempt(task=task, ctx=ctx)
 
@@ -549,13 +718,21 @@ class Engine:
         outcome: str
         detail: str | ExecutionResult
         retry_after: float | None = None
+        options = task.options
         with attempt.scope:
             try:
+                prompt = task.prompt
+                if prompt is None or options is None:  # a large payload stays on disk until now
+                    payload = await self.store.get_payload(task.id)
+                    if payload is None:
+                        raise PermanentError(f"task {task.id} has no stored prompt")
+                    prompt, options = payload
+                    ctx.options, ctx.metadata = options, dict(options.get("metadata", {}))
                 try:
-                    agent = self.agents.resolve(task.agent, task.scope)
+                    agent = self.agents.resolve(task.agent, task.project)
                 except AgentLookupError as exc:
                     raise PermanentError(f"agent {task.agent!r} can no longer be used: {exc}") from exc
-                resume = task.options.get("resume_task_id")
+                resume = options.get("resume_task_id")
                 if resume:
                     earlier = await self._record(resume)
                     ctx.resume_session_id = earlier.session_id if earlier else None
@@ -563,7 +740,7 @@ class Engine:
                         raise PermanentError(f"task {resume} has no session to resume (it saved none)")
                 deadline = anyio.current_time() + task.timeout_s if task.timeout_s else math.inf
                 with anyio.CancelScope(deadline=deadline) as limit:
-                    detail = await agent.executor.run(task.prompt, ctx)
+                    detail = await agent.executor.run(prompt, ctx)
                 if limit.cancelled_caught:  # our deadline, not a TimeoutError the agent raised itself
                     outcome, detail = "timed_out", f"timed out after {task.timeout_s:g}s"
                 else:
@@ -578,10 +755,15 @@ class Engine:
                 outcome, detail = "failed", f"the agent called sys.exit({exc.code!r})"
         if attempt.stop_reason is not None:
             outcome, detail = attempt.stop_reason, attempt.stop_reason
-        self._finish_attempt(task, outcome, detail, retry_after)
+        self._finish_attempt(task, outcome, detail, retry_after, options)
 
     def _finish_attempt(
-        self, task: TaskRecord, outcome: str, detail: str | ExecutionResult, retry_after: float | None = None
+        self,
+        task: TaskRecord,
+        outcome: str,
+        detail: str | ExecutionResult,
+        retry_after: float | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         now = utcnow()
         started = task.started_at
@@ -593,6 +775,8 @@ class Engine:
         task.worker_id = None
         task.lease_expires_at = None
         task.updated_at = now
+        if outcome == "store_failed":
+            return  # nothing more can be written; the restart runs it again
         if outcome == "cancelled" or task.status == TaskStatus.cancelled:
             return  # cancel() already recorded the final state
         if outcome == "shutdown":
@@ -605,7 +789,9 @@ class Engine:
             self._complete(task, detail, now)
             return
         permanent = outcome == "failed_permanently"
-        self._after_failure(task, _clean(str(detail)), permanent=permanent, now=now, min_delay=retry_after)
+        self._after_failure(
+            task, _clean(str(detail)), permanent=permanent, now=now, min_delay=retry_after, options=options
+        )
 
     def _complete(self, task: TaskRecord, result: ExecutionResult, now: datetime) -> None:
         result.content = _clean(result.content)
@@ -631,8 +817,8 @@ class Engine:
         error: str,
         permanent: bool,
         now: datetime,
-        immediate: bool = False,
         min_delay: float | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         task.failures += 1
         task.error = _short(error, 4000) if len(error) > 4000 else error
@@ -640,38 +826,41 @@ class Engine:
         task.lease_expires_at = None
         task.updated_at = now
         if permanent or task.failures > task.max_retries:
-            task.status = TaskStatus.failed.value
-            task.finished_at = now
-            self.store.update_task(task)
-            tries = f"after {task.attempts} attempt{'s' if task.attempts != 1 else ''}"
-            self.notifier.emit(
-                NotificationKind.task_failed,
-                task.workflow_id,
-                task.scope,
-                f"Task {task.id} ({task.agent}) failed {tries}: {_short(error, _NOTIFY_PREVIEW)}",
-                task_id=task.id,
-            )
-            self._task_finished(task, now)
+            self._fail_task(task, error, now)
             return
-        if immediate:  # a lost attempt is not the task's fault: run it again now
-            task.status = TaskStatus.queued.value
-            task.next_attempt_at = None
-        else:
-            policy = RetryBackoff.model_validate(task.options.get("retry_backoff", {}))
-            task.status = TaskStatus.retrying.value
-            delay = max(backoff_delay(policy, task.failures), min_delay or 0.0)
-            task.next_attempt_at = now + timedelta(seconds=delay)
+        options = options if options is not None else task.options or {}
+        policy = RetryBackoff.model_validate(options.get("retry_backoff", {}))
+        task.status = TaskStatus.retrying.value
+        delay = max(backoff_delay(policy, task.failures), min_delay or 0.0)
+        task.next_attempt_at = now + timedelta(seconds=delay)
         self.store.update_task(task)
         self.dispatcher.enqueue(task)
 
+    def _fail_task(self, task: TaskRecord, error: str, now: datetime) -> None:
+        task.status = TaskStatus.failed.value
+        task.finished_at = now
+        task.next_attempt_at = None
+        self.store.update_task(task)
+        tries = f"after {task.attempts} attempt{'s' if task.attempts != 1 else ''}"
+        self.notifier.emit(
+            NotificationKind.task_failed,
+            task.workflow_id,
+            task.scope,
+            f"Task {task.id} ({task.agent}) failed {tries}: {_short(error, _NOTIFY_PREVIEW)}",
+            task_id=task.id,
+        )
+        self._task_finished(task, now)
+
     def _task_finished(self, task: TaskRecord, now: datetime) -> None:
         self._live.pop(task.id, None)
+        self._release(task.id)
         if task.schedule_id:
             self.scheduler.wake()  # a run queued behind this one (overlap=queue) may start now
         if task.idempotency_key:
             key = (task.scope, task.idempotency_key)
-            if self._idempotency.get(key) == task.id:
-                del self._idempotency[key]
+            found = self._idempotency.get(key)
+            if found is not None and found[0] == task.id:
+                self._idempotency[key] = (task.id, now)  # still deduplicates for the window
         wid = task.workflow_id
         self._wf_counts.setdefault(wid, Counter())[task.status] += 1
         self._wf_open[wid] -= 1
@@ -753,7 +942,7 @@ class Engine:
         progress = None
         if task.progress_percent is not None or task.progress_message:
             progress = Progress(percent=task.progress_percent, message=task.progress_message)
-        options = task.options
+        options = task.options or {}
         return TaskInfo(
             task_id=task.id,
             workflow_id=task.workflow_id,
@@ -925,9 +1114,11 @@ class Engine:
 
     # ---- schedules -------------------------------------------------------
 
-    async def schedule_task(self, spec: ScheduleSpec, scope: str | None = None) -> ScheduleCreated:
+    async def schedule_task(
+        self, spec: ScheduleSpec, scope: str | None = None, *, project: str | None = None
+    ) -> ScheduleCreated:
         self._require_running()
-        return await self.scheduler.create(spec, scope or default_scope())
+        return await self.scheduler.create(spec, scope, project)
 
     async def list_schedules(
         self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0
@@ -980,7 +1171,8 @@ class Engine:
         schedule changed since it was read (the scheduler reads again)."""
         self._require_running()
         options = TaskOptions.model_validate({**schedule.options, "scope": schedule.scope})
-        resolved = self.check_task(schedule.agent, schedule.prompt, options)
+        resolved = self.check_task(schedule.agent, schedule.prompt, options, schedule.project)
+        self._check_queue()
         now = utcnow()
         workflow = WorkflowRecord(
             id=new_id("wf"),
@@ -994,11 +1186,13 @@ class Engine:
             resolved, schedule.agent, schedule.prompt, options, schedule.scope, workflow.id, now
         )
         task.schedule_id = schedule.id
+        task.project = schedule.project
         after = dataclasses.replace(after, last_task_id=task.id)
         fire = FireRecord(schedule.id, due, task.id, now)
         if not await self.store.record_fire(fire, after, workflow, task, expected):
             return None
         self._live[task.id] = task
+        self._hold(task, _payload_size(schedule.prompt, task.options or {}))
         self._workflows[workflow.id] = workflow
         self._wf_counts[workflow.id] = Counter()
         self._wf_open[workflow.id] += 1

@@ -1,5 +1,17 @@
 """Errors the engine raises for bad requests; every surface shows the message as is."""
 
+from sidequest.storage.base import StoreError, StoreUnavailable
+
+__all__ = [
+    "EngineError",
+    "InvalidRequest",
+    "NotFound",
+    "QueueFull",
+    "StoreError",
+    "StoreUnavailable",
+    "Unavailable",
+]
+
 
 class EngineError(Exception):
     """A request the engine refuses; the message says what was wrong and what is accepted."""
@@ -13,6 +25,12 @@ class NotFound(EngineError):
 
 class InvalidRequest(EngineError):
     code = "invalid_request"
+
+
+class QueueFull(EngineError):
+    """Too many unfinished tasks (max_queued_tasks): come back when some have finished."""
+
+    code = "queue_full"
 
 
 class Unavailable(EngineError):

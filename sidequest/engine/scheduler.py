@@ -343,12 +343,12 @@ class Scheduler:
             )
         return options
 
-    async def create(self, spec: ScheduleSpec, scope: str) -> ScheduleCreated:
+    async def create(self, spec: ScheduleSpec, scope: str | None, project: str | None) -> ScheduleCreated:
         cron = self._cron(spec.cron, spec.timezone)
         options = self._check_options(spec.options)
-        scope = options.scope or scope
+        scope, project = self.engine.admit_scope(options.scope or scope, project)
         self.engine.check_task(
-            spec.agent_definition, spec.prompt, options.model_copy(update={"scope": scope})
+            spec.agent_definition, spec.prompt, options.model_copy(update={"scope": scope}), project
         )
         if spec.start_at and spec.end_at and spec.end_at <= spec.start_at:
             raise InvalidRequest("end_at must be after start_at")
@@ -367,6 +367,7 @@ class Scheduler:
             timezone=spec.timezone,
             options=options.model_dump(mode="json", exclude_defaults=True, exclude={"scope"}),
             scope=scope,
+            project=project,
             enabled=True,
             overlap=spec.overlap,
             misfire=spec.misfire,
@@ -476,10 +477,10 @@ class Scheduler:
         if "options" in given:
             options = self._check_options(change.options)
             scoped = options.model_copy(update={"scope": s.scope})
-            self.engine.check_task(s.agent, given.get("prompt", s.prompt), scoped)
+            self.engine.check_task(s.agent, given.get("prompt", s.prompt), scoped, s.project)
             updates["options"] = options.model_dump(mode="json", exclude_defaults=True, exclude={"scope"})
         elif "prompt" in given:
-            self.engine.check_task(s.agent, given["prompt"], TaskOptions(scope=s.scope))
+            self.engine.check_task(s.agent, given["prompt"], TaskOptions(scope=s.scope), s.project)
         after = replace(s, **updates)  # type: ignore[arg-type]
         if after.start_at and after.end_at and after.end_at <= after.start_at:
             raise InvalidRequest("end_at must be after start_at")

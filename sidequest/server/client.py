@@ -28,7 +28,7 @@ import anyio
 import httpx2
 from pydantic import BaseModel, ValidationError
 
-from sidequest.engine.errors import EngineError, InvalidRequest, NotFound, Unavailable
+from sidequest.engine.errors import EngineError, InvalidRequest, NotFound, QueueFull, Unavailable
 from sidequest.models import (
     AckRequest,
     AckResult,
@@ -95,7 +95,9 @@ def _error(status: int, body: bytes) -> EngineError:
         error = InvalidRequest(message)
         error.code = code
         return error
-    if status == 503 or code == "unavailable":
+    if status == 429 or code == "queue_full":
+        return QueueFull(message)
+    if status == 503 or code in ("unavailable", "store_unavailable"):
         return Unavailable(message)
     return EngineError(f"the sidequest daemon failed ({code}, HTTP {status}): {message}")
 
@@ -227,11 +229,10 @@ class DaemonClient:
     # `scope` arguments are accepted to match the engine, and not sent: the daemon scopes every
     # request by the project header, and a model-typed `options.scope` travels in the body.
 
-    def trust_project(self, scope: str) -> None:
-        """The daemon trusts the project we name in every request's header (we hold its token)."""
-        self.project = scope
-
-    async def submit(self, agent: str, prompt: str, options: TaskOptions | None = None) -> TaskSubmitted:
+    async def submit(
+        self, agent: str, prompt: str, options: TaskOptions | None = None, *, project: str | None = None
+    ) -> TaskSubmitted:
+        """`project` is not sent in the body: the daemon takes it from our header (we hold its token)."""
         options = options or TaskOptions()
         if not options.idempotency_key:
             key = IDEMPOTENCY_PREFIX + secrets.token_urlsafe(16)
@@ -325,7 +326,9 @@ class DaemonClient:
         result = await self._call("POST", "/notifications/ack", AckResult, body=AckRequest(cursors=cursors))
         return result.acknowledged
 
-    async def schedule_task(self, spec: ScheduleSpec, scope: str | None = None) -> ScheduleCreated:
+    async def schedule_task(
+        self, spec: ScheduleSpec, scope: str | None = None, *, project: str | None = None
+    ) -> ScheduleCreated:
         """Sent again if the daemon goes away mid-request, as every call is; unlike `submit` there is no
         idempotency key, so a create whose answer was lost can leave a duplicate (listed; rare)."""
         return await self._call("POST", "/schedules", ScheduleCreated, body=spec)
@@ -359,7 +362,7 @@ class DaemonClient:
             params={"limit": limit, "offset": offset},
         )
 
-    async def agent_list(self, scope: str | None = None) -> AgentList:
+    async def agent_list(self, scope: str | None = None, project: str | None = None) -> AgentList:
         return await self._call("GET", "/agents", AgentList)
 
     async def daemon_status(self) -> DaemonStatus:

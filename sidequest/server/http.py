@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -134,8 +134,15 @@ def transport_security(host: str) -> TransportSecuritySettings:
     )
 
 
-def build_app(server: MCPServer, token: str, host: str = "127.0.0.1", rest: ASGIApp | None = None) -> ASGIApp:
-    """`rest` is the /api/v1 app (the daemon has one; a bare MCP server in tests need not)."""
+def build_app(
+    server: MCPServer,
+    token: str,
+    host: str = "127.0.0.1",
+    rest: ASGIApp | None = None,
+    problem: Callable[[], str | None] | None = None,
+) -> ASGIApp:
+    """`rest` is the /api/v1 app (the daemon has one; a bare MCP server in tests need not).
+    `problem` says why the daemon cannot serve (its store failed); /health then answers 503."""
     mcp_app = server.streamable_http_app(
         streamable_http_path=MCP_PATH, transport_security=transport_security(host)
     )
@@ -147,7 +154,12 @@ def build_app(server: MCPServer, token: str, host: str = "127.0.0.1", rest: ASGI
             yield
 
     async def health(_: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "version": __version__, "pid": os.getpid()})
+        body: dict[str, object] = {"status": "ok", "version": __version__, "pid": os.getpid()}
+        failure = problem() if problem is not None else None
+        if failure is not None:
+            body.update(status="store_unavailable", code="store_unavailable", message=failure)
+            return JSONResponse(body, status_code=503)
+        return JSONResponse(body)
 
     routes = [Route("/health", health)]
     if rest is not None:

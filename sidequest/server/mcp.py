@@ -27,7 +27,7 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from sidequest import __version__
 from sidequest.config import format_validation_error
-from sidequest.engine.errors import EngineError, NotFound
+from sidequest.engine.errors import EngineError, NotFound, StoreError
 from sidequest.models import (
     AgentList,
     CancelResult,
@@ -105,7 +105,7 @@ def _tool_errors(tool: str) -> Iterator[None]:
         yield
     except ToolError:
         raise
-    except EngineError as exc:
+    except (EngineError, StoreError) as exc:
         raise ToolError(str(exc)) from exc
     except ValidationError as exc:  # a model built inside a tool from its arguments
         raise ToolError(f"invalid arguments: {format_validation_error(exc)}") from exc
@@ -234,9 +234,10 @@ class Backend(Protocol):
     Both have the same methods and return the same models, so the tools exist once.
     """
 
-    def trust_project(self, scope: str) -> None: ...
     def add_listener(self, listener: Callable[[Committed], None]) -> Callable[[], None]: ...
-    async def submit(self, agent: str, prompt: str, options: TaskOptions | None = None) -> TaskSubmitted: ...
+    async def submit(
+        self, agent: str, prompt: str, options: TaskOptions | None = None, *, project: str | None = None
+    ) -> TaskSubmitted: ...
     async def status(self, task_id: str | None = None, workflow_id: str | None = None) -> StatusReport: ...
     async def get_task(self, task_id: str) -> TaskInfo: ...
     async def get_workflow(self, workflow_id: str) -> WorkflowInfo: ...
@@ -266,8 +267,10 @@ class Backend(Protocol):
         include_delivered: bool = False,
         limit: int = 50,
     ) -> NotificationPage: ...
-    async def agent_list(self, scope: str | None = None) -> AgentList: ...
-    async def schedule_task(self, spec: ScheduleSpec, scope: str | None = None) -> ScheduleCreated: ...
+    async def agent_list(self, scope: str | None = None, project: str | None = None) -> AgentList: ...
+    async def schedule_task(
+        self, spec: ScheduleSpec, scope: str | None = None, *, project: str | None = None
+    ) -> ScheduleCreated: ...
     async def list_schedules(
         self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0
     ) -> SchedulePage: ...
@@ -285,8 +288,7 @@ def build_server(
     /mcp, whose working directory is the data dir): agents may then not work in it.
     `notice` is added to the instructions the client's model reads (a version mismatch).
     """
-    if trusted:
-        engine.trust_project(default_scope)
+    project = default_scope if trusted else None
     bus = InMemorySubscriptionBus()
 
     @asynccontextmanager
@@ -303,7 +305,7 @@ def build_server(
     )
     pusher = ResourcePusher(server, bus)
     engine.add_listener(pusher.on_commit)
-    _register_tools(server, engine, default_scope)
+    _register_tools(server, engine, default_scope, project)
     _register_resources(server, engine)
     return server
 
@@ -341,7 +343,10 @@ async def _read_resource(read: Any) -> str:
     return json.dumps(model.model_dump(mode="json"))
 
 
-def _register_tools(server: MCPServer, engine: Backend, default_scope: str) -> None:
+def _register_tools(server: MCPServer, engine: Backend, default_scope: str, project: str | None) -> None:
+    """`project` is the caller's own project (trusted); None when this server is not a project's
+    (the daemon's /mcp): then a task may run only inside allowed_roots."""
+
     @server.tool(
         name="task_async",
         description=(
@@ -375,7 +380,10 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str) -> N
         options: TaskOptions | None = None,
     ) -> TaskSubmitted:
         return await _run_tool(
-            "task_async", engine.submit(agent_definition, prompt, TaskOptions.scoped(options, default_scope))
+            "task_async",
+            engine.submit(
+                agent_definition, prompt, TaskOptions.scoped(options, default_scope), project=project
+            ),
         )
 
     @server.tool(
@@ -536,12 +544,14 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str) -> N
         annotations=_read_only("List agents"),
     )
     async def list_agents() -> AgentList:
-        return await _run_tool("list_agents", engine.agent_list(default_scope))
+        return await _run_tool("list_agents", engine.agent_list(default_scope, project))
 
-    _register_schedule_tools(server, engine, default_scope)
+    _register_schedule_tools(server, engine, default_scope, project)
 
 
-def _register_schedule_tools(server: MCPServer, engine: Backend, default_scope: str) -> None:
+def _register_schedule_tools(
+    server: MCPServer, engine: Backend, default_scope: str, project: str | None
+) -> None:
     @server.tool(
         name="schedule_task",
         description=(
@@ -589,7 +599,7 @@ def _register_schedule_tools(server: MCPServer, engine: Backend, default_scope: 
                 end_at=end_at,
                 max_runs=max_runs,
             )
-        return await _run_tool("schedule_task", engine.schedule_task(spec, default_scope))
+        return await _run_tool("schedule_task", engine.schedule_task(spec, default_scope, project=project))
 
     @server.tool(
         name="list_schedules",

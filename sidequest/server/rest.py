@@ -29,7 +29,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidequest import __version__
 from sidequest.engine.engine import MAX_OFFSET, Engine, default_scope
-from sidequest.engine.errors import EngineError, InvalidRequest, NotFound, Unavailable
+from sidequest.engine.errors import (
+    EngineError,
+    InvalidRequest,
+    NotFound,
+    QueueFull,
+    StoreUnavailable,
+    Unavailable,
+)
 from sidequest.models import (
     AckRequest,
     AckResult,
@@ -189,11 +196,18 @@ async def _on_engine_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EngineError)
     if isinstance(exc, NotFound):
         status = 404
+    elif isinstance(exc, QueueFull):
+        status = 429
     elif isinstance(exc, Unavailable):
         status = 503
     else:
         status = 400
     return _error(status, exc.code, str(exc))
+
+
+async def _on_store_unavailable(request: Request, exc: Exception) -> Response:
+    """The store failed: the daemon is stopping (fail-stop). 503 tells clients to come back."""
+    return _error(503, StoreUnavailable.code, str(exc))
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
@@ -264,8 +278,7 @@ class _InternalErrors:
 # ---- the caller's project -------------------------------------------------------
 
 
-async def _request_scope(
-    request: Request,
+async def _request_project(
     project: Annotated[
         str | None,
         Header(
@@ -277,23 +290,31 @@ async def _request_scope(
             "server's own project.",
         ),
     ] = None,
-) -> str:
-    """The client's project is the scope, as it is for the MCP front it connected from.
+) -> str | None:
+    """The client's project: trusted for this request only (the caller holds the token; a
+    model-typed `options.scope` travels in the body and is checked against it).
 
     Async on purpose: FastAPI runs a sync dependency in a worker thread, a hop that cost every
     request more than the dependency's work (and contends with the store's writer thread).
     """
     if project is None:
-        return default_scope()
+        return None
     try:
         project = unquote(project, errors="strict") if "%" in project else project  # headers are ASCII
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"{PROJECT_HEADER} is not percent-encoded UTF-8: {exc.reason}") from exc
     if not os.path.isabs(project) or "\x00" in project:
         raise InvalidRequest(f"{PROJECT_HEADER} must be an absolute path, got {project!r}")
-    engine: Engine = request.app.state.engine
-    engine.trust_project(project)
-    return project
+    return os.path.normpath(project)
+
+
+CallerProject = Annotated[str | None, Depends(_request_project)]
+
+
+async def _request_scope(project: CallerProject) -> str:
+    """The client's project is the default scope, as it is for the MCP front it connected from;
+    without the header, the server's own directory (a label: it makes nothing trusted)."""
+    return project or default_scope()
 
 
 CallerScope = Annotated[str, Depends(_request_scope)]
@@ -423,6 +444,7 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
     )
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(EngineError, _on_engine_error)
+    app.add_exception_handler(StoreUnavailable, _on_store_unavailable)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(OverflowError, _on_overflow)
     app.add_middleware(_InternalErrors)
@@ -442,9 +464,11 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
         description="As the task_async tool. 201 with the new task, or 200 with the unfinished task "
         "that has the same options.idempotency_key. options.scope defaults to the caller's project.",
     )
-    async def create_task(body: TaskCreate, response: Response, scope: CallerScope) -> TaskSubmitted:
+    async def create_task(
+        body: TaskCreate, response: Response, scope: CallerScope, project: CallerProject
+    ) -> TaskSubmitted:
         submitted = await engine.submit(
-            body.agent_definition, body.prompt, TaskOptions.scoped(body.options, scope)
+            body.agent_definition, body.prompt, TaskOptions.scoped(body.options, scope), project=project
         )
         if submitted.deduplicated:
             response.status_code = 200
@@ -577,8 +601,10 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
         "seconds first when the server's config allows it; fire times follow `timezone`, DST included. "
         "options.scope defaults to the caller's project. The answer lists the next five fire times (UTC).",
     )
-    async def create_schedule(body: ScheduleSpec, scope: CallerScope) -> ScheduleCreated:
-        return await engine.schedule_task(body, scope=scope)
+    async def create_schedule(
+        body: ScheduleSpec, scope: CallerScope, project: CallerProject
+    ) -> ScheduleCreated:
+        return await engine.schedule_task(body, scope=scope, project=project)
 
     @app.get("/schedules", response_model=SchedulePage, summary="Schedules, active, paused and finished")
     async def list_schedules(
@@ -627,8 +653,8 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
         return await engine.schedule_runs(schedule_id, limit=limit, offset=offset)
 
     @app.get("/agents", response_model=AgentList, summary="Agents the caller's project may launch")
-    async def list_agents(scope: CallerScope) -> AgentList:
-        return await engine.agent_list(scope)
+    async def list_agents(scope: CallerScope, project: CallerProject) -> AgentList:
+        return await engine.agent_list(scope, project)
 
     @app.get("/daemon", response_model=DaemonStatus, summary="The serving daemon and what it holds")
     async def daemon_status() -> DaemonStatus:

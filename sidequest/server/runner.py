@@ -84,6 +84,18 @@ async def _stop_on_signal(
             return
 
 
+def _failure(engine: Engine) -> str | None:
+    return str(engine.failure) if engine.failure is not None else None
+
+
+async def _stop_on_store_failure(engine: Engine, stop: Callable[[], None]) -> None:
+    """Fail-stop: a daemon whose store cannot write must not linger as a zombie. Requests in
+    flight get their 503; then the process exits and the next client start recovers."""
+    await engine.failed.wait()
+    log.critical("stopping: %s", engine.failure)
+    stop()
+
+
 # ---- stdio ------------------------------------------------------------------
 
 
@@ -97,6 +109,7 @@ async def stdio_embedded(settings: Settings) -> None:
             server = build_server(engine, _default_scope())
             async with anyio.create_task_group() as tg:
                 await tg.start(_stop_on_signal, tg.cancel_scope)
+                tg.start_soon(_stop_on_store_failure, engine, tg.cancel_scope.cancel)
                 log.info("serving MCP over stdio (data dir %s)", settings.home)
                 await _serve_stdio(server)  # returns when the client closes stdin
                 tg.cancel_scope.cancel()
@@ -225,7 +238,9 @@ async def serve(settings: Settings) -> None:
         )
 
         async def daemon_status() -> DaemonStatus:
+            failure = engine.failure
             return DaemonStatus(
+                store_error=str(failure) if failure else None,
                 version=__version__,
                 pid=state.pid,
                 host=host,
@@ -234,7 +249,7 @@ async def serve(settings: Settings) -> None:
                 uptime_seconds=round((utcnow() - started).total_seconds(), 3),
                 data_dir=str(settings.home),
                 database=state.database,
-                tasks=await engine.task_counts(),
+                tasks=await engine.task_counts() if failure is None else {},
                 running=engine.running_count,
             )
 
@@ -243,7 +258,7 @@ async def serve(settings: Settings) -> None:
                 rest = build_rest_app(engine, daemon_status)
                 # HTTP MCP clients share the daemon's scope, which is no project anyone connected from.
                 mcp = build_server(engine, _default_scope(), trusted=False)
-                app = build_app(mcp, token, host, rest)
+                app = build_app(mcp, token, host, rest, problem=lambda: _failure(engine))
                 config = uvicorn.Config(
                     app,
                     log_level="warning",
@@ -259,6 +274,7 @@ async def serve(settings: Settings) -> None:
                             server.stop()
 
                         await tg.start(_stop_on_signal, tg.cancel_scope, on_signal)
+                        tg.start_soon(_stop_on_store_failure, engine, on_signal)
                         tg.start_soon(_announce, server, state, engine)
                         await server.serve(sockets=[sock])
                         tg.cancel_scope.cancel()
@@ -266,6 +282,8 @@ async def serve(settings: Settings) -> None:
                     clear_state(settings.home, state.pid)  # clients stop finding us before the drain
                 if not server.started:
                     raise Fatal("the HTTP server failed to start; see the log above")
+            if engine.failure is not None:
+                raise Fatal(f"stopped because the store failed: {engine.failure}")
     finally:
         lock.release()
     log.info("stopped")
@@ -384,7 +402,8 @@ async def _announce(server: QuietUvicorn, state: DaemonState, engine: Engine) ->
     from sidequest.server.daemon import write_state
 
     settings = engine.settings
-    agents, problems = await anyio.to_thread.run_sync(engine.list_agents, _default_scope())
+    here = _default_scope()
+    agents, problems = await anyio.to_thread.run_sync(engine.list_agents, here, here)
     while not server.started:
         await anyio.sleep(0.02)
     write_state(settings.home, state)

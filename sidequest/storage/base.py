@@ -18,17 +18,27 @@ class StoreError(Exception):
     """The store cannot be used (locked, newer than this code, unreadable)."""
 
 
+class StoreUnavailable(StoreError):
+    """A write failed (disk full, I/O error): the store is fail-stop from then on.
+
+    Nothing is acknowledged after the first failure; the process says why, stops, and the next
+    start recovers from what was durable (unfinished work runs again: at-least-once).
+    """
+
+    code = "store_unavailable"
+
+
 @dataclass(slots=True)
 class TaskRecord:
     id: str
     seq: int
     workflow_id: str
     agent: str
-    prompt: str
+    prompt: str | None
     status: str
     priority: str
     scope: str
-    options: dict[str, Any]
+    options: dict[str, Any] | None  # None (and prompt None): held on disk only, read per attempt
     max_retries: int
     created_at: datetime
     updated_at: datetime
@@ -50,6 +60,9 @@ class TaskRecord:
     lease_expires_at: datetime | None = None
     session_id: str | None = None
     batch_id: str | None = None
+    lost_attempts: int = 0
+    project: str | None = None
+    """The caller's trusted project (never model-typed); None: only allowed_roots are trusted."""
 
     def mutable_state(self) -> tuple[Any, ...]:
         """Snapshot of the columns that change after insert, in TASK_MUTABLE_COLUMNS order."""
@@ -73,6 +86,7 @@ TASK_MUTABLE_COLUMNS = (
     "lease_expires_at",
     "session_id",
     "batch_id",
+    "lost_attempts",
 )
 _mutable_state = attrgetter(*TASK_MUTABLE_COLUMNS)
 
@@ -175,6 +189,7 @@ class ScheduleRecord:
     queued_run_at: datetime | None = None
     finished_at: datetime | None = None
     last_error: str | None = None
+    project: str | None = None
 
 
 SCHEDULE_COLUMNS = tuple(ScheduleRecord.__dataclass_fields__)
@@ -208,6 +223,8 @@ class LoadedState:
     max_cursor: int
     live_workflows: dict[str, WorkflowRecord]
     workflow_counts: dict[str, dict[str, int]]
+    idempotency: list[tuple[str, str, str, datetime | None]] = field(default_factory=list)
+    """(scope, key, task id, when the task finished) for every kept idempotency key."""
 
 
 @dataclass(slots=True)
@@ -228,7 +245,16 @@ class Store(Protocol):
     def close(self) -> None: ...
 
     async def run_writer(self, on_commit: Callable[[Committed], None]) -> None:
-        """Serve writes until cancelled; after each commit call on_commit."""
+        """Serve writes until cancelled or until a write fails; after each commit call on_commit."""
+        ...
+
+    def on_failure(self, handler: Callable[[StoreUnavailable], None]) -> None:
+        """Call `handler` once, on the event loop, when a write fails and the store stops."""
+        ...
+
+    @property
+    def failure(self) -> StoreUnavailable | None:
+        """The first write failure, if any (then every call raises it)."""
         ...
 
     async def insert(self, workflows: Sequence[WorkflowRecord], tasks: Sequence[TaskRecord]) -> None:
@@ -236,6 +262,11 @@ class Store(Protocol):
         ...
 
     def update_task(self, task: TaskRecord) -> None: ...
+
+    def attempt_started(self, task: TaskRecord) -> None:
+        """Record the running mark. On return the start survives this process dying (the
+        restart counts the attempt as lost), though the row itself may be written later."""
+        ...
 
     def add_attempt(self, attempt: AttemptRecord) -> None: ...
 
@@ -249,6 +280,14 @@ class Store(Protocol):
 
     async def flush(self) -> None:
         """Wait until everything enqueued so far is durable (read-your-writes)."""
+        ...
+
+    async def get_payload(self, task_id: str) -> tuple[str, dict[str, Any]] | None:
+        """(prompt, options) of a task whose payload the engine does not hold in memory."""
+        ...
+
+    async def purge_idempotency_keys(self, finished_before: datetime) -> int:
+        """Forget keys whose task finished before the cutoff (or is gone); how many."""
         ...
 
     async def get_task(self, task_id: str) -> TaskRecord | None: ...

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -38,6 +39,7 @@ from sidequest.storage.base import (
     ResultRecord,
     ScheduleRecord,
     StoreError,
+    StoreUnavailable,
     TaskRecord,
     UsageRecord,
     UsageTotals,
@@ -52,8 +54,12 @@ LINGER = 0.005
 """Seconds background writes wait for a submit to commit first."""
 MAX_DEFER = 0.05
 """Background writes are never held back longer than this."""
+HELD_PAYLOAD_CHARS = 2048
+"""At start, a queued task's prompt and options are loaded only when this small (else on its attempt)."""
 LINGER_MAX_ROWS = 256
 """A batch this large is committed without lingering: throughput wins."""
+JOURNAL_MAX_BYTES = 1 << 20
+"""The attempt journal is emptied once it is this large and every start in it is committed."""
 
 Q = load_queries("sidequest.storage", "duckdb.sql")
 
@@ -103,8 +109,8 @@ def _task_from_row(columns: Sequence[str], row: Sequence[Any]) -> TaskRecord:
         value = values[name]
         if name in _TIME_FIELDS:
             value = _aware(value)
-        elif name == "options":
-            value = json.loads(value) if isinstance(value, str) else (value or {})
+        elif name == "options" and value is not None:  # None: not held in memory (live_tasks)
+            value = json.loads(value) if isinstance(value, str) else value
         kwargs[name] = value
     return TaskRecord(**kwargs)
 
@@ -171,9 +177,12 @@ _WRITES: dict[str, _Write] = {
             "created_at",
             "updated_at",
             "not_before",
+            "project",
         ),
     ),
     "task_updates": _Write("task_executions", TASK_MUTABLE_COLUMNS, "update", "id"),
+    # upsert: a key whose window ran out may be used again before the purge removed its row
+    "idempotency_keys": _Write("idempotency_keys", ("scope", "key", "task_id", "created_at"), "upsert"),
     "attempts": _Write(
         "task_attempts", ("task_id", "attempt", "status", "started_at", "finished_at", "error", "worker_id")
     ),
@@ -199,6 +208,18 @@ _WRITES: dict[str, _Write] = {
 }
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """Someone waiting for a write to be durable, and what became of it."""
+
+    event: anyio.Event = field(default_factory=anyio.Event)
+    error: BaseException | None = None
+
+    def done(self, error: BaseException | None) -> None:
+        self.error = error
+        self.event.set()
+
+
 @dataclass
 class _Pending:
     """Writes waiting for the next group commit."""
@@ -212,9 +233,15 @@ class _Pending:
     notifications: list[NotificationRecord] = field(default_factory=list)
     usage: list[UsageRecord] = field(default_factory=list)
     delivered: list[tuple[list[int], datetime]] = field(default_factory=list)
-    waiters: list[anyio.Event] = field(default_factory=list)
+    waiters: list[_Waiter] = field(default_factory=list)
     flush_requested: bool = False
     error: BaseException | None = None
+
+    def describe(self) -> str:
+        kinds = [(name, len(items)) for name, items in self.appends()]
+        if self.delivered:
+            kinds.append(("delivery marks", len(self.delivered)))
+        return ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in kinds) or "nothing"
 
     def _background(self) -> tuple[Sized, ...]:
         """Everything but new tasks: the writes nobody waits for."""
@@ -236,9 +263,11 @@ class _Pending:
 
     def appends(self) -> list[tuple[str, Sequence[Any]]]:
         """(kind of write, its items) for every non-empty kind, in commit order."""
-        kinds = [
+        keys = [(t.scope, t.idempotency_key, t.id, t.created_at) for t in self.tasks_new if t.idempotency_key]
+        kinds: list[tuple[str, Sequence[Any]]] = [
             ("workflows_new", self.workflows_new),
             ("tasks_new", self.tasks_new),
+            ("idempotency_keys", keys),
             ("task_updates", list(self.task_updates.values())),
             ("attempts", self.attempts),
             ("results", self.results),
@@ -280,11 +309,71 @@ class _Pending:
         return not (self.tasks_new or self.waiters or self.has_background())
 
 
+class AttemptJournal:
+    """Attempt starts, made durable against a crash of this process before an executor runs.
+
+    A DuckDB commit costs milliseconds; a crash-safe start must not. One `write` to an
+    append-only file costs microseconds and survives the process dying (the kernel holds the
+    page; it is the process, not the machine, that a crashing agent takes down). At the next
+    open, a start found here but not in its row is applied to the loaded row as `running`, so
+    the engine counts that attempt as lost. Applying a line twice changes nothing (only a start
+    newer than the row counts), so the file need only be emptied now and then.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self.size = 0
+
+    def read(self) -> dict[str, tuple[int, datetime]]:
+        """task id -> (latest attempt number started, when)."""
+        try:
+            text = self.path.read_bytes().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return {}
+        starts: dict[str, tuple[int, datetime]] = {}
+        for line in text.splitlines():
+            parts = line.split("\t")
+            if len(parts) != 3:
+                continue  # a torn last line: its attempt never ran past the write
+            try:
+                attempt, at = int(parts[1]), datetime.fromisoformat(parts[2])
+            except ValueError:
+                continue
+            if attempt > starts.get(parts[0], (0, at))[0]:
+                starts[parts[0]] = (attempt, at)
+        return starts
+
+    def open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.size = os.fstat(self._fd).st_size
+
+    def append(self, task_id: str, attempt: int, at: datetime) -> None:
+        if self._fd is None:
+            return
+        line = f"{task_id}\t{attempt}\t{at.isoformat()}\n".encode()
+        os.write(self._fd, line)  # one small O_APPEND write: whole or absent
+        self.size += len(line)
+
+    def clear(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            self.size = 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class DuckDBStore:
     """The store for one DuckDB file, owned by this process alone."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, attempt_journal: bool = True) -> None:
+        """`attempt_journal=False` only to measure what the journal costs (bench.engine_bench):
+        without it a crash right after an attempt starts is not counted against its task."""
         self.path = Path(path)
+        self._journal_on = attempt_journal
         self._con: duckdb.DuckDBPyConnection | None = None
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
@@ -300,6 +389,9 @@ class DuckDBStore:
         self._on_commit: Callable[[Committed], None] | None = None
         self._writer_running = False
         self._appenders: dict[str, Any] = {}
+        self._failure: StoreUnavailable | None = None
+        self._failure_handler: Callable[[StoreUnavailable], None] | None = None
+        self._journal = AttemptJournal(self.path.with_name(self.path.name + ".attempts"))
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -315,9 +407,28 @@ class DuckDBStore:
                 ) from exc
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
         self._migrate()
-        return self._load_state()
+        state = self._load_state()
+        self._apply_journal(state)
+        if self._journal_on:
+            self._journal.open()
+        return state
+
+    def _apply_journal(self, state: LoadedState) -> None:
+        """Starts the crashed process journaled but never committed become `running` rows, so
+        the engine's recovery counts them as lost attempts of the task that was running."""
+        starts = self._journal.read()
+        if not starts:
+            return
+        for task in state.live_tasks:
+            found = starts.get(task.id)
+            if found is not None and found[0] > task.attempts:
+                task.attempts, task.started_at = found[0], found[1]
+                task.status, task.worker_id, task.lease_expires_at = "running", None, None
 
     def close(self) -> None:
+        if self._failure is None and self._pending.empty() and self._con is not None:
+            self._journal.clear()  # a clean stop: every start in it is committed
+        self._journal.close()
         self._appenders.clear()
         with self._cursors_lock:
             for cursor in self._cursors:
@@ -362,16 +473,20 @@ class DuckDBStore:
     def _load_state(self) -> LoadedState:
         con = self._require()
         con.execute(Q["recreate_orphan_workflows"])
-        cur = con.execute(Q["live_tasks"])
+        cur = con.execute(Q["live_tasks"], [HELD_PAYLOAD_CHARS])
         columns = [d[0] for d in cur.description]  # type: ignore[union-attr]
         live = [_task_from_row(columns, row) for row in cur.fetchall()]
+        keys = [
+            (str(scope), str(key), str(task_id), _aware(finished))
+            for scope, key, task_id, finished in con.execute(Q["idempotency_keys"]).fetchall()
+        ]
         max_seq = con.execute(Q["max_seq"]).fetchone()[0]  # type: ignore[index]
         max_cursor = con.execute(Q["max_cursor"]).fetchone()[0]  # type: ignore[index]
         workflows = {row[0]: _workflow_from_row(row) for row in con.execute(Q["live_workflows"]).fetchall()}
         counts: dict[str, dict[str, int]] = {wid: {} for wid in workflows}
         for wid, status, n in con.execute(Q["counts_for_running_workflows"]).fetchall():
             counts.setdefault(wid, {})[status] = int(n)
-        return LoadedState(live, int(max_seq), int(max_cursor), workflows, counts)
+        return LoadedState(live, int(max_seq), int(max_cursor), workflows, counts, keys)
 
     def _require(self) -> duckdb.DuckDBPyConnection:
         if self._con is None:
@@ -406,29 +521,32 @@ class DuckDBStore:
                 split = batch.tasks_new and not batch.flush_requested and batch.has_background()
                 if split and self._may_defer():
                     urgent, rest = batch.split_urgent()
-                    await self._commit_batch(urgent, on_commit)
+                    if not await self._commit_batch(urgent, on_commit, whole=False):
+                        return
                     rest.absorb(self._pending)
                     self._pending = rest
                     if self._deferred_since is None:
                         self._deferred_since = time.monotonic()
                     self._wake()
                     continue
-                await self._commit_batch(batch, on_commit)
+                if not await self._commit_batch(batch, on_commit):
+                    return  # fail-stop: nothing after the first failed commit is written
                 if batch.has_background():
                     self._deferred_since = None
         finally:
             self._writer_running = False
-            # Anything still pending is written synchronously so a clean stop loses nothing.
-            self._undefer()
             batch, self._pending = self._pending, _Pending()
-            if not batch.empty() and self._con is not None:
-                try:
-                    self._commit(batch)
-                except Exception as exc:
-                    batch.error = exc
-                    log.exception("final commit failed")
+            if self._failure is None:
+                # Anything still pending is written synchronously so a clean stop loses nothing.
+                batch.workflows_new.extend(self._deferred_workflows)
+                self._deferred_workflows = []
+                if not batch.empty() and self._con is not None:
+                    try:
+                        self._commit(batch)
+                    except Exception as exc:
+                        batch.error = self._fail(exc, f"the final commit at shutdown ({batch.describe()})")
             for waiter in batch.waiters:
-                waiter.set()
+                waiter.done(self._failure)
 
     def _may_defer(self) -> bool:
         return self._deferred_since is None or time.monotonic() - self._deferred_since < MAX_DEFER
@@ -443,26 +561,72 @@ class DuckDBStore:
             and self._may_defer()
         )
 
-    async def _commit_batch(self, batch: _Pending, on_commit: Callable[[Committed], None]) -> None:
+    async def _commit_batch(
+        self, batch: _Pending, on_commit: Callable[[Committed], None], whole: bool = True
+    ) -> bool:
+        """Commit one batch; False when it failed (the store is then fail-stop).
+
+        `whole` is False for the new tasks of a split batch: its other writes are still held."""
         done = anyio.Event()
         self._inflight, self._inflight_done = batch, done
         committed: Committed | None = None
         try:
             committed = await anyio.to_thread.run_sync(self._commit, batch, limiter=self._writer_limiter)
         except Exception as exc:
-            log.exception("group commit failed; %d waiters get the error", len(batch.waiters))
-            batch.error = exc
+            batch.error = self._fail(exc, f"a group commit of {batch.describe()}")
         finally:
             self._inflight, self._inflight_done = None, None
-            self._undefer()
+            if self._failure is None:
+                self._undefer()
             done.set()
             for waiter in batch.waiters:
-                waiter.set()
+                waiter.done(batch.error)
         if committed is not None:
+            if whole and self._journal.size > JOURNAL_MAX_BYTES and self._pending.empty():
+                self._journal.clear()  # every start journaled so far is in a committed row
             try:
                 on_commit(committed)
             except Exception:
                 log.exception("on_commit listener failed")
+        return committed is not None
+
+    # ---- fail-stop -------------------------------------------------------
+
+    @property
+    def failure(self) -> StoreUnavailable | None:
+        return self._failure
+
+    def on_failure(self, handler: Callable[[StoreUnavailable], None]) -> None:
+        self._failure_handler = handler
+
+    def _fail(self, exc: BaseException, during: str) -> StoreUnavailable:
+        """The first failed write stops the store: after it DuckDB may have invalidated the
+        database, and a later commit that "succeeds" may still be lost. So nobody is told a write
+        succeeded after this point: every waiter gets the error, background writes are dropped
+        (their tasks run again after the restart), and the engine is told to stop."""
+        if self._failure is not None:
+            return self._failure
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        self._failure = StoreUnavailable(
+            f"the store {self.path} failed during {during}: {reason}. Nothing is acknowledged after "
+            "this; sidequest stops, and the next start recovers every acknowledged task "
+            "(free disk space first if the disk is full)"
+        )
+        log.critical("%s", self._failure)
+        pending, self._pending = self._pending, _Pending()
+        self._deferred_workflows = []
+        for waiter in pending.waiters:
+            waiter.done(self._failure)
+        if self._failure_handler is not None:
+            try:
+                self._failure_handler(self._failure)
+            except Exception:
+                log.exception("the store failure handler failed")
+        return self._failure
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     def _undefer(self) -> None:
         """Workflow rows follow their first task's commit (see insert)."""
@@ -474,21 +638,39 @@ class DuckDBStore:
     def _wake(self) -> None:
         self._has_work.set()
 
-    async def _wait(self, pending: _Pending, flush: bool = False) -> None:
-        event = anyio.Event()
-        pending.waiters.append(event)
+    def _waiter(self, flush: bool) -> _Waiter:
+        """A waiter in the batch now pending: every write enqueued so far commits with it or before.
+
+        `flush` keeps the batch whole (no early commit of its new tasks alone), so the waiter is
+        only woken once every write in it is durable."""
+        self._check()
+        waiter = _Waiter()
+        pending = self._pending
+        pending.waiters.append(waiter)
         pending.flush_requested = pending.flush_requested or flush
         self._urgent.set()
         self._wake()
+        return waiter
+
+    async def _wait(self, waiter: _Waiter) -> None:
         if not self._writer_running:
             # No writer task (tests of the store alone, or shutdown): commit inline.
             batch, self._pending = self._pending, _Pending()
-            await anyio.to_thread.run_sync(self._commit, batch, limiter=self._writer_limiter)
-            for waiter in batch.waiters:
-                waiter.set()
-        await event.wait()
-        if pending.error is not None:
-            raise StoreError(f"write failed: {pending.error}") from pending.error
+            batch.workflows_new.extend(self._deferred_workflows)
+            self._deferred_workflows = []
+            try:
+                await anyio.to_thread.run_sync(self._commit, batch, limiter=self._writer_limiter)
+            except Exception as exc:
+                batch.error = self._fail(exc, f"a commit of {batch.describe()}")
+            for other in batch.waiters:
+                other.done(batch.error)
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+
+    async def sync(self) -> None:
+        """Wait until every write enqueued so far is durable (an attempt's start, before it runs)."""
+        await self._wait(self._waiter(flush=True))
 
     async def insert(self, workflows: Sequence[WorkflowRecord], tasks: Sequence[TaskRecord]) -> None:
         """Wait only for the task rows; new workflow rows ride the next commit.
@@ -497,51 +679,70 @@ class DuckDBStore:
         between leaves tasks without their workflow row; `open()` recreates it
         from the tasks (`orphan_workflows`).
         """
+        self._check()
         pending = self._pending
         pending.tasks_new.extend(tasks)
         if self._writer_running:
             self._deferred_workflows.extend(workflows)
         else:
             pending.workflows_new.extend(workflows)
-        await self._wait(pending)
+        await self._wait(self._waiter(flush=False))
+
+    # Background writes after a failure are dropped: the process is stopping, and the restart
+    # runs their tasks again from the last durable state.
+
+    def attempt_started(self, task: TaskRecord) -> None:
+        self.update_task(task)
+        if self._failure is None:
+            self._journal.append(task.id, task.attempts, task.started_at or datetime.now(UTC))
 
     def update_task(self, task: TaskRecord) -> None:
+        if self._failure is not None:
+            return
         self._pending.task_updates[task.id] = task.mutable_state()
         self._pending.touched_workflows.add(task.workflow_id)
         self._wake()
 
     def add_attempt(self, attempt: AttemptRecord) -> None:
+        if self._failure is not None:
+            return
         self._pending.attempts.append(attempt)
         self._wake()
 
     def add_result(self, result: ResultRecord) -> None:
+        if self._failure is not None:
+            return
         self._pending.results.append(result)
         self._wake()
 
     def add_notification(self, notification: NotificationRecord) -> None:
+        if self._failure is not None:
+            return
         self._pending.notifications.append(notification)
         self._wake()
 
     def add_usage(self, usage: UsageRecord) -> None:
+        if self._failure is not None:
+            return
         self._pending.usage.append(usage)
         self._wake()
 
     def mark_delivered(self, cursors: Sequence[int], at: datetime) -> None:
-        if cursors:
+        if cursors and self._failure is None:
             self._pending.delivered.append((list(cursors), at))
             self._wake()
 
     async def flush(self) -> None:
+        self._check()
         while not self._pending.empty() or self._deferred_workflows or self._inflight_done is not None:
             if not self._pending.empty():
-                await self._wait(self._pending, flush=True)
+                await self._wait(self._waiter(flush=True))
             elif self._inflight_done is not None:
-                inflight = self._inflight
                 await self._inflight_done.wait()
-                if inflight is not None and inflight.error is not None:
-                    raise StoreError(f"write failed: {inflight.error}") from inflight.error
+                self._check()
             else:
                 self._undefer()
+        self._check()
 
     def _appender(self, name: str) -> Any:
         """Appenders are DuckDB's cheapest write path: one per kind of write, reused across commits."""
@@ -558,7 +759,8 @@ class DuckDBStore:
     def _append(self, name: str, items: Sequence[Any]) -> None:
         appender = self._appender(name)
         try:
-            appender.append_rows(_WRITES[name].rows(items, are_tuples=name == "task_updates"))
+            tuples = name in ("task_updates", "idempotency_keys")
+            appender.append_rows(_WRITES[name].rows(items, are_tuples=tuples))
             appender.flush()
         except BaseException:
             self._appenders.pop(name, None)  # a failed appender may hold rows; start afresh
@@ -603,7 +805,13 @@ class DuckDBStore:
         return cursor
 
     async def _read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
-        return await anyio.to_thread.run_sync(lambda: fn(self._cursor()))
+        self._check()
+        try:
+            return await anyio.to_thread.run_sync(lambda: fn(self._cursor()))
+        except duckdb.Error as exc:
+            if "invalidated" in str(exc):  # DuckDB gave up on the file after a failed write
+                raise self._fail(exc, "a read") from exc
+            raise
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         def run(cur: duckdb.DuckDBPyConnection) -> TaskRecord | None:
@@ -632,6 +840,19 @@ class DuckDBStore:
             ]
 
         return await self._read(run)
+
+    async def get_payload(self, task_id: str) -> tuple[str, dict[str, Any]] | None:
+        row = await self._read(lambda cur: cur.execute(Q["task_payload"], [task_id]).fetchone())
+        if row is None:
+            return None
+        options = json.loads(row[1]) if isinstance(row[1], str) else (row[1] or {})
+        return str(row[0]), options
+
+    async def purge_idempotency_keys(self, finished_before: datetime) -> int:
+        def run(con: duckdb.DuckDBPyConnection) -> int:
+            return len(con.execute(Q["purge_idempotency_keys"], [_naive(finished_before)]).fetchall())
+
+        return await self._write(run)
 
     async def get_result_size(self, task_ids: Sequence[str]) -> dict[str, int]:
         if not task_ids:
@@ -709,8 +930,15 @@ class DuckDBStore:
     # ---- schedules ------------------------------------------------------------
 
     async def _write(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
-        """A statement outside the group commit, on the writer's connection and never beside it."""
-        return await anyio.to_thread.run_sync(lambda: fn(self._require()), limiter=self._writer_limiter)
+        """A statement outside the group commit, on the writer's connection and never beside it.
+
+        Our own statements do not fail on good data, so any database error here is the store
+        failing (disk full, I/O): fail-stop, as for a group commit."""
+        self._check()
+        try:
+            return await anyio.to_thread.run_sync(lambda: fn(self._require()), limiter=self._writer_limiter)
+        except (duckdb.Error, OSError) as exc:
+            raise self._fail(exc, "a direct write") from exc
 
     @staticmethod
     def _schedule_values(schedule: ScheduleRecord) -> list[Any]:

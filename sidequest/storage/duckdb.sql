@@ -3,8 +3,27 @@
 UPDATE notifications SET delivered_at = $2 WHERE cursor IN (SELECT unnest($1::BIGINT[])) AND delivered_at IS NULL;
 
 -- live_tasks --
--- Every unfinished task, for the engine's in-memory queue at start.
-SELECT * FROM task_executions WHERE status NOT IN ('completed', 'failed', 'cancelled') ORDER BY seq;
+-- Every unfinished task, for the engine's in-memory queue at start. Large prompts and options stay
+-- on disk (NULL here) and are read when an attempt starts, so a long queue fits in memory.
+SELECT * REPLACE (
+    CASE WHEN strlen(prompt) + strlen(options::VARCHAR) <= $1 THEN prompt END AS prompt,
+    CASE WHEN strlen(prompt) + strlen(options::VARCHAR) <= $1 THEN options END AS options
+) FROM task_executions WHERE status NOT IN ('completed', 'failed', 'cancelled') ORDER BY seq;
+
+-- task_payload --
+-- A task's prompt and options, for an attempt of a task whose payload was not held in memory.
+SELECT prompt, options FROM task_executions WHERE id = $1;
+
+-- idempotency_keys --
+-- Every kept idempotency key, with when its task finished (NULL: not yet).
+SELECT k.scope, k.key, k.task_id, t.finished_at
+FROM idempotency_keys k JOIN task_executions t ON t.id = k.task_id;
+
+-- purge_idempotency_keys --
+-- Keys whose task finished before the cutoff, or is gone, no longer deduplicate.
+DELETE FROM idempotency_keys WHERE task_id NOT IN (
+    SELECT id FROM task_executions WHERE finished_at IS NULL OR finished_at >= $1
+) RETURNING task_id;
 
 -- max_seq --
 -- The last submission number used.
