@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidequest import __version__
 
@@ -122,6 +122,58 @@ class BearerAuth:
         return hmac.compare_digest(supplied, self._expected)
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuse a request body over `limit` bytes before anything parses it: the engine's own
+    request limit is checked on the parsed models, and parsing 20 MB of JSON costs far more
+    memory than 20 MB. The limit leaves room for JSON escaping of a request the engine accepts."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = (
+            f"the request body is over {self.limit} bytes; a submit may hold at most max_request_bytes "
+            "(config) of prompt, metadata, tags and options: put large inputs in a file and pass its path"
+        )
+        await _json_error("too_large", message, 413)(scope, receive, send)
+
+
 def transport_security(host: str) -> TransportSecuritySettings:
     """Only our own host names may appear in Host/Origin; a rebinding attacker's name is refused."""
     hosts = list(_LOCAL_HOSTS)
@@ -140,6 +192,7 @@ def build_app(
     host: str = "127.0.0.1",
     rest: ASGIApp | None = None,
     problem: Callable[[], str | None] | None = None,
+    max_body: int = 8 << 20,
 ) -> ASGIApp:
     """`rest` is the /api/v1 app (the daemon has one; a bare MCP server in tests need not).
     `problem` says why the daemon cannot serve (its store failed); /health then answers 503."""
@@ -168,4 +221,4 @@ def build_app(
         routes.append(rest_mount(rest))
     routes.append(Mount("/", app=mcp_app))
     app = Starlette(routes=routes, lifespan=lifespan)
-    return LocalOnly(BearerAuth(app, token), host)
+    return LocalOnly(BearerAuth(BodyLimit(app, max_body), token), host)

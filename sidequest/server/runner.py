@@ -258,7 +258,14 @@ async def serve(settings: Settings) -> None:
                 rest = build_rest_app(engine, daemon_status)
                 # HTTP MCP clients share the daemon's scope, which is no project anyone connected from.
                 mcp = build_server(engine, _default_scope(), trusted=False)
-                app = build_app(mcp, token, host, rest, problem=lambda: _failure(engine))
+                app = build_app(
+                    mcp,
+                    token,
+                    host,
+                    rest,
+                    problem=lambda: _failure(engine),
+                    max_body=settings.max_request_bytes * 4 + 65536,
+                )
                 config = uvicorn.Config(
                     app,
                     log_level="warning",
