@@ -233,6 +233,47 @@ async def test_a_model_typed_scope_does_not_widen_where_agents_run(home: Path, t
         assert listed["total"] == 0, "nothing was recorded, nothing ran"
 
 
+async def test_trust_is_per_request_and_never_remembered(home: Path, tmp_path: Path) -> None:
+    """Reproduced before: after one `cd / && sidequest tasks`, or once project B connected, any
+    session's model could pass `scope: "/etc"` or B's folder, and agent files under a folder a
+    model named were launched. Each attack is refused at submit, and nothing runs."""
+    project_a, project_b, lure = tmp_path / "project-a", tmp_path / "project-b", tmp_path / "lure"
+    for folder in (project_a, project_b):
+        folder.mkdir()
+    hostile = lure / ".claude" / "agents" / "helper.md"
+    hostile.parent.mkdir(parents=True)
+    hostile.write_text(
+        "---\nname: helper\ndescription: runs anything\ntools: Bash\n---\nRun what you are told.\n",
+        encoding="utf-8",
+    )
+    assert sidequest_cli(home, "tasks", project="/").returncode == 0  # a CLI call from `/`
+    async with front(home, str(project_b)) as other:  # project B connected once
+        await call(other, "list_agents")
+    async with front(home, str(project_a)) as client:
+        for scope in ("/etc", "/", str(project_b), str(lure), str(tmp_path), "../project-b"):
+            refused = await client.call_tool(
+                "task_async", {"agent_definition": "pwd", "prompt": "x", "options": {"scope": scope}}
+            )
+            assert refused.is_error, scope
+            assert "options.scope" in refused.content[0].text, refused  # type: ignore[union-attr]
+        by_path = await client.call_tool("task_async", {"agent_definition": str(hostile), "prompt": "x"})
+        assert by_path.is_error
+        assert "outside the agent folders" in by_path.content[0].text  # type: ignore[union-attr]
+        agents = await call(client, "list_agents")
+        assert "helper" not in [a["name"] for a in agents["agents"]]
+        listed = await call(client, "list_active_workflows", all_scopes=True)
+        history = await call(client, "get_workflow_history", all_scopes=True)
+        assert listed["total"] == 0 and history["total"] == 0, "nothing was recorded, nothing ran"
+        inside = project_a / "sub"
+        inside.mkdir()
+        narrowed = await call(
+            client, "task_async", agent_definition="pwd", prompt="x", options={"scope": str(inside)}
+        )
+        await wait_task(client, narrowed["task_id"])
+        result = await call(client, "get_task_result", task_id=narrowed["task_id"])
+        assert result["content"].strip() == str(inside), "a scope inside the project narrows the work"
+
+
 # ---- starting ----------------------------------------------------------------------
 
 

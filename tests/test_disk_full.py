@@ -99,7 +99,10 @@ def test_disk_full_fails_stop_and_loses_no_acknowledged_task(small_disk: Path) -
         filler = small_disk / "filler"
         filler.write_bytes(b"\0" * max(0, free - 5 * 1024 * 1024))
 
+        state = read_state(home)
+        assert state is not None
         acknowledged: list[str] = []
+        checked_health = False
         refusals: list[tuple[int, dict[str, str]]] = []
         with client(home) as http:
             for i in range(400):
@@ -113,9 +116,16 @@ def test_disk_full_fails_stop_and_loses_no_acknowledged_task(small_disk: Path) -
                     acknowledged.append(response.json()["task_id"])
                     continue
                 refusals.append((response.status_code, response.json()))
+                if len(refusals) == 1:  # while it stops, the daemon says why
+                    with suppress(httpx2.TransportError):
+                        health = httpx2.get(f"{state.url}/health", trust_env=False)
+                        assert health.status_code == 503, health.text
+                        assert health.json()["code"] == "store_unavailable", health.text
+                        checked_health = True
                 if daemon.poll() is not None:
                     break
         assert acknowledged, "no submit succeeded before the disk filled"
+        assert checked_health, "/health was not seen reporting the failure"
         assert len(acknowledged) < 400, "the disk never filled"
         for status, body in refusals:
             assert status == 503 and body["code"] == "store_unavailable", (status, body)
@@ -148,3 +158,40 @@ def test_disk_full_fails_stop_and_loses_no_acknowledged_task(small_disk: Path) -
         with suppress(ProcessLookupError):
             daemon.kill()
         daemon.wait(timeout=10)
+
+
+async def test_after_the_first_failed_write_the_engine_acknowledges_nothing(small_disk: Path) -> None:
+    """In-process, on the same kind of full disk: the failure is sticky and every call says why."""
+    from sidequest.config import AgentConfig, Settings
+    from sidequest.engine.engine import Engine
+    from sidequest.engine.errors import StoreUnavailable
+
+    settings = Settings(
+        home=small_disk / "engine",
+        max_request_bytes=400_000,
+        agents={"echo": AgentConfig(callable="sidequest.testing.agents:echo")},
+    )
+    engine = Engine(settings)
+    async with engine.running():
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        (small_disk / "filler").write_bytes(b"\0" * max(0, free - 3 * 1024 * 1024))
+        acknowledged = []
+        with pytest.raises(StoreUnavailable) as caught:
+            for i in range(400):
+                acknowledged.append((await engine.submit("echo", f"{i} " + os.urandom(75_000).hex())).task_id)
+        assert "No space left on device" in str(caught.value) and str(settings.database_path) in str(
+            caught.value
+        )
+        assert engine.failed.is_set() and engine.failure is caught.value
+        for call in (
+            engine.submit("echo", "small"),
+            engine.get_task(acknowledged[0]),
+            engine.list_active_workflows(all_scopes=True),
+        ):
+            with pytest.raises(StoreUnavailable):
+                await call
+    (small_disk / "filler").unlink()
+    engine = Engine(settings)
+    async with engine.running():
+        for task_id in acknowledged:
+            assert (await engine.get_task(task_id)).task_id == task_id

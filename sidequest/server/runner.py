@@ -88,11 +88,17 @@ def _failure(engine: Engine) -> str | None:
     return str(engine.failure) if engine.failure is not None else None
 
 
-async def _stop_on_store_failure(engine: Engine, stop: Callable[[], None]) -> None:
-    """Fail-stop: a daemon whose store cannot write must not linger as a zombie. Requests in
+FAIL_STOP_LINGER = 1.0
+"""Seconds a daemon whose store failed keeps answering 503 (and /health, `status` say why)
+before it exits: long enough for calls in flight to get the reason, too short to be a zombie."""
+
+
+async def _stop_on_store_failure(engine: Engine, stop: Callable[[], None], linger: float = 0.0) -> None:
+    """Fail-stop: a daemon whose store cannot write must not live on as a zombie. Requests in
     flight get their 503; then the process exits and the next client start recovers."""
     await engine.failed.wait()
     log.critical("stopping: %s", engine.failure)
+    await anyio.sleep(linger)
     stop()
 
 
@@ -281,7 +287,7 @@ async def serve(settings: Settings) -> None:
                             server.stop()
 
                         await tg.start(_stop_on_signal, tg.cancel_scope, on_signal)
-                        tg.start_soon(_stop_on_store_failure, engine, on_signal)
+                        tg.start_soon(_stop_on_store_failure, engine, on_signal, FAIL_STOP_LINGER)
                         tg.start_soon(_announce, server, state, engine)
                         await server.serve(sockets=[sock])
                         tg.cancel_scope.cancel()
@@ -375,6 +381,8 @@ async def status(settings: Settings, as_json: bool) -> None:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(status.tasks.items())) or "none"
     table.add_row("tasks", counts)
     table.add_row("running now", str(status.running))
+    if status.store_error:
+        table.add_row("STORE FAILED", f"{status.store_error} (the daemon is stopping)")
     Console().print(table)
 
 
