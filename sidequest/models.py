@@ -246,7 +246,9 @@ class TaskSubmitted(BaseModel):
     status: TaskStatus
     created_at: datetime
     deduplicated: bool = Field(
-        default=False, description="true when idempotency_key matched an unfinished task, returned instead"
+        default=False,
+        description="true when idempotency_key matched an earlier task (unfinished, or finished "
+        "within idempotency_window), returned instead",
     )
     warnings: list[str] = Field(default_factory=list, description="the task was accepted, but may fail: why")
 

@@ -201,6 +201,9 @@ class Engine:
         self._loop_thread = threading.get_ident()
         try:
             self._load(state)
+            # Recovery's writes (lost attempts, poisonous failures) are durable before anything runs
+            # again: an agent that kills the process at once must find its death counted next time.
+            await self.store.sync()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.store.run_writer, self.notifier.committed)
                 tg.start_soon(self.dispatcher.run)

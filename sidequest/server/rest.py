@@ -458,11 +458,16 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
         status_code=201,
         response_model=TaskSubmitted,
         responses={
-            200: {"model": TaskSubmitted, "description": "idempotency_key matched an unfinished task"}
+            200: {
+                "model": TaskSubmitted,
+                "description": "idempotency_key matched an earlier task (unfinished, or finished "
+                "within idempotency_window)",
+            }
         },
         summary="Start a background task",
-        description="As the task_async tool. 201 with the new task, or 200 with the unfinished task "
-        "that has the same options.idempotency_key. options.scope defaults to the caller's project.",
+        description="As the task_async tool. 201 with the new task, or 200 with the earlier task "
+        "that has the same options.idempotency_key (unfinished, or finished within idempotency_window). "
+        "options.scope defaults to the caller's project and may only narrow inside it.",
     )
     async def create_task(
         body: TaskCreate, response: Response, scope: CallerScope, project: CallerProject

@@ -282,6 +282,10 @@ class Store(Protocol):
         """Wait until everything enqueued so far is durable (read-your-writes)."""
         ...
 
+    async def sync(self) -> None:
+        """Wait until the writes enqueued so far are durable (bounded: later writes do not extend it)."""
+        ...
+
     async def get_payload(self, task_id: str) -> tuple[str, dict[str, Any]] | None:
         """(prompt, options) of a task whose payload the engine does not hold in memory."""
         ...
