@@ -1267,6 +1267,11 @@ def _bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _disk(file_bytes: int, wal_bytes: int) -> str:
+    """The file, and its write-ahead log when it holds anything (a checkpoint moves it into the file)."""
+    return _bytes(file_bytes) + (f" + {_bytes(wal_bytes)} write-ahead log" if wal_bytes else "")
+
+
 def _print_gc(out: Output, report: GcReport) -> None:
     from sidequest.engine.retention import describe_age
 
@@ -1294,11 +1299,12 @@ def _print_gc(out: Output, report: GcReport) -> None:
     ):
         grid.add_row(f"  {label}", f"{n:,}")
     grid.render(out)
+    before = _disk(report.file_bytes_before, report.wal_bytes_before)
     if report.dry_run:
-        out.print(f"nothing was deleted (dry run); the database takes {_bytes(report.file_bytes_before)}")
+        out.print(f"nothing was deleted (dry run); the database takes {before}")
         return
-    line = f"database {_bytes(report.file_bytes_before)} → {_bytes(report.file_bytes_after)}"
-    line += f", {_bytes(report.free_bytes_after)} of it free for new rows"
+    line = f"database {before} → {_disk(report.file_bytes_after, report.wal_bytes_after)}"
+    line += f"; {_bytes(report.free_bytes_after)} inside the file free for new rows"
     if d.tasks and not report.checkpointed:
         line += " (not checkpointed yet: DuckDB will do it on its own)"
     out.print(f"{line}; {report.batches} batch{'es' if report.batches != 1 else ''}, {report.seconds:g}s")

@@ -19,6 +19,8 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    StrictBool,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -523,7 +525,19 @@ def parse_age(value: Any) -> float:
     return seconds
 
 
-Age = Annotated[float, Field(gt=0, le=MAX_AGE_SECONDS), BeforeValidator(parse_age)]
+Age = Annotated[
+    float,
+    Field(gt=0, le=MAX_AGE_SECONDS),
+    BeforeValidator(parse_age),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_AGE_SECONDS},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
+            ]
+        }
+    ),
+]
 """How long finished tasks are kept: seconds or '12h', '7d', '90d'; more than zero, at most 3650 days."""
 
 
@@ -535,7 +549,7 @@ class GcRequest(_Strict):
         description="finished longer ago than this (seconds or '7d', '12h'); default: the daemon's "
         "retention setting",
     )
-    dry_run: bool = Field(default=False, description="count what would be deleted; delete nothing")
+    dry_run: StrictBool = Field(default=False, description="count what would be deleted; delete nothing")
 
 
 class GcCounts(BaseModel):
@@ -559,8 +573,10 @@ class GcReport(BaseModel):
     finished_before: datetime = Field(description="tasks that finished before this time (UTC) were eligible")
     deleted: GcCounts = Field(description="rows deleted; in a dry run, rows that would be")
     batches: int = Field(description="transactions the deletion took (0 in a dry run)")
-    file_bytes_before: int = Field(description="the database file plus its write-ahead log, before")
-    file_bytes_after: int = Field(description="the same after deleting and checkpointing")
+    file_bytes_before: int = Field(description="the database file, before")
+    wal_bytes_before: int = Field(description="its write-ahead log (commits not yet in the file), before")
+    file_bytes_after: int = Field(description="the database file after deleting and checkpointing")
+    wal_bytes_after: int = Field(description="its write-ahead log after (0 once checkpointed)")
     free_bytes_after: int = Field(
         description="space inside the file that is free for new rows (DuckDB reuses it; the file "
         "itself only shrinks when the free space is at its end)"

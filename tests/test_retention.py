@@ -201,7 +201,7 @@ async def test_dry_run_deletes_nothing_and_counts_what_gc_then_deletes(engine: E
 
     assert await engine.store.count_rows() == rows
     assert dry.dry_run and dry.batches == 0 and not dry.checkpointed
-    assert dry.file_bytes_after == dry.file_bytes_before
+    assert (dry.file_bytes_after, dry.wal_bytes_after) == (dry.file_bytes_before, dry.wal_bytes_before)
     real = await engine.retention.collect(older_than=86400, now=later)
     assert counts(dry) == counts(real)
     assert real.deleted.tasks == 4 and real.deleted.workflows == 3 and real.deleted.attempts == 5
@@ -383,14 +383,15 @@ async def test_after_a_purge_the_space_is_reused(settings: Settings, engine: Eng
     await fill("first")
     report = await engine.retention.collect(older_than=60, now=utcnow() + DAY)
     assert report.deleted.results == 40 and report.checkpointed
-    assert report.free_bytes_after > 0
+    assert report.free_bytes_after > 0 and report.wal_bytes_after == 0
     await fill("second")
     refilled = (await engine.store.disk_usage()).file_bytes
     with capsys.disabled():
         print(
-            f"\nretention on 40 tasks x 200,000-character results: file {report.file_bytes_before:,} -> "
-            f"{report.file_bytes_after:,} bytes after purge + CHECKPOINT ({report.free_bytes_after:,} free "
-            f"inside); after writing the same again: {refilled:,} bytes"
+            f"\nretention on 40 tasks x 200,000-character results: file {report.file_bytes_before:,} "
+            f"(+ {report.wal_bytes_before:,} WAL) -> {report.file_bytes_after:,} bytes after purge + "
+            f"CHECKPOINT ({report.free_bytes_after:,} free inside); after writing the same again: "
+            f"{refilled:,} bytes"
         )
     assert refilled < report.file_bytes_after * 1.25, "new rows should reuse the freed blocks"
 

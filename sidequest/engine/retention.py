@@ -131,7 +131,9 @@ class Retention:
             deleted=_counts(counts),
             batches=batches,
             file_bytes_before=usage_before.file_bytes,
+            wal_bytes_before=usage_before.wal_bytes,
             file_bytes_after=usage_after.file_bytes,
+            wal_bytes_after=usage_after.wal_bytes,
             free_bytes_after=usage_after.free_bytes,
             checkpointed=checkpointed,
             seconds=round(time.monotonic() - started, 3),
@@ -150,6 +152,7 @@ def summary(report: GcReport) -> str:
         f"{verb} {d.tasks} task(s) finished more than {describe_age(report.older_than_seconds)} ago "
         f"({d.attempts} attempts, {d.results} results, {d.usage} usage rows, {d.notifications} "
         f"notifications, {d.schedule_fires} schedule fires, {d.workflows} workflows) in "
-        f"{report.batches} batch(es), {report.seconds:g}s; file {report.file_bytes_before} -> "
-        f"{report.file_bytes_after} bytes, {report.free_bytes_after} free"
+        f"{report.batches} batch(es), {report.seconds:g}s; file + WAL {report.file_bytes_before} + "
+        f"{report.wal_bytes_before} -> {report.file_bytes_after} + {report.wal_bytes_after} bytes, "
+        f"{report.free_bytes_after} free in the file"
     )

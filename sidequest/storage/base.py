@@ -386,6 +386,8 @@ class PurgeCounts:
 @dataclass(slots=True)
 class DiskUsage:
     file_bytes: int
-    """The database file plus its write-ahead log."""
+    """The database file."""
+    wal_bytes: int
+    """Its write-ahead log: commits not yet checkpointed into the file."""
     free_bytes: int
     """Blocks inside the file that hold no data and will be reused for new rows."""

@@ -979,11 +979,13 @@ class DuckDBStore:
 
     async def disk_usage(self) -> DiskUsage:
         free = await self._read(lambda cur: cur.execute(Q["free_bytes"]).fetchone()[0])  # type: ignore[index]
-        size = 0
+        sizes = []
         for path in (self.path, self.path.with_name(self.path.name + ".wal")):
-            with contextlib.suppress(FileNotFoundError):
-                size += path.stat().st_size
-        return DiskUsage(file_bytes=size, free_bytes=int(free or 0))
+            try:
+                sizes.append(path.stat().st_size)
+            except FileNotFoundError:
+                sizes.append(0)
+        return DiskUsage(file_bytes=sizes[0], wal_bytes=sizes[1], free_bytes=int(free or 0))
 
 
 _GC_TASK_ROWS: tuple[tuple[str, str], ...] = (
