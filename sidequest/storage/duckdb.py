@@ -922,6 +922,7 @@ class DuckDBStore:
         cutoff = _naive(before)
         total, batches = PurgeCounts(), 0
         while True:
+            await self._yield_to_writes()
             # Asked again each time: what the engine holds and what is queued change between batches.
             held = set(keep()) | _task_ids_in(self._pending) | _task_ids_in(self._inflight)
             held_ids = sorted(held)
@@ -933,6 +934,17 @@ class DuckDBStore:
                 batches += 1
             if not more:
                 return total, batches
+
+    async def _yield_to_writes(self) -> None:
+        """Writes waiting for the writer commit before the next retention batch. Without this a
+        submit waited two batches or more: a released limiter is taken again by the releaser
+        (the purge, asking for its next batch) before the waiting group commit gets to run."""
+        if not self._writer_running:
+            return  # no group commits to compete with (a store used alone)
+        if self._inflight_done is not None:
+            await self._inflight_done.wait()
+        if not self._pending.empty():
+            await self._wait(self._pending, flush=True)
 
     @staticmethod
     def _purge_batch(
