@@ -29,6 +29,7 @@ from rich.text import Text
 
 from sidequest.config import Settings
 from sidequest.engine.errors import EngineError, NotFound
+from sidequest.engine.retention import describe_age
 from sidequest.models import (
     AgentList,
     CancelResult,
@@ -1273,8 +1274,6 @@ def _disk(file_bytes: int, wal_bytes: int) -> str:
 
 
 def _print_gc(out: Output, report: GcReport) -> None:
-    from sidequest.engine.retention import describe_age
-
     d = report.deleted
     verb = "would delete" if report.dry_run else "deleted"
     age = describe_age(report.older_than_seconds)
