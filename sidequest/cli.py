@@ -1,5 +1,5 @@
 """`sidequest` command line: serve/stop/status (the daemon), stdio (what an MCP client launches),
-the daemon's clients (submit, tasks, show, cancel, notifications, agents) and version.
+the daemon's clients (submit, tasks, show, cancel, notifications, agents, schedules, gc) and version.
 
 stdout belongs to the MCP protocol in `stdio` mode and to command output elsewhere, so logs and
 banners go to stderr, in every mode, to keep one rule.

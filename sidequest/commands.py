@@ -1,5 +1,5 @@
 """The user's commands against the shared daemon: submit, tasks, show, cancel, notifications, agents,
-and cron schedules (schedule, schedules, schedule-show, pause, resume, unschedule).
+cron schedules (schedule, schedules, schedule-show, pause, resume, unschedule) and gc.
 
 They speak to the daemon through `DaemonClient`, the same API the MCP tools use, so a task
 submitted here is the task a model sees, with the same validation and the same messages.
@@ -29,9 +29,11 @@ from rich.text import Text
 
 from sidequest.config import Settings
 from sidequest.engine.errors import EngineError, NotFound
+from sidequest.engine.retention import describe_age
 from sidequest.models import (
     AgentList,
     CancelResult,
+    GcReport,
     Misfire,
     NotificationPage,
     Overlap,
@@ -48,6 +50,7 @@ from sidequest.models import (
     TaskStatus,
     TaskSubmitted,
     WorkflowInfo,
+    parse_age,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +70,7 @@ COMMANDS: frozenset[str] = frozenset(
         "pause",
         "resume",
         "unschedule",
+        "gc",
     }
 )
 
@@ -252,6 +256,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     unschedule = add("unschedule", "delete a schedule (runs already started go on)")
     unschedule.add_argument("id", metavar="ID", help="a schedule id (sch_…)")
 
+    gc = add(
+        "gc",
+        "delete finished tasks older than an age now, and say how much that freed",
+        epilog=(
+            "Deletes tasks that completed, failed or were cancelled longer ago than the age, in every "
+            "project, with their attempts, results, usage, notifications and schedule fire keys, and "
+            "workflows none of whose tasks remain; unfinished tasks and schedules stay. The daemon does "
+            "this by itself (config key `retention`, default 30d); this runs it now."
+        ),
+    )
+    gc.add_argument(
+        "--older-than",
+        type=_age,
+        metavar="AGE",
+        help="finished longer ago than this, e.g. 7d, 12h, 90m (default: the daemon's retention setting)",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -271,6 +293,13 @@ def _positive_int_upto(maximum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _age(text: str) -> float:
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _iso_time(text: str) -> datetime:
@@ -998,6 +1027,16 @@ async def _unschedule(args: argparse.Namespace, settings: Settings, out: Output)
     return EXIT_OK
 
 
+async def _gc(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    async with _connect(settings, args.config) as client:
+        report = await client.gc(args.older_than, dry_run=args.dry_run)
+    if out.as_json:
+        out.emit(report)
+    else:
+        _print_gc(out, report)
+    return EXIT_OK
+
+
 _HANDLERS: dict[str, Handler] = {
     "submit": _submit,
     "tasks": _tasks,
@@ -1011,6 +1050,7 @@ _HANDLERS: dict[str, Handler] = {
     "pause": _pause,
     "resume": _resume,
     "unschedule": _unschedule,
+    "gc": _gc,
 }
 assert set(_HANDLERS) == COMMANDS
 
@@ -1217,6 +1257,56 @@ def _print_workflow(out: Output, workflow: WorkflowInfo) -> None:
     if workflow.tasks:
         out.print()
         out.print(_task_table(workflow.tasks, workflow=False, scope=False))
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _disk(file_bytes: int, wal_bytes: int) -> str:
+    """The file, and its write-ahead log when it holds anything (a checkpoint moves it into the file)."""
+    return _bytes(file_bytes) + (f" + {_bytes(wal_bytes)} write-ahead log" if wal_bytes else "")
+
+
+def _print_gc(out: Output, report: GcReport) -> None:
+    d = report.deleted
+    verb = "would delete" if report.dry_run else "deleted"
+    age = describe_age(report.older_than_seconds)
+    out.print(
+        Text.assemble(
+            f"{verb} ",
+            (f"{d.tasks:,}", "bold"),
+            f" finished task{'s' if d.tasks != 1 else ''} older than {age} (finished before "
+            f"{report.finished_before.astimezone().strftime('%Y-%m-%d %H:%M:%S')})",
+        ),
+        soft_wrap=True,
+    )
+    grid = _Fields()
+    for label, n in (
+        ("attempts", d.attempts),
+        ("results", d.results),
+        ("usage rows", d.usage),
+        ("notifications", d.notifications),
+        ("schedule fires", d.schedule_fires),
+        ("webhooks", d.webhook_callbacks),
+        ("workflows", d.workflows),
+    ):
+        grid.add_row(f"  {label}", f"{n:,}")
+    grid.render(out)
+    before = _disk(report.file_bytes_before, report.wal_bytes_before)
+    if report.dry_run:
+        out.print(f"nothing was deleted (dry run); the database takes {before}")
+        return
+    line = f"database {before} → {_disk(report.file_bytes_after, report.wal_bytes_after)}"
+    line += f"; {_bytes(report.free_bytes_after)} inside the file free for new rows"
+    if d.tasks and not report.checkpointed:
+        line += " (not checkpointed yet: DuckDB will do it on its own)"
+    out.print(f"{line}; {report.batches} batch{'es' if report.batches != 1 else ''}, {report.seconds:g}s")
 
 
 __all__ = [

@@ -10,11 +10,19 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from sidequest.models import Duration
+from sidequest.models import Duration, parse_age
 
 
 class ConfigError(Exception):
@@ -168,6 +176,21 @@ class ScheduleConfig(_Strict):
     max_schedules: int = Field(default=100_000, ge=1, description="active and paused schedules, all scopes")
 
 
+def _retention(value: Any) -> float | None:
+    """`"off"` (or false) keeps finished tasks forever; anything else is an age above zero."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    try:
+        return parse_age(value)
+    except ValueError as exc:
+        raise ValueError(f'{exc}; retention = "off" keeps finished tasks forever') from None
+
+
+Retention = Annotated[float | None, BeforeValidator(_retention)]
+
+DEFAULT_RETENTION = 30 * 24 * 3600.0
+
+
 class Settings(_Strict):
     home: Path
     database: Path | None = Field(default=None, description="DuckDB file; default <home>/sidequest.duckdb")
@@ -195,6 +218,10 @@ class Settings(_Strict):
     lease_seconds: Duration = Field(default=30.0, gt=0)
     shutdown_grace: Duration = Field(default=10.0, description="how long running tasks may finish on SIGTERM")
     result_preview_chars: int = Field(default=500, ge=0, le=20_000)
+    retention: Retention = Field(
+        default=DEFAULT_RETENTION,
+        description='finished tasks older than this are deleted with their rows; "off" keeps them',
+    )
     http: HttpConfig = Field(default_factory=HttpConfig)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     agent_dirs: list[Path] = Field(
@@ -266,6 +293,7 @@ _ENV_KEYS: dict[str, str] = {
     "SIDEQUEST_LEASE_SECONDS": "lease_seconds",
     "SIDEQUEST_SHUTDOWN_GRACE": "shutdown_grace",
     "SIDEQUEST_RESULT_PREVIEW_CHARS": "result_preview_chars",
+    "SIDEQUEST_RETENTION": "retention",
     "SIDEQUEST_USER_AGENT_DIR": "user_agent_dir",
     "SIDEQUEST_DEFAULT_MODEL": "default_model",
 }

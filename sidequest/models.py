@@ -19,6 +19,8 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    StrictBool,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -30,22 +32,26 @@ _DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string like "90s", "30m", "2h", "1d", "500ms"."""
+def _seconds(value: Any) -> float:
+    """Seconds from a number or a string like "90s", "30m", "2h", "1d", "500ms"; no range checks."""
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like '90s', '30m', '2h'")
     if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
+        return float(value)
+    if isinstance(value, str):
         match = _DURATION_RE.match(value)
         if not match:
             raise ValueError(
                 f"{value!r} is not a duration; "
                 "use seconds (e.g. 90) or a string like '90s', '30m', '2h', '1d'"
             )
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise ValueError("a duration is a number of seconds or a string like '90s', '30m', '2h'")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError("a duration is a number of seconds or a string like '90s', '30m', '2h'")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like "90s", "30m", "2h", "1d", "500ms"."""
+    seconds = _seconds(value)
     if seconds != seconds or seconds < 0:  # NaN or negative
         raise ValueError(f"a duration must be zero or positive, got {value!r}")
     if seconds > MAX_DURATION_SECONDS:
@@ -506,3 +512,79 @@ class ScheduleRuns(BaseModel):
 class ScheduleDeleted(BaseModel):
     schedule_id: str
     deleted: bool = True
+
+
+# ---- retention ------------------------------------------------------------------------
+
+MAX_AGE_SECONDS = 3650 * 24 * 3600.0
+"""Retention ages may be longer than other durations (keep a year of history); ten years is a typo."""
+
+
+def parse_age(value: Any) -> float:
+    """A retention age: a duration above zero (zero would delete a task the moment it finishes)."""
+    seconds = _seconds(value)
+    if not seconds > 0:  # NaN, negative or zero
+        raise ValueError(f"an age must be more than zero, e.g. '7d' or '12h'; got {value!r}")
+    if seconds > MAX_AGE_SECONDS:
+        raise ValueError(f"{value!r} is longer than the 3650-day maximum")
+    return seconds
+
+
+Age = Annotated[
+    float,
+    Field(gt=0, le=MAX_AGE_SECONDS),
+    BeforeValidator(parse_age),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_AGE_SECONDS},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
+            ]
+        }
+    ),
+]
+"""How long finished tasks are kept: seconds or '12h', '7d', '90d'; more than zero, at most 3650 days."""
+
+
+class GcRequest(_Strict):
+    """Body of `POST /api/v1/gc`: delete (or count) finished tasks older than an age."""
+
+    older_than: Age | None = Field(
+        default=None,
+        description="finished longer ago than this (seconds or '7d', '12h'); default: the daemon's "
+        "retention setting",
+    )
+    dry_run: StrictBool = Field(default=False, description="count what would be deleted; delete nothing")
+
+
+class GcCounts(BaseModel):
+    """Rows deleted (or, in a dry run, that would be)."""
+
+    tasks: int = 0
+    attempts: int = 0
+    results: int = 0
+    usage: int = Field(default=0, description="token usage rows")
+    notifications: int = 0
+    schedule_fires: int = Field(default=0, description="fire keys of deleted scheduled runs")
+    webhook_callbacks: int = 0
+    workflows: int = Field(default=0, description="workflows none of whose tasks remain")
+
+
+class GcReport(BaseModel):
+    """What a garbage collection deleted (or would), and the database file around it."""
+
+    dry_run: bool
+    older_than_seconds: float
+    finished_before: datetime = Field(description="tasks that finished before this time (UTC) were eligible")
+    deleted: GcCounts = Field(description="rows deleted; in a dry run, rows that would be")
+    batches: int = Field(description="transactions the deletion took (0 in a dry run)")
+    file_bytes_before: int = Field(description="the database file, before")
+    wal_bytes_before: int = Field(description="its write-ahead log (commits not yet in the file), before")
+    file_bytes_after: int = Field(description="the database file after deleting and checkpointing")
+    wal_bytes_after: int = Field(description="its write-ahead log after (0 once checkpointed)")
+    free_bytes_after: int = Field(
+        description="space inside the file that is free for new rows (DuckDB reuses it; the file "
+        "itself only shrinks when the free space is at its end)"
+    )
+    checkpointed: bool = Field(description="the deletions were checkpointed into the file")
+    seconds: float = Field(description="how long it took")

@@ -757,6 +757,50 @@ async def test_sigterm_stops_the_server_promptly_with_a_stream_open(tmp_path: Pa
             process.wait()
 
 
+# ---- gc ---------------------------------------------------------------------------------
+
+
+async def test_gc_dry_run_counts_and_gc_deletes(http: httpx2.AsyncClient) -> None:
+    task = await submit(http, "echo", "soon old")
+    await finished(http, task["task_id"])
+    await anyio.sleep(1.1)
+
+    dry = await http.post("/gc", json={"older_than": "1s", "dry_run": True})
+    assert dry.status_code == 200, dry.text
+    assert dry.json()["dry_run"] is True and dry.json()["deleted"]["tasks"] == 1
+    assert (await http.get(f"/tasks/{task['task_id']}")).status_code == 200
+
+    done = await http.post("/gc", json={"older_than": 1})
+    assert done.status_code == 200, done.text
+    report = done.json()
+    assert report["deleted"] == dry.json()["deleted"] and report["batches"] == 1
+    assert report["file_bytes_after"] > 0 and report["checkpointed"] is True
+    assert_error(await http.get(f"/tasks/{task['task_id']}"), 404, "not_found")
+
+
+async def test_gc_without_a_body_uses_the_retention_setting(http: httpx2.AsyncClient) -> None:
+    response = await http.post("/gc")
+    assert response.status_code == 200, response.text
+    assert response.json()["older_than_seconds"] == 30 * 86400
+
+
+@pytest.mark.parametrize(
+    ("older_than", "message"),
+    [
+        ("abc", "'abc' is not a duration"),
+        ("-1d", "an age must be more than zero"),
+        ("0s", "an age must be more than zero"),
+        ("4000d", "3650-day maximum"),
+    ],
+)
+async def test_gc_refuses_an_age_that_is_no_age(
+    http: httpx2.AsyncClient, older_than: str, message: str
+) -> None:
+    response = await http.post("/gc", json={"older_than": older_than})
+    text = assert_error(response, 422, "invalid_request")
+    assert "'body.older_than'" in text and message in text, text
+
+
 # ---- schema fuzz ------------------------------------------------------------------------------
 
 FUZZ_CONFIG = {

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 import anyio
@@ -28,6 +29,7 @@ from sidequest.config import Settings
 from sidequest.engine.dispatcher import Dispatcher, RunningAttempt
 from sidequest.engine.errors import InvalidRequest, NotFound, QueueFull
 from sidequest.engine.notifier import Listener, Notifier
+from sidequest.engine.retention import Retention
 from sidequest.engine.retry import backoff_delay
 from sidequest.engine.scheduler import Clock, Scheduler
 from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
@@ -38,6 +40,7 @@ from sidequest.models import (
     AgentProblem,
     Attempt,
     CancelResult,
+    GcReport,
     Notification,
     NotificationKind,
     NotificationPage,
@@ -210,6 +213,7 @@ class Engine:
                 tg.start_soon(self._renew_leases)
                 tg.start_soon(self._forget_idempotency_keys)
                 tg.start_soon(self.scheduler.run)
+                tg.start_soon(self.retention.run)
                 self._started = True
                 try:
                     yield self
@@ -633,7 +637,10 @@ class Engine:
             await pending.wait()
         task = await self._record(task_id)
         if task is None:
-            raise NotFound(f"task {task_id} for this idempotency key was not recorded; submit again")
+            raise NotFound(
+                f"task {task_id} for this idempotency key is gone (not recorded, or deleted by retention); "
+                "submit again with a new key"
+            )
         return TaskSubmitted(
             task_id=task.id,
             workflow_id=task.workflow_id,
@@ -1251,3 +1258,19 @@ class Engine:
             content=content,
             next_offset=end if end < total else None,
         )
+
+    # ---- retention -------------------------------------------------------
+
+    @cached_property
+    def retention(self) -> Retention:
+        """Built on first use. Tasks the engine holds (unfinished, or with an attempt still winding
+        down after a cancel) are never deleted, whatever their row says."""
+        return Retention(
+            self.store, self.settings, held=lambda: self._live.keys() | self.dispatcher.running.keys()
+        )
+
+    async def gc(self, older_than: float | None = None, dry_run: bool = False) -> GcReport:
+        """Delete (or with dry_run count) finished tasks older than `older_than` seconds (default:
+        the retention setting) and their rows; see sidequest.engine.retention."""
+        self._require_running()
+        return await self.retention.collect(older_than, dry_run=dry_run)

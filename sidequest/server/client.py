@@ -35,6 +35,8 @@ from sidequest.models import (
     AgentList,
     CancelResult,
     DaemonStatus,
+    GcReport,
+    GcRequest,
     NotificationPage,
     ResultPage,
     ScheduleCreated,
@@ -172,9 +174,11 @@ class DaemonClient:
         params: Mapping[str, Any] | None = None,
         body: BaseModel | None = None,
         exclude_unset: bool = False,
+        timeout: httpx2.Timeout | None = None,
     ) -> M:
         """`exclude_unset` sends only the fields the caller set, nulls included: a PATCH body, where an
-        explicit null (end_at: null, "no end") means something different from leaving a field out."""
+        explicit null (end_at: null, "no end") means something different from leaving a field out.
+        `timeout` replaces the client's own for calls that may rightly take long."""
         endpoint = await self.connect()
         content = None
         if body is not None:
@@ -195,6 +199,7 @@ class DaemonClient:
                     params=_query(params or {}),
                     content=content,
                     headers=headers,
+                    **({"timeout": timeout} if timeout is not None else {}),
                 )
             except _GONE as exc:
                 if attempt == 2:
@@ -367,6 +372,13 @@ class DaemonClient:
 
     async def daemon_status(self) -> DaemonStatus:
         return await self._call("GET", "/daemon", DaemonStatus)
+
+    async def gc(self, older_than: float | None = None, dry_run: bool = False) -> GcReport:
+        """No read timeout: a first purge of a large store takes a while (in short transactions, so
+        the daemon keeps serving). Sent again after a lost daemon like every call, which is safe:
+        a second purge deletes what the first did not get to."""
+        body = GcRequest(older_than=older_than, dry_run=dry_run)
+        return await self._call("POST", "/gc", GcReport, body=body, timeout=httpx2.Timeout(None, connect=5.0))
 
     # ---- push -----------------------------------------------------------------
 

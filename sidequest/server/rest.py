@@ -18,7 +18,7 @@ from urllib.parse import unquote
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
-from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
@@ -44,6 +44,8 @@ from sidequest.models import (
     ApiError,
     CancelResult,
     DaemonStatus,
+    GcReport,
+    GcRequest,
     NotificationPage,
     ResultPage,
     ScheduleCreated,
@@ -664,6 +666,21 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
     @app.get("/daemon", response_model=DaemonStatus, summary="The serving daemon and what it holds")
     async def daemon_status() -> DaemonStatus:
         return await describe_daemon()
+
+    @app.post(
+        "/gc",
+        response_model=GcReport,
+        summary="Delete finished tasks older than an age",
+        description="Deletes tasks that completed, failed or were cancelled longer ago than older_than "
+        "(default: the daemon's retention setting), with their attempts, results, usage, notifications, "
+        "webhook deliveries and schedule fire keys, and workflows none of whose tasks remain; unfinished "
+        "tasks and schedules stay. Then checkpoints the database so the space is reused. dry_run counts "
+        "without deleting. Every scope: the token holder owns the whole store. Safe to repeat. "
+        "The daemon also does this by itself (at start, then periodically) unless retention is off.",
+    )
+    async def gc(body: Annotated[GcRequest | None, Body()] = None) -> GcReport:
+        body = body or GcRequest()
+        return await engine.gc(body.older_than, dry_run=body.dry_run)
 
     @app.get(
         "/events",

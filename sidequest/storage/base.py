@@ -7,7 +7,7 @@ store that committed each write alone would cap us at a few hundred tasks/s).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from operator import attrgetter
@@ -379,3 +379,58 @@ class Store(Protocol):
     async def count_rows(self) -> dict[str, int]:
         """Row counts per table (for tests that check a rejected call wrote nothing)."""
         ...
+
+    # ---- retention (deletes run on the writer, one bounded transaction at a time) ----------------
+
+    async def purge_finished(
+        self, before: datetime, keep: Callable[[], Collection[str]], batch_size: int
+    ) -> tuple[PurgeCounts, int]:
+        """Delete tasks that finished before `before`, with every row that hangs off them, in
+        transactions of at most `batch_size` tasks; returns what was deleted and how many batches.
+
+        `keep()` is asked before each batch: ids it returns are never touched (tasks the engine
+        still holds). Tasks with writes still queued in the store are skipped as well. A workflow
+        row goes with its last task; schedules stay. The newest notification always stays, so the
+        cursor never goes back.
+        """
+        ...
+
+    async def count_finished(self, before: datetime, keep: Collection[str]) -> PurgeCounts:
+        """What `purge_finished` would delete now, deleting nothing (a dry run)."""
+        ...
+
+    async def checkpoint(self) -> bool:
+        """Write deletions into the file so their space can be reused; False if it could not run."""
+        ...
+
+    async def disk_usage(self) -> DiskUsage:
+        """Bytes the database takes on disk, and how much of that is free for new rows."""
+        ...
+
+
+@dataclass(slots=True)
+class PurgeCounts:
+    """Rows a retention pass deleted (or would delete), per kind."""
+
+    tasks: int = 0
+    attempts: int = 0
+    results: int = 0
+    usage: int = 0
+    notifications: int = 0
+    schedule_fires: int = 0
+    webhook_callbacks: int = 0
+    workflows: int = 0
+
+    def add(self, other: PurgeCounts) -> None:
+        for name in self.__dataclass_fields__:  # type: ignore[attr-defined]
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass(slots=True)
+class DiskUsage:
+    file_bytes: int
+    """The database file."""
+    wal_bytes: int
+    """Its write-ahead log: commits not yet checkpointed into the file."""
+    free_bytes: int
+    """Blocks inside the file that hold no data and will be reused for new rows."""

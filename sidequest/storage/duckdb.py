@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence, Sized
+from collections.abc import Callable, Collection, Sequence, Sized
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -33,9 +33,11 @@ from sidequest.storage.base import (
     TASK_MUTABLE_COLUMNS,
     AttemptRecord,
     Committed,
+    DiskUsage,
     FireRecord,
     LoadedState,
     NotificationRecord,
+    PurgeCounts,
     ResultRecord,
     ScheduleRecord,
     StoreError,
@@ -805,9 +807,21 @@ class DuckDBStore:
         return cursor
 
     async def _read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        def run() -> Any:
+            cursor = self._cursor()
+            try:
+                return fn(cursor)
+            finally:
+                # A result read with fetchone() stays open, and so does its transaction, until the
+                # thread's cursor runs its next statement. An open transaction older than an update
+                # blocks every checkpoint, DuckDB's automatic ones included, so the WAL grew without
+                # bound. Draining what is left (nothing, for the reads here) ends it.
+                with contextlib.suppress(duckdb.Error):
+                    cursor.fetchall()
+
         self._check()
         try:
-            return await anyio.to_thread.run_sync(lambda: fn(self._cursor()))
+            return await anyio.to_thread.run_sync(run)
         except duckdb.Error as exc:
             if "invalidated" in str(exc):  # DuckDB gave up on the file after a failed write
                 raise self._fail(exc, "a read") from exc
@@ -1124,3 +1138,123 @@ class DuckDBStore:
             return {t: int(cur.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}  # type: ignore[index]
 
         return await self._read(run)
+
+    # ---- retention ----------------------------------------------------------------
+
+    async def purge_finished(
+        self, before: datetime, keep: Callable[[], Collection[str]], batch_size: int
+    ) -> tuple[PurgeCounts, int]:
+        """Each batch is one transaction on the writer (never beside a group commit: DuckDB can
+        lose an update that races a delete of its row, issue 17223), so group commits run between
+        batches and a big purge delays a submit by one batch, not by the whole purge."""
+        cutoff = _naive(before)
+        total, batches = PurgeCounts(), 0
+        while True:
+            await self._yield_to_writes()
+            # Asked again each time: what the engine holds and what is queued change between batches.
+            held = set(keep()) | _task_ids_in(self._pending) | _task_ids_in(self._inflight)
+            held_ids = sorted(held)
+            counts, more = await self._write(
+                lambda con: self._purge_batch(con, cutoff, held_ids, batch_size)  # noqa: B023
+            )
+            if counts.tasks or counts.notifications:
+                total.add(counts)
+                batches += 1
+            if not more:
+                return total, batches
+
+    async def _yield_to_writes(self) -> None:
+        """Writes waiting for the writer commit before the next retention batch. Without this a
+        submit waited two batches or more: a released limiter is taken again by the releaser
+        (the purge, asking for its next batch) before the waiting group commit gets to run."""
+        if not self._writer_running:
+            return  # no group commits to compete with (a store used alone)
+        if self._inflight_done is not None:
+            await self._inflight_done.wait()
+        if not self._pending.empty():
+            await self._wait(self._pending, flush=True)
+
+    @staticmethod
+    def _purge_batch(
+        con: duckdb.DuckDBPyConnection, cutoff: datetime | None, held: list[str], batch_size: int
+    ) -> tuple[PurgeCounts, bool]:
+        """One transaction: up to `batch_size` tasks and their rows. True when more may remain."""
+        con.execute("BEGIN")
+        try:
+            rows = con.execute(Q["gc_batch"], [cutoff, held, batch_size]).fetchall()
+            ids = [row[0] for row in rows]
+            counts = PurgeCounts()
+            if ids:
+                for counter, query in _GC_TASK_ROWS:
+                    setattr(counts, counter, getattr(counts, counter) + _deleted(con, query, [ids]))
+                counts.tasks = _deleted(con, "gc_delete_tasks", [ids])
+                workflows = sorted({row[1] for row in rows})
+                emptied = [row[0] for row in con.execute(Q["gc_delete_workflows"], [workflows]).fetchall()]
+                counts.workflows = len(emptied)
+                if emptied:
+                    counts.notifications += _deleted(con, "gc_delete_workflow_notifications", [emptied])
+            notices = _deleted(con, "gc_delete_schedule_notices", [cutoff, batch_size])
+            counts.notifications += notices
+            con.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+        return counts, len(ids) == batch_size or notices == batch_size
+
+    async def count_finished(self, before: datetime, keep: Collection[str]) -> PurgeCounts:
+        held = sorted(set(keep) | _task_ids_in(self._pending) | _task_ids_in(self._inflight))
+        row = await self._read(lambda cur: cur.execute(Q["gc_count"], [_naive(before), held]).fetchone())
+        return PurgeCounts(*map(int, row))
+
+    async def checkpoint(self) -> bool:
+        """A failed checkpoint loses nothing (DuckDB checkpoints again on its own when the WAL
+        grows), so it is logged and reported, not raised."""
+        try:
+            await self._write(lambda con: con.execute(Q["checkpoint"]))
+        except duckdb.Error as exc:
+            log.warning("checkpoint of %s failed: %s", self.path, exc)
+            return False
+        return True
+
+    async def disk_usage(self) -> DiskUsage:
+        free = await self._read(lambda cur: cur.execute(Q["free_bytes"]).fetchone()[0])  # type: ignore[index]
+        sizes = []
+        for path in (self.path, self.path.with_name(self.path.name + ".wal")):
+            try:
+                sizes.append(path.stat().st_size)
+            except FileNotFoundError:
+                sizes.append(0)
+        return DiskUsage(file_bytes=sizes[0], wal_bytes=sizes[1], free_bytes=int(free or 0))
+
+
+_GC_TASK_ROWS: tuple[tuple[str, str], ...] = (
+    ("attempts", "gc_delete_attempts"),
+    ("results", "gc_delete_results"),
+    ("usage", "gc_delete_usage"),
+    ("notifications", "gc_delete_task_notifications"),
+    ("schedule_fires", "gc_delete_fires"),
+    ("webhook_callbacks", "gc_delete_webhooks"),
+)
+"""Rows keyed by task id that retention deletes with their task: (PurgeCounts field, named query
+taking $1 = the batch's task ids). The hook for tables to come: a new table of per-task rows (e.g.
+`idempotency_keys`) adds its `gc_delete_*` block to duckdb.sql and an entry here, and a column to
+`gc_count` so dry runs count it too."""
+
+
+def _deleted(con: duckdb.DuckDBPyConnection, query: str, params: list[Any]) -> int:
+    """Run a named DELETE; DuckDB answers with the number of rows it deleted."""
+    row = con.execute(Q[query], params).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _task_ids_in(batch: _Pending | None) -> set[str]:
+    """Tasks with writes queued (or being committed): retention leaves them for the next pass, so
+    a write never lands on a row that was just deleted."""
+    if batch is None:
+        return set()
+    ids = {t.id for t in batch.tasks_new}
+    ids.update(batch.task_updates)
+    for rows in (batch.attempts, batch.results, batch.notifications, batch.usage):
+        ids.update(r.task_id for r in rows if r.task_id is not None)
+    return ids

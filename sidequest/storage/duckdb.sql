@@ -169,3 +169,107 @@ SELECT count(*) FROM task_executions WHERE schedule_id = $1;
 -- task_statuses --
 -- The status of some tasks (the last runs of a page of schedules).
 SELECT id, status FROM task_executions WHERE id = ANY($1);
+
+-- gc_batch --
+-- Retention: up to $3 tasks that finished before $1, oldest first, except the ids in $2 (tasks the
+-- engine still holds, or with writes still queued): what one retention batch deletes.
+SELECT id, workflow_id FROM task_executions
+WHERE status IN ('completed', 'failed', 'cancelled') AND finished_at < $1
+  AND id NOT IN (SELECT unnest($2::VARCHAR[]))
+ORDER BY finished_at, id
+LIMIT $3;
+
+-- gc_delete_attempts --
+-- Retention: the attempt history of the tasks in $1.
+DELETE FROM task_attempts WHERE task_id IN (SELECT unnest($1::VARCHAR[]));
+
+-- gc_delete_results --
+-- Retention: the results of the tasks in $1.
+DELETE FROM task_results WHERE task_id IN (SELECT unnest($1::VARCHAR[]));
+
+-- gc_delete_usage --
+-- Retention: the token usage of the tasks in $1.
+DELETE FROM token_usage WHERE task_id IN (SELECT unnest($1::VARCHAR[]));
+
+-- gc_delete_task_notifications --
+-- Retention: notifications about the tasks in $1, but never the newest notification of all: the
+-- next start reads the cursor from it, and cursors only grow.
+DELETE FROM notifications
+WHERE task_id IN (SELECT unnest($1::VARCHAR[])) AND cursor < (SELECT max(cursor) FROM notifications);
+
+-- gc_delete_fires --
+-- Retention: fire keys of scheduled runs in $1 (their due times are long past).
+DELETE FROM schedule_fires WHERE task_id IN (SELECT unnest($1::VARCHAR[]));
+
+-- gc_delete_webhooks --
+-- Retention: webhook deliveries of the tasks in $1.
+DELETE FROM webhook_callbacks WHERE task_id IN (SELECT unnest($1::VARCHAR[]));
+
+-- gc_delete_tasks --
+-- Retention: the tasks in $1 themselves (finished ones only, whatever the caller passed).
+DELETE FROM task_executions
+WHERE id IN (SELECT unnest($1::VARCHAR[])) AND status IN ('completed', 'failed', 'cancelled');
+
+-- gc_delete_workflows --
+-- Retention: of the workflows in $1, those none of whose tasks remain.
+DELETE FROM workflow_executions
+WHERE id IN (SELECT unnest($1::VARCHAR[]))
+  AND NOT EXISTS (SELECT 1 FROM task_executions t WHERE t.workflow_id = workflow_executions.id)
+RETURNING id;
+
+-- gc_delete_workflow_notifications --
+-- Retention: workflow_completed notifications of the deleted workflows in $1 (newest kept, as above).
+DELETE FROM notifications
+WHERE task_id IS NULL AND workflow_id IN (SELECT unnest($1::VARCHAR[]))
+  AND cursor < (SELECT max(cursor) FROM notifications);
+
+-- gc_delete_schedule_notices --
+-- Retention: up to $2 notifications from before $1 that name no task and no workflow (a schedule
+-- skipped a due time, or could not start it); they would otherwise pile up forever.
+DELETE FROM notifications WHERE cursor IN (
+    SELECT cursor FROM notifications
+    WHERE task_id IS NULL AND workflow_id = '' AND created_at < $1
+      AND cursor < (SELECT max(cursor) FROM notifications)
+    ORDER BY cursor
+    LIMIT $2
+);
+
+-- gc_count --
+-- Retention's dry run: what the gc_delete_* statements would delete for a cutoff $1 and kept ids $2,
+-- one column each, in the order of GcCounts (tasks, attempts, results, usage, notifications,
+-- schedule_fires, webhook_callbacks, workflows).
+WITH doomed AS (
+    SELECT id, workflow_id FROM task_executions
+    WHERE status IN ('completed', 'failed', 'cancelled') AND finished_at < $1
+      AND id NOT IN (SELECT unnest($2::VARCHAR[]))
+),
+emptied AS (
+    SELECT DISTINCT d.workflow_id AS id FROM doomed d
+    WHERE NOT EXISTS (
+        SELECT 1 FROM task_executions t
+        WHERE t.workflow_id = d.workflow_id AND t.id NOT IN (SELECT id FROM doomed)
+    )
+),
+newest AS (SELECT max(cursor) AS cursor FROM notifications)
+SELECT
+    (SELECT count(*) FROM doomed),
+    (SELECT count(*) FROM task_attempts WHERE task_id IN (SELECT id FROM doomed)),
+    (SELECT count(*) FROM task_results WHERE task_id IN (SELECT id FROM doomed)),
+    (SELECT count(*) FROM token_usage WHERE task_id IN (SELECT id FROM doomed)),
+    (SELECT count(*) FROM notifications n, newest
+     WHERE n.cursor < newest.cursor
+       AND (n.task_id IN (SELECT id FROM doomed)
+            OR (n.task_id IS NULL AND n.workflow_id IN (SELECT id FROM emptied))
+            OR (n.task_id IS NULL AND n.workflow_id = '' AND n.created_at < $1))),
+    (SELECT count(*) FROM schedule_fires WHERE task_id IN (SELECT id FROM doomed)),
+    (SELECT count(*) FROM webhook_callbacks WHERE task_id IN (SELECT id FROM doomed)),
+    (SELECT count(*) FROM emptied);
+
+-- checkpoint --
+-- Write the WAL into the file: deleted rows' blocks become free for new rows (the file shrinks only
+-- when the free blocks are at its end; VACUUM and FORCE CHECKPOINT free nothing more).
+CHECKPOINT;
+
+-- free_bytes --
+-- Space inside the database file that is free for new rows.
+SELECT free_blocks * block_size FROM pragma_database_size();
