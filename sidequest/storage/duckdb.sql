@@ -150,3 +150,18 @@ SELECT count(*) FROM task_executions WHERE schedule_id = $1;
 -- task_statuses --
 -- The status of some tasks (the last runs of a page of schedules).
 SELECT id, status FROM task_executions WHERE id = ANY($1);
+
+-- create_schema_version --
+-- The table that makes a file a sidequest store: which schema versions were applied, and when.
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL);
+
+-- store_tables --
+-- Tables and views of the open file, in any schema: a file with some but no schema_version is not ours.
+SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database();
+
+-- store_columns --
+-- Columns of the main schema's tables and views, to compare with what the migrations create.
+SELECT table_name, column_name, data_type
+FROM information_schema.columns
+WHERE table_catalog = current_database() AND table_schema = 'main'
+ORDER BY table_name, ordinal_position;
