@@ -341,8 +341,17 @@ def test_daemon_started_under_umask_000_keeps_its_data_dir_and_every_file_privat
 
 def test_a_new_data_dir_is_created_private(tmp_path: Path) -> None:
     home = tmp_path / "not" / "yet" / "there"
+    env = {"SIDEQUEST_HOME": str(home), "PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")}
     try:
-        started = sidequest_cli(home, "serve", "--detach", umask=0)
+        started = subprocess.run(
+            [sys.executable, "-m", "sidequest.cli", "serve", "--detach"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            umask=0,
+        )
         assert started.returncode == 0, started.stderr
         assert stat.S_IMODE(home.stat().st_mode) == 0o700
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in home.iterdir())

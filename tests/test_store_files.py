@@ -353,6 +353,17 @@ def test_read_only_data_dir_is_refused_naming_it(home: Path) -> None:
 # ---- what a client starting the daemon shows --------------------------------------------------
 
 
+def test_a_client_in_a_read_only_data_dir_says_so_in_one_line(home: Path) -> None:
+    needs_file_modes()
+    home.chmod(0o500)  # empty: not even the lock files can be created
+    try:
+        done = run_cli(home, "submit", "echo", "hello", unprivileged=True)
+        line = refused_in_one_line(done, home)
+        assert "cannot use the sidequest data dir" in line and "Permission denied" in line
+    finally:
+        home.chmod(0o700)
+
+
 def test_a_client_that_starts_the_daemon_on_a_damaged_store_shows_the_reason_in_one_line(home: Path) -> None:
     path = real_store(home)
     os.truncate(path, 8192 + 17)
