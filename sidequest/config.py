@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -298,6 +299,73 @@ _ENV_KEYS: dict[str, str] = {
     "SIDEQUEST_DEFAULT_MODEL": "default_model",
 }
 """Environment variables that override top-level settings (documented in docs/configuration.md)."""
+
+DAEMON_ENV_ALLOW: tuple[str, ...] = (
+    # who and where: programs, the home folder, temporary files
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "TMPDIR",
+    # language, locale, time zone, terminal type
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TZ",
+    "TERM",
+    # XDG base directories (the default data dir lives under XDG_DATA_HOME)
+    "XDG_DATA_HOME",
+    "XDG_CONFIG_HOME",
+    "XDG_CACHE_HOME",
+    "XDG_STATE_HOME",
+    "XDG_RUNTIME_DIR",
+    # python agents import their modules from here
+    "PYTHONPATH",
+    # reaching the Anthropic API from behind a proxy or a private certificate authority
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "all_proxy",
+    "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    # the Anthropic API and Claude Code
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "ANTHROPIC_BASE_URL",
+    "CLAUDE_CONFIG_DIR",
+    # sidequest's own settings (not every SIDEQUEST_* name: only the ones this file reads)
+    "SIDEQUEST_HOME",
+    "SIDEQUEST_CONFIG",
+    "SIDEQUEST_HTTP_PORT",
+    *_ENV_KEYS,
+)
+"""What a detached daemon keeps of the environment of the client that started it (`NAME_*` is a prefix).
+
+Why an allowlist: the daemon is shared by every project of the user, but it is
+started by whichever client came first, from that client's shell. Without a
+list, one project's tokens (and its `CLAUDE_PROJECT_DIR`) would live on in the
+daemon and be visible to every agent of every other project: python agents
+read the daemon's `os.environ` directly. This tuple is the one place to extend;
+`daemon_environment` adds only the names the configuration itself asks agents
+to receive (`env_allow` lists, `anthropic.api_key_env`).
+"""
+
+
+def daemon_environment(environ: Mapping[str, str], settings: Settings) -> dict[str, str]:
+    """The variables of `environ` a detached daemon starts with: DAEMON_ENV_ALLOW, plus the names the
+    configuration passes on to agents, so that a configured `env_allow = ["GITHUB_TOKEN"]` still works."""
+    names = {name for name in DAEMON_ENV_ALLOW if not name.endswith("*")}
+    prefixes = tuple(name[:-1] for name in DAEMON_ENV_ALLOW if name.endswith("*"))
+    names.add(settings.anthropic.api_key_env)
+    names.update(settings.claude_code.env_allow)
+    for agent in settings.agents.values():
+        names.update(agent.env_allow)
+    return {key: value for key, value in environ.items() if key in names or key.startswith(prefixes)}
 
 
 def default_home(env: dict[str, str]) -> Path:

@@ -32,6 +32,7 @@ TEST_AGENTS = (
     "bad_unicode",
     "exits",
     "reports_usage",
+    "environment",
 )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sidequest.config import ConfigError, load_settings
+from sidequest.config import ConfigError, daemon_environment, load_settings
 from sidequest.models import TaskOptions, parse_duration
 
 
@@ -109,3 +109,35 @@ def test_bad_options_say_what_is_accepted(options: dict, message: str) -> None:
 def test_naive_not_before_is_taken_as_utc() -> None:
     options = TaskOptions.model_validate({"not_before": "2030-01-01T12:00:00"})
     assert options.not_before is not None and options.not_before.utcoffset().total_seconds() == 0
+
+
+def test_daemon_environment_is_the_allowlist_plus_what_the_config_passes_to_agents(tmp_path: Path) -> None:
+    write(
+        tmp_path / "sidequest.toml",
+        '[anthropic]\napi_key_env = "MY_CLAUDE_KEY"\n\n'
+        '[agents.gh]\nexecutor = "command"\nargv = ["gh", "{prompt}"]\nenv_allow = ["GITHUB_TOKEN"]\n',
+    )
+    starter = {
+        "SIDEQUEST_HOME": str(tmp_path),
+        "SIDEQUEST_MAX_CONCURRENCY": "3",
+        "PATH": "/usr/bin",
+        "LC_TIME": "de_DE.UTF-8",
+        "ANTHROPIC_API_KEY": "sk-default",
+        "MY_CLAUDE_KEY": "sk-configured",
+        "GITHUB_TOKEN": "gh-configured",
+        "SIDEQUEST_CANARY_XYZ": "secret",
+        "OTHER_PROJECT_TOKEN": "secret",
+        "CLAUDE_PROJECT_DIR": "/some/project",
+        "LD_PRELOAD": "/tmp/evil.so",
+    }
+    env = daemon_environment(starter, load_settings(env=starter))
+    assert set(env) == {
+        "SIDEQUEST_HOME",
+        "SIDEQUEST_MAX_CONCURRENCY",
+        "PATH",
+        "LC_TIME",
+        "ANTHROPIC_API_KEY",
+        "MY_CLAUDE_KEY",
+        "GITHUB_TOKEN",
+    }
+    assert env["MY_CLAUDE_KEY"] == "sk-configured"

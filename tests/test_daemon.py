@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(sidequest.__file__).resolve().parent.parent
 
 
-def make_env(home: Path, project: str | None = None) -> dict[str, str]:
+def make_env(home: Path, project: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     config = home / "test.toml"
     if not config.exists():
         home.mkdir(parents=True, exist_ok=True)
@@ -47,20 +47,26 @@ def make_env(home: Path, project: str | None = None) -> dict[str, str]:
     }
     if project:
         env["CLAUDE_PROJECT_DIR"] = project
-    return env
+    return {**env, **(extra or {})}
 
 
 def sidequest_cli(
-    home: Path, *args: str, project: str | None = None, timeout: float = 60
+    home: Path,
+    *args: str,
+    project: str | None = None,
+    timeout: float = 60,
+    extra_env: dict[str, str] | None = None,
+    umask: int = -1,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sidequest.cli", *args],
-        env=make_env(home, project),
+        env=make_env(home, project, extra_env),
         cwd=home,
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        umask=umask,
     )
 
 
@@ -345,6 +351,84 @@ def test_binding_a_public_address_needs_a_flag(home: Path) -> None:
     assert wildcard.returncode == 2
     assert "every interface" in wildcard.stderr
     assert not daemon_alive(home)
+
+
+# ---- what the daemon starts with ---------------------------------------------------
+
+
+def test_daemon_started_under_umask_000_keeps_its_data_dir_and_every_file_private(home: Path) -> None:
+    """The store holds every prompt and result and the token runs agents: nobody else may read them,
+    whatever umask the first client's shell had, and whatever an older version left behind."""
+    home.chmod(0o777)
+    old_log = home / "daemon.log"
+    old_log.write_text("written by an older version\n", encoding="utf-8")
+    old_log.chmod(0o666)
+
+    done = sidequest_cli(home, "submit", "echo", "private", "--wait", "--json", umask=0)
+    assert done.returncode == 0, done.stderr
+    state = state_of(home)
+    assert (home / "sidequest.duckdb.wal").exists()  # the task's rows are in the log, not checkpointed yet
+
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in home.iterdir()}
+    expected = {"daemon.json", "daemon.lock", "daemon.log", "start.lock", "token", "sidequest.duckdb"}
+    assert expected <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o600), modes
+    status = Path(f"/proc/{state.pid}/status").read_text(encoding="utf-8")
+    assert "Umask:\t0077" in status
+
+
+def test_a_new_data_dir_is_created_private(tmp_path: Path) -> None:
+    home = tmp_path / "not" / "yet" / "there"
+    env = {"SIDEQUEST_HOME": str(home), "PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")}
+    try:
+        started = subprocess.run(
+            [sys.executable, "-m", "sidequest.cli", "serve", "--detach"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            umask=0,
+        )
+        assert started.returncode == 0, started.stderr
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in home.iterdir())
+    finally:
+        kill_daemons(home)
+
+
+async def test_daemon_and_its_agents_see_only_allowlisted_variables_of_the_client_that_started_it(
+    home: Path, tmp_path: Path
+) -> None:
+    """The daemon serves every project but is started from one project's shell: that shell's
+    tokens must not live on in it, nor reach python agents (which read the daemon's os.environ)."""
+    leaks = {"SIDEQUEST_CANARY_XYZ": "canary-secret", "OTHER_PROJECT_TOKEN": "other-project-secret"}
+    kept = {"LC_ALL": "C.UTF-8", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9", "SIDEQUEST_MAX_CONCURRENCY": "3"}
+    done = sidequest_cli(
+        home,
+        "submit",
+        "environment",
+        "show me",
+        "--wait",
+        "--json",
+        project=str(tmp_path),
+        extra_env={**leaks, **kept},
+    )
+    assert done.returncode == 0, done.stderr
+
+    environ = Path(f"/proc/{state_of(home).pid}/environ").read_bytes().split(b"\0")
+    daemon_env = dict(item.decode().split("=", 1) for item in environ if item)
+    for name, value in leaks.items():
+        assert name not in daemon_env
+        assert value not in " ".join(daemon_env.values())
+    assert "CLAUDE_PROJECT_DIR" not in daemon_env  # the first client's project is not everyone's
+    assert {name: daemon_env.get(name) for name in kept} == kept
+    assert daemon_env["SIDEQUEST_HOME"] == str(home)
+
+    agent_env = json.loads(json.loads(done.stdout)["result"]["content"])
+    assert not set(leaks) & set(agent_env) and "CLAUDE_PROJECT_DIR" not in agent_env
+    assert agent_env["LC_ALL"] == "C.UTF-8"
 
 
 # ---- recovery -------------------------------------------------------------------------

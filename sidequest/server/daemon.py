@@ -13,6 +13,12 @@ Files in the data dir:
 - `start.lock`: starters take it in turn, so when many clients start at once one daemon starts
   and the rest find it.
 - `daemon.log`: stdout and stderr of a detached daemon.
+- the DuckDB file and its `.wal` (unless `database` points elsewhere) and `token`.
+
+The data dir is private: created 0700 (an existing one we own loses group and other access), and
+every process that writes in it (the daemon, `stdio --embedded`) runs with umask 077, so each file
+is 0600 whatever umask the user's shell had. The store holds every prompt and result, and the
+token lets its holder run agents.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +43,7 @@ import httpx2
 from pydantic import BaseModel, ValidationError
 
 from sidequest import __version__
-from sidequest.config import Settings
+from sidequest.config import Settings, daemon_environment
 from sidequest.engine.errors import Unavailable
 from sidequest.server.client import DaemonClient, Endpoint
 
@@ -48,8 +55,8 @@ START_LOCK_FILE = "start.lock"
 LOG_FILE = "daemon.log"
 START_TIMEOUT = 30.0
 """A cold start (imports, DuckDB open, WAL replay) takes about a second; 30 s means something broke."""
-SCRUBBED_ENV = ("CLAUDE_PROJECT_DIR",)
-"""The starting client's project must not become the shared daemon's default project."""
+PRIVATE_UMASK = 0o077
+"""The umask of every process that writes in the data dir: files 0600, folders 0700."""
 
 
 class DaemonState(BaseModel):
@@ -72,6 +79,58 @@ class DaemonState(BaseModel):
         return Endpoint(url=self.url, token=self.token, version=self.version, pid=self.pid)
 
 
+# ---- the data dir ---------------------------------------------------------------
+
+
+def make_private_dir(home: Path) -> None:
+    """Create the data dir 0700, or take group and other access away from an existing one we own.
+
+    Only ever narrows: a folder the user made read-only stays read-only (and is then reported
+    as such), and a folder someone else owns is left alone, with a warning when others can
+    write in it.
+    """
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)  # parents get the usual mode
+    info = home.stat()
+    if info.st_uid == os.geteuid():
+        if info.st_mode & 0o077:
+            home.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+    elif info.st_mode & 0o022:
+        log.warning("the data dir %s belongs to uid %d and others may write in it", home, info.st_uid)
+
+
+def secure_data_dir(home: Path) -> None:
+    """What the daemon does before it writes: a private data dir whose files (ours) are 0600.
+
+    Files written by an older version, or under another umask, are narrowed too, so upgrading
+    closes what was open. Raises Unavailable naming the folder when it cannot be written.
+    """
+    with data_dir_errors(home):
+        make_private_dir(home)
+        for entry in os.scandir(home):
+            if entry.is_file(follow_symlinks=False):
+                info = entry.stat(follow_symlinks=False)
+                if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+                    os.chmod(entry.path, stat.S_IMODE(info.st_mode) & 0o700)
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise Unavailable(
+            f"the data dir {home} is not writable by this user (uid {os.geteuid()}); sidequest keeps its "
+            "store, token and locks there: make it writable, or set SIDEQUEST_HOME to another folder"
+        )
+
+
+@contextlib.contextmanager
+def data_dir_errors(home: Path) -> Iterator[None]:
+    """An OSError while creating or locking files in the data dir becomes one line naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or home
+        raise Unavailable(
+            f"cannot use the sidequest data dir {home}: {where}: {exc.strerror or exc}; make it readable "
+            "and writable by this user, or set SIDEQUEST_HOME to another folder"
+        ) from exc
+
+
 # ---- the daemon's side ----------------------------------------------------------
 
 
@@ -84,10 +143,11 @@ class DaemonLock:
 
     @classmethod
     def acquire(cls, home: Path) -> DaemonLock | None:
-        """None when another live daemon holds it."""
-        home.mkdir(parents=True, exist_ok=True)
+        """None when another live daemon holds it; Unavailable when the data dir is unusable."""
         path = home / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by children (PEP 446)
+        with data_dir_errors(home):
+            make_private_dir(home)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by children (PEP 446)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -188,8 +248,9 @@ async def find_daemon(home: Path) -> DaemonState | None:
 
 @asynccontextmanager
 async def _start_lock(home: Path) -> AsyncIterator[None]:
-    home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(home / START_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    with data_dir_errors(home):
+        make_private_dir(home)
+        fd = os.open(home / START_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + START_TIMEOUT * 2
         while True:  # non-blocking tries: a thread blocked in flock could not be cancelled
@@ -219,13 +280,22 @@ def daemon_command(config_path: str | Path | None, serve_args: list[str] | None 
 def spawn_daemon(
     settings: Settings, config_path: str | Path | None, serve_args: list[str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start `sidequest serve` detached: its own session, no terminal, output to daemon.log."""
+    """Start `sidequest serve` detached: its own session, no terminal, output to daemon.log.
+
+    The daemon outlives this client and serves every project, so it gets a defined start rather
+    than this process's: the environment is `config.DAEMON_ENV_ALLOW` (plus what the configuration
+    passes to agents), never this shell's other variables or its `CLAUDE_PROJECT_DIR`, and the
+    umask is PRIVATE_UMASK, never the one this shell happened to have.
+    """
     home = settings.home
-    home.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+    env = daemon_environment(os.environ, settings)
     env["SIDEQUEST_HOME"] = str(home)
-    log_fd = os.open(home / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with data_dir_errors(home):
+        make_private_dir(home)
+        log_fd = os.open(home / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
+        if os.fstat(log_fd).st_mode & 0o077:
+            os.fchmod(log_fd, 0o600)  # written by an older version
         return subprocess.Popen(
             daemon_command(config_path, serve_args),
             stdin=subprocess.DEVNULL,
@@ -233,18 +303,39 @@ def spawn_daemon(
             stderr=log_fd,
             cwd=home,
             env=env,
+            umask=PRIVATE_UMASK,
             start_new_session=True,  # a client's Ctrl-C or exit must not reach the daemon
         )
     finally:
         os.close(log_fd)
 
 
-def _log_tail(home: Path, lines: int = 15) -> str:
+def _log_size(home: Path) -> int:
     try:
-        text = (home / LOG_FILE).read_text(encoding="utf-8", errors="replace")
+        return (home / LOG_FILE).stat().st_size
     except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+        return 0
+
+
+def _start_failure(home: Path, since: int, lines: int = 15) -> str:
+    """Why a daemon we started did not come up, from what it wrote to daemon.log after `since`.
+
+    `sidequest serve` reports a failure it understands (a damaged store, a locked data dir) as
+    one line starting with "sidequest: "; that line is the answer. Anything else (a crash) is
+    shown as the end of the log.
+    """
+    try:
+        with open(home / LOG_FILE, "rb") as fh:
+            fh.seek(since)
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return f"see {home / LOG_FILE}"
+    written = text.splitlines()
+    reasons = [line.removeprefix("sidequest: ") for line in written if line.startswith("sidequest: ")]
+    if reasons:
+        return f"{reasons[-1]} (log: {home / LOG_FILE})"
+    tail = "\n".join(written[-lines:])
+    return f"its log ({home / LOG_FILE}) ends with:\n{tail}"
 
 
 async def ensure_daemon(
@@ -270,6 +361,7 @@ async def ensure_daemon(
                     f"{home / LOG_FILE}, or stop it with `sidequest stop`"
                 )
             # It finished stopping while we waited: start the next one.
+        log_start = _log_size(home)
         child = spawn_daemon(settings, config_path, serve_args)
         log.info("started the sidequest daemon (pid %d) for %s", child.pid, home)
         state = await _wait_for_state(home, child, START_TIMEOUT)
@@ -277,9 +369,8 @@ async def ensure_daemon(
             code = child.poll()
             if code is None:
                 child.kill()
-            tail = _log_tail(home)
             how = f"exited with status {code}" if code is not None else "did not answer in time"
-            raise Unavailable(f"the sidequest daemon {how}; its log ({home / LOG_FILE}) ends with:\n{tail}")
+            raise Unavailable(f"the sidequest daemon {how}: {_start_failure(home, log_start)}")
         return state
 
 

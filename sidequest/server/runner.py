@@ -54,12 +54,27 @@ def _default_scope() -> str:
 @contextmanager
 def _startup_errors() -> Iterator[None]:
     """Known start-up failures become one line, not a traceback."""
+    from sidequest.engine.errors import Unavailable
     from sidequest.storage.base import StoreError
 
     try:
         yield
-    except StoreError as exc:
+    except (StoreError, Unavailable) as exc:
         raise Fatal(str(exc)) from exc
+
+
+def _own_data_dir(settings: Settings) -> None:
+    """Before a process that owns the store writes anything: umask 077 and a private data dir.
+
+    The umask is process-wide and stays: DuckDB creates its `.wal` again after every
+    checkpoint, and each must be 0600 too. Agents inherit it, so files they create are
+    private to the user (docs/configuration.md says how to widen them).
+    """
+    from sidequest.server.daemon import PRIVATE_UMASK, secure_data_dir
+
+    os.umask(PRIVATE_UMASK)
+    with _startup_errors():
+        secure_data_dir(settings.home)
 
 
 async def _stop_on_signal(
@@ -109,6 +124,7 @@ async def stdio_embedded(settings: Settings) -> None:
     from sidequest.engine.engine import Engine
     from sidequest.server.mcp import build_server
 
+    _own_data_dir(settings)
     engine = Engine(settings)
     with _startup_errors():
         async with engine.running():
@@ -218,7 +234,9 @@ async def serve(settings: Settings) -> None:
     from sidequest.server.mcp import build_server
     from sidequest.server.rest import build_rest_app, close_event_streams
 
-    lock = DaemonLock.acquire(settings.home)
+    _own_data_dir(settings)
+    with _startup_errors():
+        lock = DaemonLock.acquire(settings.home)
     if lock is None:
         other = read_state(settings.home)
         where = f" (pid {other.pid}, {other.url})" if other else ""
@@ -230,7 +248,14 @@ async def serve(settings: Settings) -> None:
         host = settings.http.host
         sock = _bind(host, settings.http.port)
         port = sock.getsockname()[1]
-        token = load_or_create_token(settings.token_path)
+        try:
+            token = load_or_create_token(settings.token_path)
+        except OSError as exc:
+            sock.close()
+            raise Fatal(
+                f"cannot read or create the token file {settings.token_path}: {exc.strerror or exc}; "
+                "make it (and its folder) readable and writable by this user"
+            ) from exc
         engine = Engine(settings)
         started = utcnow()
         state = DaemonState(
@@ -346,11 +371,14 @@ async def status(settings: Settings, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from sidequest.engine.errors import EngineError
+    from sidequest.engine.errors import EngineError, Unavailable
     from sidequest.server.client import DaemonClient
     from sidequest.server.daemon import find_daemon
 
-    state = await find_daemon(settings.home)
+    try:
+        state = await find_daemon(settings.home)
+    except Unavailable as exc:
+        raise Fatal(str(exc)) from exc
     if state is None:
         if as_json:
             print(json.dumps({"alive": False, "data_dir": str(settings.home)}))

@@ -11,10 +11,12 @@ Reads run on per-thread cursors and never block the writer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence, Sized
@@ -368,6 +370,242 @@ class AttemptJournal:
             self._fd = None
 
 
+# ---- opening a file that may not be what it should be ------------------------
+
+_CONNECT_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+"""DuckDB, handed a file it does not recognise (a SQLite file, say), would otherwise download and
+load an extension to read it: a store must never reach the network or run code it fetched."""
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_WAL_FLUSH = b"\x64\x00\x64\xff\xff"
+"""A DuckDB 2.x log entry that ends a commit: field 100 (the entry type) = 100 (WAL_FLUSH), end."""
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _narrow_mode(path: Path) -> None:
+    """Take group and other access away from a store file we own (one from an older version)."""
+    with contextlib.suppress(OSError):
+        info = path.stat()
+        if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+            path.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+
+
+def _check_store_path(path: Path) -> None:
+    """Refuse, in one line naming the file, what DuckDB would refuse with a traceback or not at all.
+
+    A read-only folder is caught here because DuckDB would open the file and fail only at the
+    first write, when it creates `<file>.wal` next to it: the daemon would start and then lose
+    every submit.
+    """
+    folder = path.parent
+    uid = os.geteuid()
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create {folder}, the folder of the store {path}: {exc.strerror or exc}; "
+            "point `database` (or SIDEQUEST_HOME) at a folder this user can write"
+        ) from exc
+    if path.is_dir():
+        raise StoreError(f"{path} is a folder, not a database file; point `database` at a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StoreError(
+            f"{folder} is not writable by this user (uid {uid}), and DuckDB writes {path.name}.wal there "
+            f"next to the store {path}; make the folder writable, or point `database` (or SIDEQUEST_HOME) "
+            "elsewhere"
+        )
+    for name in (path, path.with_name(path.name + ".wal")):
+        if name.exists() and not os.access(name, os.R_OK | os.W_OK):
+            raise StoreError(
+                f"{name} is not readable and writable by this user (uid {uid}), and sidequest writes to its "
+                f"store; give this user read and write access (chmod u+rw {name}) or point `database` "
+                "elsewhere"
+            )
+    if not path.exists():
+        return
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if head == _SQLITE_MAGIC:
+        raise StoreError(
+            f"{path} is a SQLite database, not a sidequest (DuckDB) store; point `database` (or "
+            "SIDEQUEST_HOME) at another file"
+        )
+    _narrow_mode(path)
+    _narrow_mode(path.with_name(path.name + ".wal"))
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]  # IndexError: the data ends inside the number
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _wal_header_end(data: bytes) -> int | None:
+    """The end of a DuckDB 2.x log's unframed version entry; None for a log this code does not know.
+
+    The entry is (u16 field id, value)* up to field 0xFFFF: 100 = entry type (98, WAL_VERSION),
+    101 = log version (2: framed and checksummed), optionally 102 = the database id (a list)
+    and 103 = the checkpoint iteration. IndexError: the log ends inside it.
+    """
+
+    def field(at: int) -> tuple[int, int]:
+        if at + 2 > len(data):
+            raise IndexError("log ends in its header")
+        return int.from_bytes(data[at : at + 2], "little"), at + 2
+
+    fid, pos = field(0)
+    kind, pos = _varint(data, pos) if fid == 100 else (None, pos)
+    fid, pos = field(pos)
+    version, pos = _varint(data, pos) if fid == 101 else (None, pos)
+    if kind != 98 or version != 2:
+        return None
+    fid, pos = field(pos)
+    if fid == 102:
+        count, pos = _varint(data, pos)
+        for _ in range(count):
+            _, pos = _varint(data, pos)
+        fid, pos = field(pos)
+    if fid == 103:
+        _, pos = _varint(data, pos)
+        fid, pos = field(pos)
+    return pos if fid == 0xFFFF else None
+
+
+def _torn_wal(path: Path) -> str | None:
+    """A warning when the store's log ends in a write DuckDB will silently skip; else None.
+
+    DuckDB 2.x replays a log entry by entry and commits at each flush marker; an entry that runs
+    past the end of the file (a torn write, or a damaged length) ends the replay without an
+    error, and everything from there on is dropped (and truncated at the next write). A bad
+    checksum is an error instead, which `open` reports. So the log is read here first, by its
+    framing (u64 length, u64 checksum, entry), to say what DuckDB is about to drop.
+
+    What this cannot see: a log cut exactly at the end of a commit looks like a shorter, intact
+    log; and when a damaged length ends the replay early, whole commits after it are lost too
+    but cannot be counted (the framing after a bad length is unreadable).
+    """
+    wal = path.with_name(path.name + ".wal")
+    try:
+        data = wal.read_bytes()
+    except OSError:
+        return None
+    if not data:
+        return None
+    try:
+        pos = _wal_header_end(data)
+    except (IndexError, ValueError):
+        pos = 0  # the log ends inside its own header: nothing in it can be replayed
+    else:
+        if pos is None:
+            log.debug("%s: not a DuckDB 2.x log this code can read; not checked for a torn end", wal)
+            return None
+    committed = pos
+    while pos + 16 <= len(data):
+        size = int.from_bytes(data[pos : pos + 8], "little")
+        if pos + 16 + size > len(data):
+            break
+        entry = data[pos + 16 : pos + 16 + size]
+        pos += 16 + size
+        if entry == _WAL_FLUSH:
+            committed = pos
+    if committed == len(data):
+        return None
+    return (
+        f"{wal} ends in an incomplete write: its last {len(data) - committed} of {len(data)} bytes (from "
+        f"byte {committed}) hold no complete commit, so DuckDB skips them and whatever sidequest was "
+        "writing when it stopped is lost; writes it had confirmed are kept unless the disk lost or "
+        "damaged them, so check the tasks submitted just before it stopped"
+    )
+
+
+def _open_failure(path: Path, exc: duckdb.Error) -> str:
+    """DuckDB's reason a file cannot be opened, as one line naming the file and what to do."""
+    text = str(exc)
+    detail = _first_line(exc)
+    wal = path.with_name(path.name + ".wal")
+    if "lock" in text.lower():
+        return (
+            f"{path} is in use by another process (DuckDB allows one writer per file); "
+            "stop the other sidequest process or point SIDEQUEST_HOME elsewhere"
+        )
+    if "WAL" in text:
+        detail = detail.split('": ', 1)[-1]
+        return (
+            f"{wal}, the write-ahead log of {path}, is damaged ({detail}); sidequest will not guess which "
+            f"writes to drop: move {wal.name} aside to open the store as of its last checkpoint (the writes "
+            "in that log are then lost), or restore both files from a backup"
+        )
+    if "not a valid DuckDB database file" in text:
+        return (
+            f"{path} is not a DuckDB database (empty, damaged, or another program's file); move it aside "
+            "to start with an empty store, or point `database` (or SIDEQUEST_HOME) at another file"
+        )
+    if "Could not read enough bytes" in text or "truncated" in text.lower():
+        return (
+            f"{path} is truncated or damaged ({detail}); restore it from a backup, or move it (and "
+            f"{wal.name}, if any) aside to start with an empty store"
+        )
+    if "Permission denied" in text or "Read-only file system" in text:
+        return (
+            f"{path} cannot be written by this user ({detail}); make the file and its folder writable, "
+            "or point `database` (or SIDEQUEST_HOME) elsewhere"
+        )
+    return f"cannot open {path}: {detail}"
+
+
+@functools.cache
+def _expected_columns() -> dict[str, dict[str, str]]:
+    """{table or view: {column: type}} as the migrations create them (built once, in memory)."""
+    con = duckdb.connect(":memory:", config=_CONNECT_CONFIG)
+    try:
+        con.execute(Q["create_schema_version"])
+        for _, sql in migrations():
+            con.execute(sql)
+        return _columns(con)
+    finally:
+        con.close()
+
+
+def _columns(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, str]]:
+    found: dict[str, dict[str, str]] = {}
+    for table, column, kind in con.execute(Q["store_columns"]).fetchall():
+        found.setdefault(table, {})[column] = kind
+    return found
+
+
+def _schema_differences(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """What the file lacks or types differently from the schema the migrations made; extras are allowed."""
+    have = _columns(con)
+    problems = []
+    for table, columns in _expected_columns().items():
+        if table not in have:
+            problems.append(f"no {table}")
+            continue
+        missing = [c for c in columns if c not in have[table]]
+        retyped = [
+            f"{c} is {have[table][c]}, not {t}" for c, t in columns.items() if have[table].get(c, t) != t
+        ]
+        if missing:
+            problems.append(f"{table} lacks {', '.join(missing)}")
+        if retyped:
+            problems.append(f"in {table}, {'; '.join(retyped)}")
+    return problems
+
+
 class DuckDBStore:
     """The store for one DuckDB file, owned by this process alone."""
 
@@ -394,25 +632,41 @@ class DuckDBStore:
         self._failure: StoreUnavailable | None = None
         self._failure_handler: Callable[[StoreUnavailable], None] | None = None
         self._journal = AttemptJournal(self.path.with_name(self.path.name + ".attempts"))
+        self._opened = False
 
     # ---- lifecycle -------------------------------------------------------
 
     def open(self) -> LoadedState:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Open (or create) the file, bring its schema up to date, and read what the engine needs.
+
+        Every way the file can be unusable (damaged, truncated, another program's, read-only,
+        locked) is a StoreError whose one line names the file and what to do.
+        """
+        _check_store_path(self.path)
+        torn = _torn_wal(self.path)  # before DuckDB replays the log and later truncates its torn end
         try:
-            self._con = duckdb.connect(str(self.path))
-        except duckdb.IOException as exc:
-            if "lock" in str(exc).lower():
-                raise StoreError(
-                    f"{self.path} is in use by another process (DuckDB allows one writer per file); "
-                    "stop the other sidequest process or point SIDEQUEST_HOME elsewhere"
-                ) from exc
-            raise StoreError(f"cannot open {self.path}: {exc}") from exc
-        self._migrate()
-        state = self._load_state()
+            self._con = duckdb.connect(str(self.path), config=_CONNECT_CONFIG)
+        except duckdb.Error as exc:
+            raise StoreError(_open_failure(self.path, exc)) from exc
+        if torn:
+            log.warning("%s", torn)
+        try:
+            self._migrate()
+            state = self._load_state()
+        except StoreError:
+            self.close()
+            raise
+        except duckdb.Error as exc:
+            self.close()
+            raise StoreError(
+                f"{self.path}: cannot read sidequest's tables ({_first_line(exc)}); the file is damaged or "
+                "was changed by another program: restore it from a backup, or move it aside to start "
+                "with an empty store"
+            ) from exc
         self._apply_journal(state)
         if self._journal_on:
             self._journal.open()
+        self._opened = True
         return state
 
     def _apply_journal(self, state: LoadedState) -> None:
@@ -428,8 +682,9 @@ class DuckDBStore:
                 task.status, task.worker_id, task.lease_expires_at = "running", None, None
 
     def close(self) -> None:
-        if self._failure is None and self._pending.empty() and self._con is not None:
+        if self._opened and self._failure is None and self._pending.empty() and self._con is not None:
             self._journal.clear()  # a clean stop: every start in it is committed
+        self._opened = False
         self._journal.close()
         self._appenders.clear()
         with self._cursors_lock:
@@ -442,12 +697,34 @@ class DuckDBStore:
             self._con = None
 
     def _migrate(self) -> None:
+        """Apply the missing schema versions, never to a file that is not (yet) a sidequest store.
+
+        A file with tables but no recorded version belongs to someone else: "migrating" it would
+        write our tables into their database, so it is refused. After migrating, the tables must
+        have the columns the migrations make (a same-named table of another program would
+        otherwise fail later, mid-request).
+        """
         con = self._require()
-        con.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version "
-            "(version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL)"
+        tables = sorted(name for (name,) in con.execute(Q["store_tables"]).fetchall())
+        foreign = [name for name in tables if name != "schema_version"]
+        not_ours = (
+            f"{self.path} holds tables ({', '.join(tables[:5])}{', …' if len(tables) > 5 else ''}) but no "
+            "sidequest schema version: it is not a sidequest database, and sidequest leaves it alone; "
+            "point `database` (or SIDEQUEST_HOME) at another file"
         )
-        current = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]  # type: ignore[index]
+        if foreign and "schema_version" not in tables:
+            raise StoreError(not_ours)
+        if "schema_version" in tables:  # many programs keep a table of that name: is it ours?
+            theirs = _columns(con).get("schema_version")
+            if theirs != _expected_columns()["schema_version"]:
+                raise StoreError(not_ours)
+        con.execute(Q["create_schema_version"])
+        try:
+            current = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]  # type: ignore[index]
+        except duckdb.Error as exc:
+            raise StoreError(not_ours) from exc
+        if current == 0 and foreign:
+            raise StoreError(not_ours)
         available = migrations()
         newest = available[-1][0]
         if current > newest:
@@ -463,10 +740,20 @@ class DuckDBStore:
                 con.execute(sql)
                 con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _naive(datetime.now(UTC))])
                 con.execute("COMMIT")
-            except duckdb.Error:
+            except duckdb.Error as exc:
                 con.execute("ROLLBACK")
-                raise
+                raise StoreError(
+                    f"{self.path}: upgrading to schema version {version} failed ({_first_line(exc)}); "
+                    "that version was rolled back: restore the file if it was edited by hand, or report this"
+                ) from exc
             log.info("applied schema version %d to %s", version, self.path)
+        problems = _schema_differences(con)
+        if problems:
+            raise StoreError(
+                f"{self.path} has sidequest schema version {newest} but not its tables "
+                f"({'; '.join(problems[:4])}): it was changed outside sidequest; restore it from a backup "
+                "or point `database` (or SIDEQUEST_HOME) at another file"
+            )
 
     def schema_version(self) -> int:
         row = self._require().execute("SELECT max(version) FROM schema_version").fetchone()

@@ -273,3 +273,18 @@ CHECKPOINT;
 -- free_bytes --
 -- Space inside the database file that is free for new rows.
 SELECT free_blocks * block_size FROM pragma_database_size();
+
+-- create_schema_version --
+-- The table that makes a file a sidequest store: which schema versions were applied, and when.
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL);
+
+-- store_tables --
+-- Tables and views of the open file, in any schema: a file with some but no schema_version is not ours.
+SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database();
+
+-- store_columns --
+-- Columns of the main schema's tables and views, to compare with what the migrations create.
+SELECT table_name, column_name, data_type
+FROM information_schema.columns
+WHERE table_catalog = current_database() AND table_schema = 'main'
+ORDER BY table_name, ordinal_position;

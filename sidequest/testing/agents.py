@@ -6,6 +6,7 @@ Prompts that steer them are plain text so a test can say what should happen.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,8 @@ async def reports_usage(prompt: str, ctx: TaskContext) -> str:
 
     ctx.record_usage(UsageRecord(ctx.task_id, ctx.attempt, "test-model", 120, 30, 0, 10, 0.0012, utcnow()))
     return "used some tokens"
+
+
+async def environment(prompt: str, ctx: TaskContext) -> dict[str, str]:
+    """Returns the variables this agent can read: for a python agent, the daemon's own environment."""
+    return dict(os.environ)
