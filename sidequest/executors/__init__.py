@@ -7,15 +7,14 @@ without loading what the daemon needs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # typing itself is one of the imports the child does without
 if TYPE_CHECKING:
     from sidequest.executors.base import ExecutionResult, Executor, PermanentError, TaskContext
 
 __all__ = ["ExecutionResult", "Executor", "PermanentError", "TaskContext"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in __all__:
         from sidequest.executors import base
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from sidequest.config import ConfigError
+from sidequest.config import ENV_ALLOW_DEFAULT, ConfigError
 from sidequest.executors.base import ExecutionResult, PermanentError, TaskContext
 from sidequest.executors.python_child import LoadError, encode_result, load_callable, not_encodable_message
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 Isolation = Literal["process", "inline"]
 PROCESS_ONLY_KEYS = ("env", "env_allow")
 """Agent keys that shape the child process; an inline agent has none, so setting them is an error."""
+_DEFAULTS = {"env": {}, "env_allow": list(ENV_ALLOW_DEFAULT)}
 
 
 def build_python_executor(agent_name: str, config: AgentConfig) -> Executor:
@@ -47,7 +48,8 @@ def build_python_executor(agent_name: str, config: AgentConfig) -> Executor:
         from sidequest.executors.python_process import ProcessPythonExecutor
 
         return ProcessPythonExecutor(agent_name, config)
-    process_only = [key for key in PROCESS_ONLY_KEYS if key in config.model_fields_set]
+    # Compared with the defaults, not model_fields_set: settings are sometimes rebuilt from a dump.
+    process_only = [key for key in PROCESS_ONLY_KEYS if getattr(config, key) != _DEFAULTS[key]]
     if process_only:
         why = "isolation = 'inline'" if config.isolation else "an async def runs inline unless told otherwise"
         raise ConfigError(

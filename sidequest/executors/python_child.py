@@ -42,10 +42,11 @@ import struct
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
-from datetime import datetime
-from typing import Any
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs every attempt a few ms
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 30
@@ -211,7 +212,7 @@ class ChildContext:
                 "cache_creation_input_tokens": int(usage.cache_creation_input_tokens),
                 "cache_read_input_tokens": int(usage.cache_read_input_tokens),
                 "cost_usd": None if cost is None else float(cost),
-                "recorded_at": recorded_at.isoformat() if isinstance(recorded_at, datetime) else None,
+                "recorded_at": recorded_at.isoformat() if hasattr(recorded_at, "isoformat") else None,
             }
         )
 
@@ -233,6 +234,8 @@ class ChildContext:
 
 def _error_frame(exc: BaseException) -> dict[str, Any]:
     """What the parent needs to raise the same kind of failure: permanent, retryable, exit or plain."""
+    import traceback
+
     base = sys.modules.get("sidequest.executors.base")
     kind = "error"
     retry_after = None
@@ -251,11 +254,18 @@ def _error_frame(exc: BaseException) -> dict[str, Any]:
         "kind": kind,
         "module": cls.__module__,
         "name": cls.__qualname__,
-        "message": str(exc),
+        "message": _describe(exc),
         "retry_after": retry_after,
         "code": code,
         "traceback": "".join(traceback.format_exception(exc)[-20:]),
     }
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # an exception whose __str__ fails still fails the attempt, with a word on why
+        return f"(the {type(exc).__name__} could not be shown as text)"
 
 
 def _run(fn: Callable[..., Any], prompt: str, ctx: ChildContext) -> Any:
