@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.isolation_bench [--n N] [--drain N]
 
+- floor: `python -P -c pass`, the interpreter's own start and exit;
 - attempt: one `executor.run` of a callable that returns at once, called
   directly (no engine, no store), sequentially: the per-attempt overhead of a
   fresh interpreter (spawn, imports, frames, exit, group stop) for a sync and
@@ -65,6 +66,18 @@ def _write_stdlib_agents(folder: Path) -> None:
     )
 
 
+async def bench_interpreter(n: int) -> None:
+    """The floor: starting and ending the same interpreter with nothing to do."""
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        process = await anyio.open_process([sys.executable, "-P", "-c", "pass"])
+        await process.wait()
+        await process.aclose()
+        samples.append(time.perf_counter() - start)
+    print(f"floor    {'python -P -c pass':32} {'':8} {_ms(samples)}")
+
+
 async def bench_attempts(n: int) -> None:
     cases = [
         ("sync, stdlib-only module", "bench_plain_agents:noop_sync"),
@@ -122,6 +135,7 @@ async def main_async(n: int, drain: int) -> None:
         root = Path(tmp)
         _write_stdlib_agents(root)
         sys.path.insert(0, str(root))
+        await bench_interpreter(n)
         await bench_attempts(n)
         await bench_memory()
         await bench_drain(root, drain)

@@ -37,7 +37,7 @@ def make_settings(home: Path, extra_agents: dict[str, AgentConfig] | None, **ove
     agents = all_test_agents()
     for name in ("hard_exit", "kill_self", "spin", "reports_all", "retry_later"):
         agents[name] = AgentConfig(callable=f"sidequest.testing.agents:{name}")  # sync: process by default
-    for name in ("echo", "json_result", "big_result", "fail", "fail_permanently", "sleep"):
+    for name in ("echo", "json_result", "big_result", "fail", "fail_permanently", "sleep", "bad_unicode"):
         agents[f"{name}_isolated"] = isolated(name)
     agents.update(extra_agents or {})
     values: dict[str, Any] = {
@@ -178,6 +178,17 @@ async def test_results_round_trip_as_text_and_json(tmp_path: Path) -> None:
         await wait_status(engine, big.task_id, TaskStatus.completed)
         page = await engine.get_result(big.task_id, max_chars=10)
         assert page.total_chars == 5_000_000 and page.content == "abcdefghij" and page.content_type == "text"
+
+
+async def test_text_that_is_not_utf8_is_repaired_as_it_is_inline(tmp_path: Path) -> None:
+    async with running_engine(tmp_path) as engine:
+        inline = await engine.submit("bad_unicode", "x")
+        isolated_ = await engine.submit("bad_unicode_isolated", "x")
+        results = []
+        for task in (inline, isolated_):
+            await wait_status(engine, task.task_id, TaskStatus.completed)
+            results.append((await engine.get_result(task.task_id)).content)
+        assert results[0] == results[1] and results[0].startswith("before ")
 
 
 async def test_permanent_errors_are_not_retried_across_the_boundary(tmp_path: Path) -> None:
