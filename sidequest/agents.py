@@ -219,10 +219,9 @@ def _plugin_factories() -> dict[str, Callable[..., Executor]]:
 def _build_config_executor(name: str, config: AgentConfig, settings: Settings) -> Executor:
     match config.executor:
         case "python":
-            from sidequest.executors.python import PythonExecutor
+            from sidequest.executors.python import build_python_executor
 
-            assert config.callable is not None
-            return PythonExecutor(config.callable)
+            return build_python_executor(name, config)
         case "command":
             from sidequest.executors.command import CommandExecutor
 

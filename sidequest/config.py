@@ -51,7 +51,12 @@ class AgentConfig(_Strict):
     timeout: Duration | None = Field(default=None, description="default per-attempt timeout for this agent")
     # python
     callable: str | None = Field(default=None, description="'package.module:function', sync or async")
-    # command
+    isolation: Literal["process", "inline"] | None = Field(
+        default=None,
+        description="'process': a child process per attempt; 'inline': in the daemon. "
+        "Unset: inline for an async def, else process",
+    )
+    # command (env_allow and env also shape a python agent's process)
     argv: list[str] | None = Field(
         default=None, min_length=1, description="no shell; {prompt} is one argument"
     )
@@ -82,7 +87,10 @@ class AgentConfig(_Strict):
                 raise ValueError("executor 'python' needs callable = 'package.module:function'")
             if self.argv is not None:
                 raise ValueError("argv is for executor 'command', not 'python'")
-        elif self.executor == "command":
+            return self
+        if self.isolation is not None:
+            raise ValueError(f"isolation is for executor 'python', not {self.executor!r}")
+        if self.executor == "command":
             if not self.argv:
                 raise ValueError("executor 'command' needs argv = ['program', 'arg', '{prompt}']")
             if "{prompt}" in self.argv[0]:

@@ -51,10 +51,12 @@ AGENTS = {
 
 
 def write_config(home: Path) -> Path:
-    """The data dir's own sidequest.toml, as a user would write it."""
+    """The data dir's own sidequest.toml, as a user would write it. `isolation = "inline"`: these
+    agents run in the daemon's own process, so a crash takes the daemon down (the case under test)."""
     config = home / "sidequest.toml"
     agents = "".join(
-        f'[agents.{name}]\nexecutor = "python"\ncallable = "{target}"\n\n' for name, target in AGENTS.items()
+        f'[agents.{name}]\nexecutor = "python"\ncallable = "{target}"\nisolation = "inline"\n\n'
+        for name, target in AGENTS.items()
     )
     config.write_text("max_concurrency = 4\nshutdown_grace = 1\n\n" + agents, encoding="utf-8")
     return config

@@ -47,12 +47,9 @@ lines stay in the stderr tail like any other line.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import errno
 import math
-import os
 import re
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -62,7 +59,7 @@ from anyio.abc import ByteReceiveStream, Process
 
 from sidequest.config import AgentConfig, Settings
 from sidequest.executors.base import ExecutionResult, PermanentError, TaskContext
-from sidequest.executors.sandbox import child_env, resolve_workdir
+from sidequest.executors.sandbox import child_env, describe_exit, resolve_workdir, stop_process_group
 
 PROMPT_FIELD = "{prompt}"
 STDERR_KEEP = 64 * 1024
@@ -187,81 +184,6 @@ class _StderrWatch:
         return tail[-ERROR_TAIL_CHARS:].strip()
 
 
-def _signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-
-
-def _group_alive(pgid: int) -> bool:
-    """True while a process that is not a zombie is left in the group.
-
-    Zombies count as gone: an orphaned grandchild is reparented to PID 1, and in
-    containers PID 1 often never reaps, so a dead grandchild can stay a zombie
-    (which signal 0 still finds) for as long as the container runs.
-    """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return _has_live_member(pgid)
-
-
-def _has_live_member(pgid: int) -> bool:
-    """Scan /proc (Linux) for a member of the group that is not a zombie; elsewhere assume one."""
-    if not os.path.exists("/proc/self/stat"):
-        return True
-    wanted = str(pgid).encode()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as stat:
-                fields = stat.read().rpartition(b")")[2].split()
-        except OSError:
-            continue
-        # After "(comm)": state, ppid, pgrp.
-        if len(fields) >= 3 and fields[2] == wanted and fields[0] != b"Z":
-            return True
-    return False
-
-
-async def _stop_group(process: Process) -> None:
-    """SIGTERM the program's whole process group, SIGKILL it after KILL_GRACE, and reap the program.
-
-    The group id is the program's pid (it was started in a new session). While
-    the program is unreaped, or any member lives, that id cannot be reused, so
-    the signals reach only processes this attempt started. Callers shield this
-    from cancellation: it must finish even when the attempt is being cancelled.
-    """
-    pgid = process.pid
-    if process.returncode is not None and not _group_alive(pgid):
-        return
-    _signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + KILL_GRACE
-    while (remaining := deadline - time.monotonic()) > 0:
-        if process.returncode is None:
-            with anyio.move_on_after(min(0.05, remaining)):
-                await process.wait()
-        elif not _group_alive(pgid):
-            return
-        else:
-            await anyio.sleep(min(0.05, remaining))
-    _signal_group(pgid, signal.SIGKILL)
-    await process.wait()
-
-
-def _describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"command was killed by signal {name} ({-returncode})"
-    return f"command exited with status {returncode}"
-
-
 class CommandExecutor:
     """Runs `config.argv` for each attempt; see the module docstring for the safety rules."""
 
@@ -294,7 +216,7 @@ class CommandExecutor:
                 returncode = await process.wait()
                 # The program is done; anything it left running in its group is not wanted.
                 with anyio.CancelScope(shield=True):
-                    await _stop_group(process)
+                    await stop_process_group(process, KILL_GRACE)
                 stopped = True
                 with anyio.move_on_after(PIPE_GRACE):
                     await out_done.wait()
@@ -303,13 +225,13 @@ class CommandExecutor:
         finally:
             with anyio.CancelScope(shield=True):
                 if not stopped:
-                    await _stop_group(process)
+                    await stop_process_group(process, KILL_GRACE)
                 await process.aclose()
         stderr.finish()
         if returncode != 0:
             tail = stderr.text()
             detail = f"; stderr ends:\n{tail}" if tail else " (no stderr output)"
-            raise Exception(f"{_describe_exit(returncode)}{detail}")
+            raise Exception(f"{describe_exit(returncode, 'command')}{detail}")
         return ExecutionResult(stdout.text())
 
     # ---- the parts a model's input touches ----------------------------------

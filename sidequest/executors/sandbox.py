@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from sidequest.executors.base import PermanentError
 
 if TYPE_CHECKING:
     import psutil
+    from anyio.abc import Process
 
 log = logging.getLogger(__name__)
 
@@ -183,4 +185,87 @@ async def end_process_tree(pid: int, grace: float = STOP_GRACE) -> list[int]:
     return [p.pid for p in survivors]
 
 
-__all__ = ["STOP_GRACE", "child_env", "end_process_tree", "resolve_workdir"]
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a process that is not a zombie is left in the group.
+
+    Zombies count as gone: an orphaned grandchild is reparented to PID 1, and in
+    containers PID 1 often never reaps, so a dead grandchild can stay a zombie
+    (which signal 0 still finds) for as long as the container runs.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return _has_live_member(pgid)
+
+
+def _has_live_member(pgid: int) -> bool:
+    """Scan /proc (Linux) for a member of the group that is not a zombie; elsewhere assume one."""
+    if not os.path.exists("/proc/self/stat"):
+        return True
+    wanted = str(pgid).encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        # After "(comm)": state, ppid, pgrp.
+        if len(fields) >= 3 and fields[2] == wanted and fields[0] != b"Z":
+            return True
+    return False
+
+
+async def stop_process_group(process: Process, grace: float = STOP_GRACE) -> None:
+    """SIGTERM the program's whole process group, SIGKILL it after `grace`, and reap the program.
+
+    The group id is the program's pid (it was started in a new session). While
+    the program is unreaped, or any member lives, that id cannot be reused, so
+    the signals reach only processes this attempt started. Callers shield this
+    from cancellation: it must finish even when the attempt is being cancelled.
+    """
+    pgid = process.pid
+    if process.returncode is not None and not _group_alive(pgid):
+        return
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while (remaining := deadline - time.monotonic()) > 0:
+        if process.returncode is None:
+            with anyio.move_on_after(min(0.05, remaining)):
+                await process.wait()
+        elif not _group_alive(pgid):
+            return
+        else:
+            await anyio.sleep(min(0.05, remaining))
+    _signal_group(pgid, signal.SIGKILL)
+    await process.wait()
+
+
+def describe_exit(returncode: int, who: str) -> str:
+    """`who exited with status N` or `who was killed by signal SIGKILL (9)`, from a returncode."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"{who} was killed by signal {name} ({-returncode})"
+    return f"{who} exited with status {returncode}"
+
+
+__all__ = [
+    "STOP_GRACE",
+    "child_env",
+    "describe_exit",
+    "end_process_tree",
+    "resolve_workdir",
+    "stop_process_group",
+]

@@ -7,13 +7,16 @@ Prompts that steer them are plain text so a test can say what should happen.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from sidequest.executors.base import PermanentError, TaskContext
+from sidequest.executors.base import PermanentError, RetryableError, TaskContext
 
 
 async def echo(prompt: str, ctx: TaskContext) -> str:
@@ -120,3 +123,67 @@ async def reports_usage(prompt: str, ctx: TaskContext) -> str:
 async def environment(prompt: str, ctx: TaskContext) -> dict[str, str]:
     """Returns the variables this agent can read: for a python agent, the daemon's own environment."""
     return dict(os.environ)
+
+
+# ---- for isolated python agents (isolation = "process"); most would take a daemon down inline ----
+
+
+def hard_exit(prompt: str, ctx: TaskContext) -> str:
+    """`os._exit(STATUS)` after DELAY seconds (prompt: 'STATUS [DELAY]'), skipping every cleanup."""
+    status, *rest = prompt.split()
+    print(f"about to exit with status {status}", flush=True)
+    time.sleep(float(rest[0]) if rest else 0.0)
+    os._exit(int(status))
+
+
+def kill_self(prompt: str, ctx: TaskContext) -> str:
+    """Sends its own process the signal numbered in the prompt, as a crash in C code would."""
+    os.kill(os.getpid(), int(prompt))
+    time.sleep(10)
+    return "the signal did not arrive"
+
+
+def spin(prompt: str, ctx: TaskContext) -> str:
+    """Busy-loops forever without looking at ctx.is_cancelled.
+
+    Prompt: 'PIDFILE [stubborn]'. Starts a `sleep` child, writes 'OWN_PID CHILD_PID'
+    to PIDFILE, then spins. 'stubborn' ignores SIGTERM as well, so only SIGKILL stops it.
+    """
+    path, *flags = prompt.split()
+    if "stubborn" in flags:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    Path(path).write_text(f"{os.getpid()} {child.pid}", encoding="utf-8")
+    while True:
+        pass
+
+
+def reports_all(prompt: str, ctx: TaskContext) -> dict[str, Any]:
+    """Reports progress, usage and a session id, prints to stdout, sleeps (prompt: seconds), and
+    returns what it saw: its pid, working directory, environment names and context fields."""
+    from sidequest.models import utcnow
+    from sidequest.storage.base import UsageRecord
+
+    print("noise on stdout that must not reach the result", flush=True)
+    os.write(1, b"\x00\x00\x00\x05{oops")  # even raw bytes on fd 1 look nothing like a frame to the parent
+    ctx.report_progress(40, "working")
+    ctx.record_usage(UsageRecord("t_someone_else", 99, "test-model", 120, 30, 0, 10, 0.0012, utcnow()))
+    ctx.save_state(session_id="session-1")
+    time.sleep(float(prompt or 0))
+    return {
+        "pid": os.getpid(),
+        "cwd": os.getcwd(),
+        "env": sorted(os.environ),
+        "task_id": ctx.task_id,
+        "attempt": ctx.attempt,
+        "scope": ctx.scope,
+        "metadata": ctx.metadata,
+        "session_id": ctx.session_id,
+    }
+
+
+def retry_later(prompt: str, ctx: TaskContext) -> str:
+    """Raises RetryableError(retry_after=SECONDS) on the first attempt (prompt: seconds), then succeeds."""
+    if ctx.attempt == 1:
+        raise RetryableError("busy, come back later", retry_after=float(prompt))
+    return f"succeeded on attempt {ctx.attempt}"
