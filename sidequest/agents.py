@@ -331,7 +331,10 @@ class AgentRegistry:
         )
 
     def _resolve_path(self, raw: str, scope: str | None) -> Agent:
-        path = Path(raw).expanduser()
+        try:
+            path = Path(raw).expanduser()
+        except RuntimeError as exc:  # `~nosuchuser/x.md`: no such home folder
+            raise AgentLookupError(f"agent file {raw!r}: {exc}") from exc
         if not path.is_absolute():
             if not (scope and os.path.isabs(scope)):
                 raise AgentLookupError(f"relative agent path {raw!r} needs a scope that is a directory")

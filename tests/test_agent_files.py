@@ -222,3 +222,11 @@ def test_config_rejects_keys_of_another_executor(tmp_path: Path) -> None:
         AgentConfig(callable="a:b", argv=["x"])
     with pytest.raises(ValueError, match="defined in agent files"):
         AgentConfig(executor="anthropic")
+
+
+async def test_an_agent_path_naming_an_unknown_users_home_is_a_clear_error(tmp_path: Path) -> None:
+    from sidequest.agents import AgentLookupError, AgentRegistry
+
+    registry = AgentRegistry.from_settings(Settings(home=tmp_path / "home"))
+    with pytest.raises(AgentLookupError, match="nosuchuser"):
+        registry.resolve("~nosuchuser_sidequest/agent.md", str(tmp_path))

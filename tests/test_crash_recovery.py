@@ -15,8 +15,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +73,24 @@ def daemon_pids(home: Path) -> list[int]:
     return found
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
+@contextmanager
+def data_dir(tmp_path: Path, configure: Callable[[Path], object]) -> Iterator[Path]:
+    """A configured data dir; every daemon started on it is killed at the end."""
     home = tmp_path / "home"
     home.mkdir()
-    write_config(home)
+    configure(home)
     try:
         yield home
     finally:
         for pid in daemon_pids(home):
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    with data_dir(tmp_path, write_config) as home:
+        yield home
 
 
 @asynccontextmanager

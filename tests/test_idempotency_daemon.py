@@ -23,7 +23,7 @@ import anyio.abc
 import httpx2
 import pytest
 from conftest import wait_for
-from test_crash_recovery import client_of, daemon_pids, wait_daemon_dead
+from test_crash_recovery import client_of, data_dir, wait_daemon_dead
 
 from sidequest.config import load_settings
 from sidequest.models import TaskInfo, TaskOptions
@@ -48,15 +48,8 @@ def write_config(home: Path, extra: str = "") -> None:
 
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Path]:
-    home = tmp_path / "home"
-    home.mkdir()
-    write_config(home)
-    try:
+    with data_dir(tmp_path, write_config) as home:
         yield home
-    finally:
-        for pid in daemon_pids(home):
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 async def wait_done(client: DaemonClient, task_id: str, timeout: float = 20) -> TaskInfo:

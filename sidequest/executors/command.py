@@ -59,7 +59,13 @@ from anyio.abc import ByteReceiveStream, Process
 
 from sidequest.config import AgentConfig, Settings
 from sidequest.executors.base import ExecutionResult, PermanentError, TaskContext
-from sidequest.executors.sandbox import child_env, describe_exit, resolve_workdir, stop_process_group
+from sidequest.executors.sandbox import (
+    child_env,
+    describe_exit,
+    read_to_end,
+    resolve_workdir,
+    stop_process_group,
+)
 
 PROMPT_FIELD = "{prompt}"
 STDERR_KEEP = 64 * 1024
@@ -211,7 +217,7 @@ class CommandExecutor:
                     tg.start_soon(_feed_stdin, process, prompt.encode("utf-8"))
                 out_done, err_done = anyio.Event(), anyio.Event()
                 assert process.stdout is not None and process.stderr is not None
-                tg.start_soon(_read_stdout, process.stdout, stdout, out_done)
+                tg.start_soon(read_to_end, process.stdout, stdout.feed, out_done, READ_CHUNK)
                 tg.start_soon(_read_stderr, process.stderr, stderr, err_done)
                 returncode = await process.wait()
                 # The program is done; anything it left running in its group is not wanted.
@@ -324,17 +330,6 @@ async def _feed_stdin(process: Process, data: bytes) -> None:
         await process.stdin.aclose()
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, BrokenPipeError, ConnectionResetError):
         pass
-
-
-async def _read_stdout(stream: ByteReceiveStream, capture: _StdoutCapture, done: anyio.Event) -> None:
-    """Keep reading to the end even past the limit: a program blocked on a full pipe never exits."""
-    try:
-        while True:
-            capture.feed(await stream.receive(READ_CHUNK))
-    except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-        pass
-    finally:
-        done.set()
 
 
 async def _read_stderr(stream: ByteReceiveStream, watch: _StderrWatch, done: anyio.Event) -> None:

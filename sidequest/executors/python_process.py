@@ -64,6 +64,7 @@ from sidequest.executors.sandbox import (
     child_env,
     describe_exit,
     is_inside,
+    read_to_end,
     stop_process_group,
 )
 from sidequest.storage.base import UsageRecord
@@ -121,7 +122,7 @@ class ProcessPythonExecutor:
             async with anyio.create_task_group() as tg:
                 assert process.stdout is not None and process.stderr is not None
                 output_done = anyio.Event()
-                tg.start_soon(_keep_tail, process.stderr, tail, output_done)
+                tg.start_soon(read_to_end, process.stderr, tail.feed, output_done, READ_CHUNK)
                 tg.start_soon(_send_start, process, encode_frame(start))
                 answer = await _serve(process.stdout, ctx)
                 if answer is None:  # no answer: the child died; its last words are on stderr
@@ -316,14 +317,3 @@ class _Tail:
     def describe(self) -> str:
         text = bytes(self.data[-OUTPUT_KEEP:]).decode("utf-8", errors="replace").strip()
         return f"; its output ends:\n{text[-ERROR_TAIL_CHARS:]}" if text else " (it wrote no output)"
-
-
-async def _keep_tail(stream: ByteReceiveStream, tail: _Tail, done: anyio.Event) -> None:
-    """Read to the end, keeping only the tail: a child blocked on a full pipe would never finish."""
-    try:
-        while True:
-            tail.feed(await stream.receive(READ_CHUNK))
-    except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-        pass
-    finally:
-        done.set()

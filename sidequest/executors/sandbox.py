@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +24,7 @@ from sidequest.executors.base import PermanentError
 
 if TYPE_CHECKING:
     import psutil
-    from anyio.abc import Process
+    from anyio.abc import ByteReceiveStream, Process
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +269,17 @@ __all__ = [
     "resolve_workdir",
     "stop_process_group",
 ]
+
+
+async def read_to_end(
+    stream: ByteReceiveStream, feed: Callable[[bytes], None], done: anyio.Event, chunk: int = 65536
+) -> None:
+    """Hand every chunk to `feed` until the stream ends, however much the caller keeps: a child
+    blocked on a full pipe would never exit. `done` is set when the stream is finished."""
+    try:
+        while True:
+            feed(await stream.receive(chunk))
+    except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+        pass
+    finally:
+        done.set()
