@@ -60,6 +60,7 @@ class Dispatcher:
         self.accepting = True
         self._tg: TaskGroup | None = None
         self._suspect_running = False
+        self._suspects: deque[tuple[int, int, str]] = deque()
         """Quarantine: a task present at a process death (lost_attempts > 0) runs with nothing
         beside it, so if it kills the process again the death is counted against it alone, and
         healthy tasks are never failed for sitting next to a poisonous one."""
@@ -75,7 +76,8 @@ class Dispatcher:
         self._wake.set()
 
     def queued_count(self) -> int:
-        return len(self._ready) + len(self._delayed) + sum(len(q) for q in self._blocked.values())
+        blocked = sum(len(q) for q in self._blocked.values())
+        return len(self._ready) + len(self._delayed) + len(self._suspects) + blocked
 
     # ---- the loop --------------------------------------------------------
 
@@ -106,27 +108,41 @@ class Dispatcher:
         return max(0.0, (self._delayed[0][0] - utcnow()).total_seconds())
 
     def _fill_slots(self, tg: TaskGroup) -> None:
-        while self.accepting and self._ready and len(self.running) < self.max_concurrency:
+        while self.accepting and len(self.running) < self.max_concurrency:
             if self._suspect_running:
                 return  # a task that was running when the process died runs alone
-            entry = self._ready[0]
+            if self._suspects:
+                # Suspects go first, whatever arrives meanwhile (else a stream of high-priority
+                # work would starve them); nothing new starts until the pool is empty.
+                if self.running:
+                    return
+                entry = self._suspects.popleft()
+                task = self._is_ready(entry[2])
+                if task is not None:
+                    self._start(tg, task)
+                continue
+            if not self._ready:
+                return
+            entry = heapq.heappop(self._ready)
             task = self._is_ready(entry[2])
             if task is None:
-                heapq.heappop(self._ready)
                 continue  # cancelled while queued
-            if task.lost_attempts and self.running:
-                return  # it waits at the head until the running ones are done (see _quarantine)
-            heapq.heappop(self._ready)
+            if task.lost_attempts:
+                self._suspects.append(entry)
+                continue
             limit = self._agent_limit(task.agent)
             if limit is not None and self._per_agent[task.agent] >= limit:
                 self._blocked[task.agent].append(entry)
                 continue
-            attempt = self._start_attempt(task)
-            self._suspect_running = bool(task.lost_attempts)
-            self.running[task.id] = attempt
-            self._per_agent[task.agent] += 1
-            self._idle = anyio.Event()
-            tg.start_soon(self._guarded, attempt)
+            self._start(tg, task)
+
+    def _start(self, tg: TaskGroup, task: TaskRecord) -> None:
+        attempt = self._start_attempt(task)
+        self._suspect_running = bool(task.lost_attempts)
+        self.running[task.id] = attempt
+        self._per_agent[task.agent] += 1
+        self._idle = anyio.Event()
+        tg.start_soon(self._guarded, attempt)
 
     async def _guarded(self, attempt: RunningAttempt) -> None:
         try:

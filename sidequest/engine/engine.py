@@ -76,6 +76,7 @@ from sidequest.storage.base import (
     StoreError,
     StoreUnavailable,
     TaskRecord,
+    UsageRecord,
     WorkflowQuery,
     WorkflowRecord,
 )
@@ -117,6 +118,7 @@ def _require_utf8(field: str, value: str | None) -> None:
         raise InvalidRequest(f"{field} is not valid UTF-8 text (position {exc.start})") from exc
 
 
+_INT64_MAX = 2**63 - 1
 HELD_PAYLOAD_BUDGET = 64 << 20
 """Bytes of queued prompts and options kept in memory; the rest wait on disk (read per attempt)."""
 
@@ -243,7 +245,10 @@ class Engine:
             if task.prompt is not None:
                 self._hold(task, _payload_size(task.prompt, task.options or {}))
             if task.agent not in self._limits:
-                found = self.agents.get(task.agent, task.project)
+                try:
+                    found = self.agents.get(task.agent, task.project)
+                except OSError:  # an unreadable agent folder: the attempt will say so, not the start
+                    found = None
                 self._limits[task.agent] = found.max_concurrency if found else None
         exclusive = getattr(self.store, "exclusive", True)
         now = utcnow()
@@ -384,7 +389,11 @@ class Engine:
         admission) when the caller named a project, and `allowed_roots`."""
         roots = [os.path.realpath(root) for root in self.settings.allowed_roots]
         if project is not None and os.path.isabs(scope) and os.path.isdir(scope):
-            roots.insert(0, os.path.realpath(scope))
+            # Checked again now, not only at admission: a symlink in the scope may since point
+            # elsewhere (`ln -s / project/later`), and a schedule fires for months.
+            real = os.path.realpath(scope)
+            if any(is_inside(real, root) for root in [os.path.realpath(project), *roots]):
+                roots.insert(0, real)
         return roots
 
     def list_agents(
@@ -499,9 +508,9 @@ class Engine:
         scope, project = self.admit_scope(options.scope, project)
 
         if options.idempotency_key:
-            existing = self._known_key(scope, options.idempotency_key)
-            if existing is not None:
-                return await self._existing_submission(existing)
+            earlier = await self._existing_submission(scope, options.idempotency_key)
+            if earlier is not None:
+                return earlier
         self._check_queue()
 
         now = utcnow()
@@ -517,9 +526,9 @@ class Engine:
                     f"unknown workflow_id {options.workflow_id!r}; omit it to start a new workflow "
                     "or pass workflow_name to name one"
                 )
-            if options.scope and options.scope != workflow.scope:
+            if options.scope and scope != workflow.scope:
                 raise InvalidRequest(
-                    f"workflow {workflow.id} belongs to scope {workflow.scope!r}, not {options.scope!r}"
+                    f"workflow {workflow.id} belongs to scope {workflow.scope!r}, not {scope!r}"
                 )
             scope = workflow.scope
             if workflow.id not in self._workflows:
@@ -542,9 +551,9 @@ class Engine:
         warnings = await self._preflight(resolved, options, scope, project)
 
         if options.idempotency_key:  # re-check: the workflow lookup may have awaited
-            existing = self._known_key(scope, options.idempotency_key)
-            if existing is not None:
-                return await self._existing_submission(existing)
+            earlier = await self._existing_submission(scope, options.idempotency_key)
+            if earlier is not None:
+                return earlier
         self._check_queue()
 
         not_before = options.not_before
@@ -561,7 +570,8 @@ class Engine:
         if key:
             self._idempotency[key] = (task.id, None)
         try:
-            await self.store.insert([new_workflow] if new_workflow else [], [task])
+            with anyio.CancelScope(shield=True):  # committed means queued here too, even if we are cancelled
+                await self.store.insert([new_workflow] if new_workflow else [], [task])
         except BaseException:
             if key:
                 if earlier is not None:
@@ -624,23 +634,28 @@ class Engine:
         return task_id
 
     def _check_queue(self) -> None:
-        if len(self._live) >= self.settings.max_queued_tasks:
+        unfinished = len(self._live) + len(self._inserting)  # submits in flight count too
+        if unfinished >= self.settings.max_queued_tasks:
             raise QueueFull(
-                f"queue full: {len(self._live)} tasks are unfinished, the limit is "
+                f"queue full: {unfinished} tasks are unfinished, the limit is "
                 f"{self.settings.max_queued_tasks} (max_queued_tasks in the config); wait for some to "
                 "finish or cancel some, then submit again"
             )
 
-    async def _existing_submission(self, task_id: str) -> TaskSubmitted:
+    async def _existing_submission(self, scope: str, key: str) -> TaskSubmitted | None:
+        """The earlier task this key made, or None when the key is free (never used, past its
+        window, or its task is gone: deleted by retention, or its insert failed)."""
+        task_id = self._known_key(scope, key)
+        if task_id is None:
+            return None
         pending = self._inserting.get(task_id)
         if pending is not None:
             await pending.wait()
         task = await self._record(task_id)
         if task is None:
-            raise NotFound(
-                f"task {task_id} for this idempotency key is gone (not recorded, or deleted by retention); "
-                "submit again with a new key"
-            )
+            if self._idempotency.get((scope, key), (None,))[0] == task_id:
+                del self._idempotency[(scope, key)]
+            return None
         return TaskSubmitted(
             task_id=task.id,
             workflow_id=task.workflow_id,
@@ -689,7 +704,7 @@ class Engine:
             scope=task.scope,
             metadata=dict((task.options or {}).get("metadata", {})),
             _on_progress=lambda p, m: self._call_in_loop(self._progress, task, p, m),
-            _on_usage=lambda u: self._call_in_loop(self.store.add_usage, u),
+            _on_usage=lambda u: self._call_in_loop(self._record_usage, task, u),
             options=task.options or {},
             session_id=task.session_id,
             batch_id=task.batch_id,
@@ -704,6 +719,41 @@ class Engine:
             fn(*args)
         else:
             anyio.from_thread.run_sync(fn, *args)
+
+    def _record_usage(self, task: TaskRecord, usage: UsageRecord) -> None:
+        """Usage comes from agent code (an isolated child may send anything): a value the store
+        cannot hold must cost that one record, never the group commit it rides, which would stop
+        the daemon (fail-stop). Filed under this task's current attempt, whatever ids it names."""
+
+        def count(value: object) -> int:
+            try:
+                number = int(value)  # type: ignore[call-overload]
+            except (TypeError, ValueError, OverflowError):
+                return 0
+            return min(max(number, 0), _INT64_MAX)
+
+        cost = usage.cost_usd
+        if cost is not None:
+            try:
+                cost = float(cost)
+            except (TypeError, ValueError, OverflowError):
+                cost = None
+            if cost is not None and not math.isfinite(cost):
+                cost = None
+        model = _clean(str(usage.model))[:200] if usage.model else None
+        self.store.add_usage(
+            UsageRecord(
+                task.id,
+                task.attempts,
+                model,
+                count(usage.input_tokens),
+                count(usage.output_tokens),
+                count(usage.cache_creation_input_tokens),
+                count(usage.cache_read_input_tokens),
+                cost,
+                utcnow(),
+            )
+        )
 
     def _save_state(self, task: TaskRecord, session_id: str | None, batch_id: str | None) -> None:
         if session_id is not None:
@@ -729,6 +779,9 @@ class Engine:
         detail: str | ExecutionResult
         retry_after: float | None = None
         options = task.options
+        if self.failure is not None:  # the store failed while this attempt was being started
+            self._finish_attempt(task, "store_failed", "store_failed")
+            return
         with attempt.scope:
             try:
                 prompt = task.prompt
@@ -1139,9 +1192,11 @@ class Engine:
     async def get_schedule(self, schedule_id: str) -> ScheduleInfo:
         return await self.scheduler.get(schedule_id)
 
-    async def update_schedule(self, schedule_id: str, change: ScheduleUpdate) -> ScheduleInfo:
+    async def update_schedule(
+        self, schedule_id: str, change: ScheduleUpdate, *, project: str | None = None
+    ) -> ScheduleInfo:
         self._require_running()
-        return await self.scheduler.update(schedule_id, change)
+        return await self.scheduler.update(schedule_id, change, project)
 
     async def delete_schedule(self, schedule_id: str) -> ScheduleDeleted:
         self._require_running()

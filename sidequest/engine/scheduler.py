@@ -25,7 +25,7 @@ from croniter import croniter
 from croniter.croniter import CroniterError
 
 from sidequest.config import ScheduleConfig
-from sidequest.engine.errors import InvalidRequest, NotFound
+from sidequest.engine.errors import EngineError, InvalidRequest, NotFound
 from sidequest.models import (
     NotificationKind,
     ScheduleCreated,
@@ -293,7 +293,7 @@ class Scheduler:
         )
         try:
             task_id = await self.engine.fire_scheduled(s, due, after, expected=s.updated_at)
-        except InvalidRequest as exc:  # the agent was deleted, its file broke, …: say so, move on
+        except EngineError as exc:  # the agent was deleted, its file broke, the queue is full: move on
             log.warning("schedule %s could not start its %s run: %s", s.id, due.isoformat(), exc)
             failed = replace(after, runs=s.runs, last_run_at=s.last_run_at, last_error=str(exc))
             message = f"schedule {s.name!r} ({s.id}) could not start its {due.isoformat()} run: {exc}"
@@ -454,9 +454,21 @@ class Scheduler:
             next_offset=end if end < total else None,
         )
 
-    async def update(self, schedule_id: str, change: ScheduleUpdate) -> ScheduleInfo:
+    async def update(
+        self, schedule_id: str, change: ScheduleUpdate, project: str | None = None
+    ) -> ScheduleInfo:
+        """Anyone holding the id may pause, resume or retime a schedule (ids are capabilities), but
+        what it runs (prompt, options) runs with its creator's trust, so only a caller from that
+        same project may change it."""
         for _ in range(5):  # the scheduler may write the row between our read and our write
             before = await self._get(schedule_id)
+            given = change.model_fields_set & {"prompt", "options"}
+            if given and before.project is not None and before.project != project:
+                raise InvalidRequest(
+                    f"schedule {schedule_id} belongs to project {before.project!r}; only a session in that "
+                    f"project may change its {' and '.join(sorted(given))} (pause, resume and timing are "
+                    "open to anyone holding its id)"
+                )
             try:
                 after = self._changed(before, change)
                 self._next_runs(self._stored_cron(after), after, self.clock.now())  # fails before the write

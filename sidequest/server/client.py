@@ -351,7 +351,9 @@ class DaemonClient:
     async def get_schedule(self, schedule_id: str) -> ScheduleInfo:
         return await self._call("GET", f"/schedules/{_segment(schedule_id)}", ScheduleInfo)
 
-    async def update_schedule(self, schedule_id: str, change: ScheduleUpdate) -> ScheduleInfo:
+    async def update_schedule(
+        self, schedule_id: str, change: ScheduleUpdate, *, project: str | None = None
+    ) -> ScheduleInfo:
         return await self._call(
             "PATCH", f"/schedules/{_segment(schedule_id)}", ScheduleInfo, body=change, exclude_unset=True
         )

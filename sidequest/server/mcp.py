@@ -274,7 +274,9 @@ class Backend(Protocol):
     async def list_schedules(
         self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0
     ) -> SchedulePage: ...
-    async def update_schedule(self, schedule_id: str, change: ScheduleUpdate) -> ScheduleInfo: ...
+    async def update_schedule(
+        self, schedule_id: str, change: ScheduleUpdate, *, project: str | None = None
+    ) -> ScheduleInfo: ...
     async def delete_schedule(self, schedule_id: str) -> ScheduleDeleted: ...
     async def schedule_runs(self, schedule_id: str, limit: int = 20, offset: int = 0) -> ScheduleRuns: ...
 
@@ -666,7 +668,9 @@ def _register_schedule_tools(
         }
         with _tool_errors("update_schedule"):
             change = ScheduleUpdate.model_validate({k: v for k, v in given.items() if v is not None})
-        return await _run_tool("update_schedule", engine.update_schedule(schedule_id, change))
+        return await _run_tool(
+            "update_schedule", engine.update_schedule(schedule_id, change, project=project)
+        )
 
     @server.tool(
         name="delete_schedule",

@@ -635,8 +635,10 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
         "start_at, end_at and max_runs may be null to remove the limit. Giving a finished schedule more "
         "room (end_at, max_runs) or resuming it makes it run again.",
     )
-    async def update_schedule(schedule_id: ScheduleId, body: ScheduleUpdate) -> ScheduleInfo:
-        return await engine.update_schedule(schedule_id, body)
+    async def update_schedule(
+        schedule_id: ScheduleId, body: ScheduleUpdate, project: CallerProject
+    ) -> ScheduleInfo:
+        return await engine.update_schedule(schedule_id, body, project=project)
 
     @app.delete(
         "/schedules/{schedule_id}",

@@ -632,7 +632,8 @@ class DuckDBStore:
         self._failure: StoreUnavailable | None = None
         self._failure_handler: Callable[[StoreUnavailable], None] | None = None
         self._journal = AttemptJournal(self.path.with_name(self.path.name + ".attempts"))
-        self._opened = False
+        self._stopped_clean = False
+        """The writer ended with everything committed: only then may close() empty the journal."""
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -666,7 +667,6 @@ class DuckDBStore:
         self._apply_journal(state)
         if self._journal_on:
             self._journal.open()
-        self._opened = True
         return state
 
     def _apply_journal(self, state: LoadedState) -> None:
@@ -682,9 +682,9 @@ class DuckDBStore:
                 task.status, task.worker_id, task.lease_expires_at = "running", None, None
 
     def close(self) -> None:
-        if self._opened and self._failure is None and self._pending.empty() and self._con is not None:
-            self._journal.clear()  # a clean stop: every start in it is committed
-        self._opened = False
+        if self._stopped_clean and self._failure is None and self._pending.empty() and self._con is not None:
+            self._journal.clear()  # a clean stop: every start in it and every recovery is committed
+        self._stopped_clean = False
         self._journal.close()
         self._appenders.clear()
         with self._cursors_lock:
@@ -795,6 +795,7 @@ class DuckDBStore:
         small statement, not for the completion writes of the task before it.
         """
         self._writer_running = True
+        self._stopped_clean = False
         self._on_commit = on_commit
         try:
             while True:
@@ -826,14 +827,21 @@ class DuckDBStore:
             self._writer_running = False
             batch, self._pending = self._pending, _Pending()
             if self._failure is None:
-                # Anything still pending is written synchronously so a clean stop loses nothing.
+                # Anything still pending is written now so a clean stop loses nothing: under the
+                # writer's limiter (a direct write may still be running on this connection) and
+                # shielded (we are most likely here because we were cancelled).
                 batch.workflows_new.extend(self._deferred_workflows)
                 self._deferred_workflows = []
-                if not batch.empty() and self._con is not None:
-                    try:
-                        self._commit(batch)
-                    except Exception as exc:
-                        batch.error = self._fail(exc, f"the final commit at shutdown ({batch.describe()})")
+                with anyio.CancelScope(shield=True):
+                    if not batch.empty() and self._con is not None:
+                        try:
+                            await anyio.to_thread.run_sync(self._commit, batch, limiter=self._writer_limiter)
+                        except Exception as exc:
+                            batch.error = self._fail(
+                                exc, f"the final commit at shutdown ({batch.describe()})"
+                            )
+                if self._failure is None:
+                    self._stopped_clean = True
             for waiter in batch.waiters:
                 waiter.done(self._failure)
 
@@ -860,7 +868,10 @@ class DuckDBStore:
         self._inflight, self._inflight_done = batch, done
         committed: Committed | None = None
         try:
-            committed = await anyio.to_thread.run_sync(self._commit, batch, limiter=self._writer_limiter)
+            # Shielded, limiter included: a batch taken from pending is committed or failed, never
+            # dropped by a cancellation that would then wake its waiters as if it were durable.
+            with anyio.CancelScope(shield=True):
+                committed = await anyio.to_thread.run_sync(self._commit, batch, limiter=self._writer_limiter)
         except Exception as exc:
             batch.error = self._fail(exc, f"a group commit of {batch.describe()}")
         finally:
@@ -983,7 +994,10 @@ class DuckDBStore:
     def attempt_started(self, task: TaskRecord) -> None:
         self.update_task(task)
         if self._failure is None:
-            self._journal.append(task.id, task.attempts, task.started_at or datetime.now(UTC))
+            try:
+                self._journal.append(task.id, task.attempts, task.started_at or datetime.now(UTC))
+            except OSError as exc:  # disk full, I/O error: the start is not crash-safe
+                self._fail(exc, f"writing the attempt journal {self._journal.path}")
 
     def update_task(self, task: TaskRecord) -> None:
         if self._failure is not None:
@@ -1459,7 +1473,7 @@ class DuckDBStore:
         if self._inflight_done is not None:
             await self._inflight_done.wait()
         if not self._pending.empty():
-            await self._wait(self._pending, flush=True)
+            await self._wait(self._waiter(flush=True))
 
     @staticmethod
     def _purge_batch(
@@ -1495,13 +1509,10 @@ class DuckDBStore:
         return PurgeCounts(*map(int, row))
 
     async def checkpoint(self) -> bool:
-        """A failed checkpoint loses nothing (DuckDB checkpoints again on its own when the WAL
-        grows), so it is logged and reported, not raised."""
-        try:
-            await self._write(lambda con: con.execute(Q["checkpoint"]))
-        except duckdb.Error as exc:
-            log.warning("checkpoint of %s failed: %s", self.path, exc)
-            return False
+        """A checkpoint that fails (disk full while the log is written into the file) is a store
+        failure like any other write: fail-stop (`_write`), since DuckDB may have invalidated the
+        database. True once it is done."""
+        await self._write(lambda con: con.execute(Q["checkpoint"]))
         return True
 
     async def disk_usage(self) -> DiskUsage:
