@@ -341,7 +341,10 @@ async def test_the_child_runs_in_a_trusted_scope_with_only_allowed_variables(
             await wait_status(engine, task.task_id, TaskStatus.completed)
             results[task.task_id] = json.loads((await engine.get_result(task.task_id)).content)
     assert results[trusted.task_id]["cwd"] == os.path.realpath(project)
-    assert results[untrusted.task_id]["cwd"] == os.getcwd()  # a scope a model typed: the daemon's own
+    # A scope that is only a label: a private empty folder, never the daemon's own (the data dir).
+    elsewhere = Path(results[untrusted.task_id]["cwd"])
+    assert elsewhere.name.startswith("sidequest-attempt-") and str(elsewhere) != os.getcwd()
+    assert not elsewhere.exists(), "removed after the attempt"
     names = set(results[trusted.task_id]["env"])
     assert {"PYTHONPATH", "SIDEQUEST_TASK_ID", "SIDEQUEST_ATTEMPT", "SIDEQUEST_SCOPE", "PATH"} <= names
     assert "SIDEQUEST_TEST_SECRET" not in names and "SIDEQUEST_TEST_SHARED" not in names

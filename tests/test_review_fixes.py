@@ -92,3 +92,22 @@ async def test_only_the_owning_project_may_change_what_a_schedule_runs(tmp_path:
             created.schedule_id, ScheduleUpdate(prompt="weekly"), project=str(owner)
         )
         assert mine.prompt == "weekly"
+
+
+async def test_the_attempt_journal_is_emptied_under_steady_load(tmp_path: Path) -> None:
+    """Emptied once every start in it is committed, even while other writes keep arriving."""
+    from sidequest.storage import duckdb as store_module
+
+    async with running_engine(tmp_path) as engine:
+        journal = engine.store._journal  # type: ignore[attr-defined]
+        limit = store_module.JOURNAL_MAX_BYTES
+        store_module.JOURNAL_MAX_BYTES = 2000  # a few dozen starts
+        try:
+            ids = [(await engine.submit("echo", f"{i}")).task_id for i in range(200)]
+            for task_id in ids:
+                await wait_status(engine, task_id, TaskStatus.completed)
+            await engine.store.flush()
+            assert journal.size <= 2000 + 200, journal.size
+            assert journal.path.stat().st_size == journal.size
+        finally:
+            store_module.JOURNAL_MAX_BYTES = limit

@@ -50,6 +50,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime
 from typing import Any
 
@@ -115,7 +116,14 @@ class ProcessPythonExecutor:
 
     async def run(self, prompt: str, ctx: TaskContext) -> ExecutionResult:
         start = {"type": "start", "callable": self.spec, "prompt": prompt, "context": _context_fields(ctx)}
-        process = await self._spawn(working_directory(ctx.scope, ctx.workdir_roots), self.environment(ctx))
+        with contextlib.ExitStack() as stack:
+            cwd = working_directory(ctx.scope, ctx.workdir_roots)
+            if cwd is None:  # not a trusted folder: a private empty one, gone after the attempt
+                cwd = stack.enter_context(tempfile.TemporaryDirectory(prefix="sidequest-attempt-"))
+            return await self._run_in(cwd, start, ctx)
+
+    async def _run_in(self, cwd: str, start: dict[str, Any], ctx: TaskContext) -> ExecutionResult:
+        process = await self._spawn(cwd, self.environment(ctx))
         tail = _Tail()
         answer: dict[str, Any] | None = None
         try:
@@ -174,13 +182,15 @@ class ProcessPythonExecutor:
             raise PermanentError(f"cannot start the agent's process: {exc}") from exc
 
 
-def working_directory(scope: str, roots: list[str]) -> str:
-    """The task's scope if processes may run there (inside `roots`), else the daemon's own directory."""
+def working_directory(scope: str, roots: list[str]) -> str | None:
+    """The task's scope if processes may run there (inside `roots`), else None: the attempt gets a
+    private temporary folder (never the daemon's own directory, which is the data dir holding the
+    store and the token)."""
     if scope and os.path.isabs(scope):
         real = os.path.realpath(scope)
         if os.path.isdir(real) and any(is_inside(real, os.path.realpath(root)) for root in roots):
             return real
-    return os.getcwd()
+    return None
 
 
 def child_sys_path() -> list[str]:

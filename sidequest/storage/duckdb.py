@@ -240,6 +240,8 @@ class _Pending:
     waiters: list[_Waiter] = field(default_factory=list)
     flush_requested: bool = False
     error: BaseException | None = None
+    starts_upto: int = 0
+    """The number of the newest attempt start (see attempt_started) whose running mark is here."""
 
     def describe(self) -> str:
         kinds = [(name, len(items)) for name, items in self.appends()]
@@ -292,6 +294,7 @@ class _Pending:
             notifications=self.notifications,
             usage=self.usage,
             delivered=self.delivered,
+            starts_upto=self.starts_upto,
         )
         return urgent, rest
 
@@ -308,6 +311,7 @@ class _Pending:
         self.delivered += newer.delivered
         self.waiters += newer.waiters
         self.flush_requested = self.flush_requested or newer.flush_requested
+        self.starts_upto = max(self.starts_upto, newer.starts_upto)
 
     def empty(self) -> bool:
         return not (self.tasks_new or self.waiters or self.has_background())
@@ -632,6 +636,8 @@ class DuckDBStore:
         self._failure: StoreUnavailable | None = None
         self._failure_handler: Callable[[StoreUnavailable], None] | None = None
         self._journal = AttemptJournal(self.path.with_name(self.path.name + ".attempts"))
+        self._starts_enqueued = 0
+        self._starts_committed = 0
         self._stopped_clean = False
         """The writer ended with everything committed: only then may close() empty the journal."""
 
@@ -675,6 +681,9 @@ class DuckDBStore:
         starts = self._journal.read()
         if not starts:
             return
+        # The recovery the engine writes next counts as a start: the journal is kept until it commits.
+        self._starts_enqueued = 1
+        self._pending.starts_upto = 1
         for task in state.live_tasks:
             found = starts.get(task.id)
             if found is not None and found[0] > task.attempts:
@@ -882,8 +891,12 @@ class DuckDBStore:
             for waiter in batch.waiters:
                 waiter.done(batch.error)
         if committed is not None:
-            if whole and self._journal.size > JOURNAL_MAX_BYTES and self._pending.empty():
-                self._journal.clear()  # every start journaled so far is in a committed row
+            if whole:
+                self._starts_committed = max(self._starts_committed, batch.starts_upto)
+            if self._journal.size > JOURNAL_MAX_BYTES and self._starts_committed == self._starts_enqueued:
+                # Every start journaled so far is in a committed row: background writes commit in
+                # order (a deferred rest is absorbed into the next batch), so this holds under load.
+                self._journal.clear()
             try:
                 on_commit(committed)
             except Exception:
@@ -960,6 +973,7 @@ class DuckDBStore:
             self._deferred_workflows = []
             try:
                 await anyio.to_thread.run_sync(self._commit, batch, limiter=self._writer_limiter)
+                self._starts_committed = max(self._starts_committed, batch.starts_upto)
             except Exception as exc:
                 batch.error = self._fail(exc, f"a commit of {batch.describe()}")
             for other in batch.waiters:
@@ -993,6 +1007,8 @@ class DuckDBStore:
 
     def attempt_started(self, task: TaskRecord) -> None:
         self.update_task(task)
+        self._starts_enqueued += 1
+        self._pending.starts_upto = self._starts_enqueued
         if self._failure is None:
             try:
                 self._journal.append(task.id, task.attempts, task.started_at or datetime.now(UTC))
