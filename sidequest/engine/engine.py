@@ -418,7 +418,14 @@ class Engine:
         try:
             found = self.agents.resolve(agent, project)
         except AgentLookupError as exc:
-            raise InvalidRequest(str(exc)) from exc
+            hint = (
+                " (no trusted project is known for this request or schedule, so no project agent "
+                "files are read: a schedule made before projects were tracked must be made again "
+                "from its project)"
+                if project is None
+                else ""
+            )
+            raise InvalidRequest(f"{exc}{hint}") from exc
         except OSError as exc:  # e.g. a project path the OS refuses (name too long)
             raise InvalidRequest(f"cannot look up agent {agent!r} in {project!r}: {exc}") from exc
         self._limits[agent] = found.max_concurrency
