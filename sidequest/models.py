@@ -104,6 +104,7 @@ class NotificationKind(StrEnum):
     task_completed = "task_completed"
     task_failed = "task_failed"
     task_cancelled = "task_cancelled"
+    task_retried = "task_retried"
     workflow_completed = "workflow_completed"
     schedule_fired = "schedule_fired"
     schedule_skipped = "schedule_skipped"
@@ -349,6 +350,40 @@ class TaskCreate(_Strict):
     agent_definition: str = Field(min_length=1, max_length=4096, description="agent name or agent-file path")
     prompt: str = Field(description="complete, self-contained instructions for the agent")
     options: TaskOptions | None = None
+
+
+MAX_WAIT_SECONDS = 50.0
+"""Under MCP clients' tool-call timeouts (60 s in several): a wait returns before the client gives up."""
+MAX_WAIT_TASKS = 200
+WaitMode = Literal["any", "all"]
+WaitTimeout = Annotated[
+    float,
+    Field(ge=0, le=MAX_WAIT_SECONDS, description=f"seconds to wait at most (0-{MAX_WAIT_SECONDS:g})"),
+]
+
+
+class WaitRequest(_Strict):
+    """Body of `POST /api/v1/wait`: the arguments of `wait_for_tasks`."""
+
+    task_ids: list[str] | None = Field(default=None, max_length=MAX_WAIT_TASKS)
+    workflow_id: str | None = None
+    mode: WaitMode = "any"
+    timeout: WaitTimeout = 30.0
+
+
+class WaitedTask(BaseModel):
+    task_id: str
+    status: TaskStatus
+    finished: bool
+
+
+class WaitResult(BaseModel):
+    """`wait_for_tasks`: where each task stands when the wait ended."""
+
+    timed_out: bool = Field(description="true when the timeout passed before the condition held")
+    mode: WaitMode
+    waited_seconds: float
+    tasks: list[WaitedTask]
 
 
 class AckRequest(_Strict):

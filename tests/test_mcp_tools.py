@@ -172,6 +172,100 @@ async def test_empty_prompt_rejected(client: Client) -> None:
     assert "prompt is empty" in await call_error(client, "task_async", agent_definition="echo", prompt="  ")
 
 
+# ---- waiting and retrying -------------------------------------------------------
+
+
+async def test_wait_for_any_returns_when_the_first_task_finishes(client: Client) -> None:
+    quick = await submit(client, "sleep", "0.3")
+    slow = await submit(client, "sleep", "30")
+    try:
+        result = await call(
+            client, "wait_for_tasks", task_ids=[quick["task_id"], slow["task_id"]], timeout=20
+        )
+        assert result["timed_out"] is False
+        assert result["waited_seconds"] < 10
+        statuses = {t["task_id"]: (t["status"], t["finished"]) for t in result["tasks"]}
+        assert statuses[quick["task_id"]] == ("completed", True)
+        assert statuses[slow["task_id"]][1] is False
+    finally:
+        await call(client, "cancel_task", task_id=slow["task_id"])
+
+
+async def test_wait_for_all_of_a_workflow(client: Client) -> None:
+    first = await submit(client, "sleep", "0.2", workflow_name="pair")
+    second = await submit(client, "sleep", "0.4", workflow_id=first["workflow_id"])
+    result = await call(client, "wait_for_tasks", workflow_id=first["workflow_id"], mode="all", timeout=20)
+    assert result["timed_out"] is False
+    assert {t["task_id"]: t["status"] for t in result["tasks"]} == {
+        first["task_id"]: "completed",
+        second["task_id"]: "completed",
+    }
+
+
+async def test_wait_times_out_with_the_current_status(client: Client) -> None:
+    slow = await submit(client, "sleep", "30")
+    try:
+        result = await call(client, "wait_for_tasks", task_ids=[slow["task_id"]], timeout=0.3)
+        assert result["timed_out"] is True
+        assert 0.3 <= result["waited_seconds"] < 5
+        assert result["tasks"][0]["status"] in ("queued", "running")
+    finally:
+        await call(client, "cancel_task", task_id=slow["task_id"])
+
+
+async def test_wait_refuses_unknown_ids_and_long_timeouts(client: Client) -> None:
+    assert "t_nope" in await call_error(client, "wait_for_tasks", task_ids=["t_nope"])
+    assert "timeout" in await call_error(client, "wait_for_tasks", task_ids=["t_nope"], timeout=51)
+    assert "task_ids" in await call_error(client, "wait_for_tasks")
+
+
+async def test_retry_failed_task_runs_again_with_history_kept(client: Client) -> None:
+    failed = await submit(client, "flaky", "succeed on 2", max_retries=0, workflow_name="flaky run")
+    await wait_status(client, failed["task_id"], "failed")
+    await call(client, "get_workflow_notifications")  # read what the failure said
+
+    again = await call(client, "retry_task", task_id=failed["task_id"])
+    assert again["task_id"] == failed["task_id"] and again["status"] in ("queued", "running")
+    done = await wait_status(client, failed["task_id"], "completed")
+    assert done["attempts"] == 2
+    assert [a["status"] for a in done["attempt_history"]] == ["failed", "completed"]
+    page = await call(client, "get_task_result", task_id=failed["task_id"])
+    assert page["content"] == "succeeded on attempt 2"
+
+    workflow = await call(client, "check_workflow_status", workflow_id=failed["workflow_id"])
+    assert workflow["workflow"]["status"] == "completed"  # reopened, then finished again
+    kinds = [n["kind"] for n in (await call(client, "get_workflow_notifications"))["notifications"]]
+    assert kinds == ["task_retried", "task_completed", "workflow_completed"]
+
+
+async def test_retry_cancelled_task_reopens_its_workflow(client: Client) -> None:
+    task = await submit(client, "sleep", "30")
+    await call(client, "cancel_task", task_id=task["task_id"])
+    await wait_status(client, task["task_id"], "cancelled")
+    await call(client, "retry_task", task_id=task["task_id"])
+    try:
+        await wait_status(client, task["task_id"], "running")
+        active = await call(client, "list_active_workflows")
+        assert [w["workflow_id"] for w in active["workflows"]] == [task["workflow_id"]]
+    finally:
+        await call(client, "cancel_task", task_id=task["task_id"])
+
+
+async def test_retry_refuses_tasks_that_did_not_fail(client: Client) -> None:
+    done = await submit(client, "echo", "fine")
+    await wait_status(client, done["task_id"], "completed")
+    assert "completed; only a failed or cancelled task" in await call_error(
+        client, "retry_task", task_id=done["task_id"]
+    )
+    slow = await submit(client, "sleep", "30")
+    try:
+        message = await call_error(client, "retry_task", task_id=slow["task_id"])
+        assert "only a failed or cancelled task" in message
+    finally:
+        await call(client, "cancel_task", task_id=slow["task_id"])
+    assert "unknown task_id" in await call_error(client, "retry_task", task_id="t_nope")
+
+
 # ---- listing ---------------------------------------------------------------------
 
 
@@ -247,6 +341,8 @@ async def test_tool_metadata_fits_claude_code(client: Client) -> None:
         "update_schedule",
         "delete_schedule",
         "get_schedule_runs",
+        "wait_for_tasks",
+        "retry_task",
     }
     for tool in tools.values():
         assert tool.description and len(tool.description.encode()) < 2048, tool.name

@@ -35,6 +35,8 @@ from sidequest.engine.scheduler import Clock, Scheduler
 from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
 from sidequest.executors.sandbox import is_inside
 from sidequest.models import (
+    MAX_WAIT_SECONDS,
+    MAX_WAIT_TASKS,
     AgentInfo,
     AgentList,
     AgentProblem,
@@ -60,6 +62,9 @@ from sidequest.models import (
     TaskStatus,
     TaskSubmitted,
     Usage,
+    WaitedTask,
+    WaitMode,
+    WaitResult,
     WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
@@ -68,6 +73,7 @@ from sidequest.models import (
 )
 from sidequest.storage.base import (
     AttemptRecord,
+    Committed,
     FireRecord,
     LoadedState,
     ResultRecord,
@@ -1005,6 +1011,167 @@ class Engine:
             task_id=task.id,
         )
         self._task_finished(task, now)
+
+    # ---- wait ------------------------------------------------------------
+
+    async def wait_for_tasks(
+        self,
+        task_ids: list[str] | None = None,
+        workflow_id: str | None = None,
+        mode: WaitMode = "any",
+        timeout: float = 30.0,
+    ) -> WaitResult:
+        """Return once any (or all) of the tasks finished, or when `timeout` passes.
+
+        A model has no clock: without this it can only poll and burn turns. The wait is woken by
+        the engine's commits (never a sleep loop), and it ends after the commit that finished the
+        task, so a read right after it sees the final state. `timeout` stays under the clients'
+        own tool timeouts (MAX_WAIT_SECONDS)."""
+        if bool(task_ids) == bool(workflow_id):
+            raise InvalidRequest("give task_ids (a non-empty list) or workflow_id, not both")
+        if mode not in ("any", "all"):
+            raise InvalidRequest(f"mode must be 'any' or 'all', got {mode!r}")
+        if not 0 <= timeout <= MAX_WAIT_SECONDS:
+            raise InvalidRequest(
+                f"timeout must be between 0 and {MAX_WAIT_SECONDS:g} seconds, got {timeout:g}"
+            )
+        if workflow_id:
+            await self.store.flush()
+            if workflow_id not in self._workflows and await self.store.get_workflow(workflow_id) is None:
+                raise NotFound(f"unknown workflow_id {workflow_id!r}")
+            ids = [t.id for t in await self.store.get_tasks(workflow_id)]
+        else:
+            ids = list(dict.fromkeys(task_ids or []))
+            if len(ids) > MAX_WAIT_TASKS:
+                raise InvalidRequest(f"task_ids names {len(ids)} tasks; wait for at most {MAX_WAIT_TASKS}")
+            known = await self.task_statuses(ids)
+            unknown = [t for t in ids if t not in known]
+            if unknown:
+                raise NotFound(f"unknown task_id{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+        watched = set(ids)
+        started = anyio.current_time()
+
+        def holds() -> bool:
+            done = [t not in self._live and t not in self._inserting for t in ids]
+            return (any(done) if mode == "any" else all(done)) or not ids
+
+        changed = anyio.Event()
+
+        def on_commit(committed: Committed) -> None:
+            if watched & committed.task_ids:
+                changed.set()
+
+        remove = self.add_listener(on_commit)
+        try:
+            with anyio.move_on_after(timeout):
+                # A finish is visible in memory before its commit; wait for the commit so the
+                # statuses below (read through the store) are the final ones.
+                while not holds():
+                    await changed.wait()
+                    changed = anyio.Event()
+                await self.store.flush()
+        finally:
+            remove()
+        met = holds()
+        statuses = await self.task_statuses(ids)
+        return WaitResult(
+            timed_out=not met,
+            mode=mode,
+            waited_seconds=round(anyio.current_time() - started, 3),
+            tasks=[
+                WaitedTask(
+                    task_id=t, status=TaskStatus(statuses[t]), finished=TaskStatus(statuses[t]).finished
+                )
+                for t in ids
+                if t in statuses
+            ],
+        )
+
+    # ---- retry -----------------------------------------------------------
+
+    async def retry(self, task_id: str) -> TaskInfo:
+        """Put a failed or cancelled task back in the queue, as the same task.
+
+        Its history stays (attempt rows, `attempts` counts on), and it gets a fresh set of
+        retries (`failures` and `lost_attempts` start again at zero). Its workflow runs again if
+        it had finished. A completed task is not rerun: its result would be replaced."""
+        self._require_running()
+        live = self._live.get(task_id)
+        if live is not None or task_id in self._inserting:
+            status = live.status if live is not None else TaskStatus.queued.value
+            raise InvalidRequest(
+                f"task {task_id} is {status}; only a failed or cancelled task can be retried "
+                "(cancel_task stops one that is still running)"
+            )
+        await self.store.flush()
+        task = await self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"unknown task_id {task_id!r}")
+        previous = task.status
+        if previous == TaskStatus.completed:
+            raise InvalidRequest(
+                f"task {task_id} completed; only a failed or cancelled task can be retried "
+                "(submit a new task to run the work again)"
+            )
+        if task_id in self.dispatcher.running:
+            raise InvalidRequest(
+                f"task {task_id} was cancelled and its attempt is still stopping; retry it in a moment"
+            )
+        self._resolve_agent(task.agent, task.project)  # the agent may be gone: say so now
+        self._check_queue()
+        wid = task.workflow_id
+        workflow: WorkflowRecord | None = None
+        counts: Counter[str] = Counter()
+        if wid not in self._workflows:
+            workflow = await self.store.get_workflow(wid)
+            counts = _finished_counts((await self.store.workflow_counts([wid])).get(wid, {}))
+        if task_id in self._live:  # a concurrent retry won while we read
+            raise InvalidRequest(f"task {task_id} is {self._live[task_id].status}; it was already retried")
+
+        now = utcnow()
+        task.status = TaskStatus.queued.value
+        task.failures = 0
+        task.lost_attempts = 0
+        task.finished_at = None
+        task.next_attempt_at = None
+        task.not_before = None
+        task.error = None
+        task.result_preview = None
+        task.progress_percent = None
+        task.progress_message = None
+        task.worker_id = None
+        task.lease_expires_at = None
+        task.updated_at = now
+        if wid in self._workflows:  # still open (or reopened by a submit while we read)
+            self._wf_counts.setdefault(wid, Counter())[previous] -= 1
+        elif workflow is not None:
+            counts[previous] -= 1
+            workflow.status, workflow.updated_at, workflow.finished_at = (
+                WorkflowStatus.running.value,
+                now,
+                None,
+            )
+            self._workflows[wid] = workflow
+            self._wf_counts[wid] = counts
+        self._wf_open[wid] += 1
+        self._live[task_id] = task
+        if task.prompt is not None:
+            self._hold(task, _payload_size(task.prompt, task.options or {}))
+        if task.idempotency_key:
+            key = (task.scope, task.idempotency_key)
+            if self._idempotency.get(key, (task_id,))[0] == task_id:
+                self._idempotency[key] = (task_id, None)
+        self.store.update_task(task)
+        self.notifier.emit(
+            NotificationKind.task_retried,
+            wid,
+            task.scope,
+            f"Task {task_id} ({task.agent}) was {previous} and is queued again "
+            f"(attempt {task.attempts + 1} next)",
+            task_id=task_id,
+        )
+        self.dispatcher.enqueue(task)
+        return self._task_info(task)
 
     # ---- reads -----------------------------------------------------------
 

@@ -46,6 +46,9 @@ from sidequest.models import (
     TaskInfo,
     TaskOptions,
     TaskSubmitted,
+    WaitMode,
+    WaitResult,
+    WaitTimeout,
     WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
@@ -278,6 +281,14 @@ class Backend(Protocol):
         self, schedule_id: str, change: ScheduleUpdate, *, project: str | None = None
     ) -> ScheduleInfo: ...
     async def delete_schedule(self, schedule_id: str) -> ScheduleDeleted: ...
+    async def wait_for_tasks(
+        self,
+        task_ids: list[str] | None = None,
+        workflow_id: str | None = None,
+        mode: WaitMode = "any",
+        timeout: float = 30.0,
+    ) -> WaitResult: ...
+    async def retry(self, task_id: str) -> TaskInfo: ...
     async def schedule_runs(self, schedule_id: str, limit: int = 20, offset: int = 0) -> ScheduleRuns: ...
 
 
@@ -503,6 +514,45 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
     )
     async def cancel_task(task_id: str | None = None, workflow_id: str | None = None) -> CancelResult:
         return await _run_tool("cancel_task", engine.cancel(task_id=task_id, workflow_id=workflow_id))
+
+    @server.tool(
+        name="wait_for_tasks",
+        description=(
+            "Wait until any (mode='any', default) or all (mode='all') of the given tasks (task_ids) or "
+            "of a workflow's tasks (workflow_id) have finished (completed, failed or cancelled), or "
+            "until timeout seconds pass (at most 50). Returns each task's status and timed_out. Use it "
+            "instead of polling when you have nothing else to do; call again to keep waiting."
+        ),
+        annotations=_read_only("Wait for tasks"),
+    )
+    async def wait_for_tasks(
+        task_ids: list[str] | None = None,
+        workflow_id: str | None = None,
+        mode: WaitMode = "any",
+        timeout: WaitTimeout = 30.0,
+    ) -> WaitResult:
+        return await _run_tool(
+            "wait_for_tasks",
+            engine.wait_for_tasks(task_ids=task_ids, workflow_id=workflow_id, mode=mode, timeout=timeout),
+        )
+
+    @server.tool(
+        name="retry_task",
+        description=(
+            "Run a failed or cancelled task again, as the same task: it is queued with its history "
+            "kept and a fresh set of retries, and its workflow runs again if it had finished. "
+            "Queued, running and completed tasks are refused."
+        ),
+        annotations=ToolAnnotations(
+            title="Retry task",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=True,
+        ),
+    )
+    async def retry_task(task_id: str) -> TaskInfo:
+        return await _run_tool("retry_task", engine.retry(task_id))
 
     @server.tool(
         name="get_workflow_history",

@@ -60,6 +60,8 @@ from sidequest.models import (
     TaskInfo,
     TaskOptions,
     TaskSubmitted,
+    WaitRequest,
+    WaitResult,
     WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
@@ -501,6 +503,27 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
     @app.post("/tasks/{task_id}/cancel", response_model=CancelResult, summary="Cancel a task")
     async def cancel_task(task_id: TaskId) -> CancelResult:
         return await engine.cancel(task_id=task_id)
+
+    @app.post(
+        "/tasks/{task_id}/retry",
+        response_model=TaskInfo,
+        summary="Queue a failed or cancelled task again",
+        description="As the retry_task tool: the same task, its history kept, a fresh set of retries; "
+        "its workflow runs again. 400 for a queued, running or completed task.",
+    )
+    async def retry_task(task_id: TaskId) -> TaskInfo:
+        return await engine.retry(task_id)
+
+    @app.post(
+        "/wait",
+        response_model=WaitResult,
+        summary="Wait until tasks finish or a timeout passes",
+        description="As the wait_for_tasks tool: returns as soon as any (mode=any) or all (mode=all) "
+        "of task_ids, or of workflow_id's tasks, are completed, failed or cancelled, or after timeout "
+        "seconds (at most 50), with each task's status.",
+    )
+    async def wait_for_tasks(body: WaitRequest) -> WaitResult:
+        return await engine.wait_for_tasks(body.task_ids, body.workflow_id, body.mode, body.timeout)
 
     @app.get("/workflows", response_model=WorkflowPage, summary="Workflows with unfinished tasks")
     async def list_workflows(
