@@ -75,6 +75,19 @@ async def test_big_result_is_paged(client: Client) -> None:
     assert "".join(pages) == (alphabet * (size // 26 + 1))[:size]
 
 
+async def test_result_of_an_unfinished_task_says_it_is_not_finished(client: Client) -> None:
+    slow = await submit(client, "sleep", "30")
+    await wait_status(client, slow["task_id"], "running")
+    try:
+        message = await call_error(client, "get_task_result", task_id=slow["task_id"])
+        assert f"task {slow['task_id']} is running (attempt 1" in message
+        assert "has no result until it finishes" in message and "wait_for_tasks" in message
+    finally:
+        await call(client, "cancel_task", task_id=slow["task_id"])
+    cancelled = await call(client, "get_task_result", task_id=slow["task_id"])  # finished: no error
+    assert cancelled["status"] == "cancelled" and cancelled["content"] == ""
+
+
 async def test_result_page_size_is_capped(client: Client) -> None:
     message = await call_error(client, "get_task_result", task_id="t_x", max_chars=50_001)
     assert "max_chars" in message

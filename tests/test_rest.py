@@ -235,6 +235,16 @@ async def test_wait_returns_on_finish_or_timeout(http: httpx2.AsyncClient) -> No
     assert "timeout" in assert_error(too_long, 422, "invalid_request")
 
 
+async def test_result_of_an_unfinished_task_is_409_not_finished(http: httpx2.AsyncClient) -> None:
+    slow = await submit(http, "sleep", "30")
+    try:
+        early = await http.get(f"/tasks/{slow['task_id']}/result")
+        message = assert_error(early, 409, "not_finished")
+        assert slow["task_id"] in message and "has no result until it finishes" in message
+    finally:
+        await http.post(f"/tasks/{slow['task_id']}/cancel")
+
+
 async def test_retry_route_requeues_a_failed_task(http: httpx2.AsyncClient) -> None:
     task = await submit(http, "flaky", "succeed on 2", max_retries=0)
     assert (await finished(http, task["task_id"]))["status"] == "failed"

@@ -27,7 +27,7 @@ import anyio
 from sidequest.agents import Agent, AgentLookupError, AgentRegistry
 from sidequest.config import Settings
 from sidequest.engine.dispatcher import Dispatcher, RunningAttempt
-from sidequest.engine.errors import InvalidRequest, NotFound, QueueFull
+from sidequest.engine.errors import InvalidRequest, NotFinished, NotFound, QueueFull
 from sidequest.engine.notifier import Listener, Notifier
 from sidequest.engine.retention import Retention
 from sidequest.engine.retry import backoff_delay
@@ -156,6 +156,22 @@ def _short(text: str | None, limit: int) -> str:
         return ""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _not_finished(task: TaskRecord) -> str:
+    """Where an unfinished task stands and what to do: an early read must not look like an empty result."""
+    where = [f"attempt {task.attempts}"] if task.attempts else []
+    if task.progress_percent is not None:
+        where.append(f"{task.progress_percent:g}%")
+    if task.progress_message:
+        where.append(repr(_short(task.progress_message, 80)))
+    if task.status == TaskStatus.retrying and task.next_attempt_at is not None:
+        where.append(f"next attempt at {task.next_attempt_at.isoformat(timespec='seconds')}")
+    detail = f" ({', '.join(where)})" if where else ""
+    return (
+        f"task {task.id} is {task.status}{detail} and has no result until it finishes; call "
+        f"wait_for_tasks(task_ids=[{task.id!r}]) to wait for it, or read get_workflow_notifications later"
+    )
 
 
 class Engine:
@@ -1464,6 +1480,8 @@ class Engine:
         task = await self.store.get_task(task_id)
         if task is None:
             raise NotFound(f"unknown task_id {task_id!r}")
+        if not TaskStatus(task.status).finished:
+            raise NotFinished(_not_finished(task))
         page = await self.store.get_result_page(task_id, offset, max_chars)
         if page is None:
             return ResultPage(

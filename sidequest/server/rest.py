@@ -32,6 +32,7 @@ from sidequest.engine.engine import MAX_OFFSET, Engine, default_scope
 from sidequest.engine.errors import (
     EngineError,
     InvalidRequest,
+    NotFinished,
     NotFound,
     QueueFull,
     StoreUnavailable,
@@ -102,6 +103,7 @@ Offset = Annotated[int, Query(ge=0, le=_MAX_OFFSET)]
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ApiError, "description": "The engine refused the request (the message says why)"},
     404: {"model": ApiError, "description": "No such task, workflow, schedule or route"},
+    409: {"model": ApiError, "description": "The task has not finished: it has no result yet"},
     415: {"model": ApiError, "description": "The body is not JSON"},
     422: {"model": ApiError, "description": "A parameter or the body does not match the schema"},
     500: {"model": ApiError, "description": "A bug in sidequest; the server log has the traceback"},
@@ -200,6 +202,8 @@ async def _on_engine_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EngineError)
     if isinstance(exc, NotFound):
         status = 404
+    elif isinstance(exc, NotFinished):
+        status = 409
     elif isinstance(exc, QueueFull):
         status = 429
     elif isinstance(exc, Unavailable):
@@ -491,7 +495,8 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
         "/tasks/{task_id}/result",
         response_model=ResultPage,
         summary="A page of a task's output",
-        description="content holds up to max_chars characters from offset; follow next_offset.",
+        description="content holds up to max_chars characters from offset; follow next_offset. "
+        "409 not_finished while the task is queued, running or retrying.",
     )
     async def get_result(
         task_id: TaskId,
