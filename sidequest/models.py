@@ -284,6 +284,10 @@ class StatusReport(BaseModel):
     kind: Literal["task", "workflow"]
     task: TaskInfo | None = None
     workflow: WorkflowInfo | None = None
+    elapsed_seconds: float | None = Field(
+        default=None, description="since it was created, until it finished (or until now)"
+    )
+    hint: str | None = Field(default=None, description="one line: where it stands and what to do next")
 
 
 class ResultPage(BaseModel):

@@ -56,6 +56,42 @@ async def test_submit_complete_status_result(client: Client) -> None:
     assert page["next_offset"] is None
 
 
+def _nulls(value: Any, path: str = "") -> list[str]:
+    if value is None:
+        return [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _nulls(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _nulls(v, f"{path}[{i}]")]
+    return []
+
+
+async def test_status_has_no_nulls_elapsed_time_and_a_hint(client: Client) -> None:
+    slow = await submit(client, "sleep", "30", workflow_name="slow one")
+    await wait_status(client, slow["task_id"], "running")
+    try:
+        task = await call(client, "check_workflow_status", task_id=slow["task_id"])
+        assert _nulls(task) == []
+        assert "finished_at" not in task["task"] and "error" not in task["task"]
+        assert 0 <= task["elapsed_seconds"] < 30
+        assert task["hint"].startswith("running for ") and "(attempt 1" in task["hint"]
+        assert task["hint"].endswith("check again in about 30 seconds, or call wait_for_tasks")
+        workflow = await call(client, "check_workflow_status", workflow_id=slow["workflow_id"])
+        assert _nulls(workflow) == []
+        assert workflow["hint"].startswith("running for ") and "0 of 1 tasks finished" in workflow["hint"]
+    finally:
+        await call(client, "cancel_task", task_id=slow["task_id"])
+    done = await submit(client, "echo", "quick")
+    await wait_status(client, done["task_id"], "completed")
+    report = await call(client, "check_workflow_status", task_id=done["task_id"])
+    assert _nulls(report) == []
+    assert report["hint"].startswith("completed in ") and "get_task_result" in report["hint"]
+    failed = await submit(client, "fail_permanently", "no", workflow_name="doomed")
+    await wait_status(client, failed["task_id"], "failed")
+    report = await call(client, "check_workflow_status", workflow_id=failed["workflow_id"])
+    assert report["hint"].startswith("failed in ") and "retry_task" in report["hint"]
+
+
 async def test_big_result_is_paged(client: Client) -> None:
     size = 45_000
     submitted = await submit(client, "big_result", str(size))

@@ -174,6 +174,71 @@ def _not_finished(task: TaskRecord) -> str:
     )
 
 
+def _duration(seconds: float) -> str:
+    """'45s', '2m10s', '3h05m': how a person says how long something took."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def _check_again(elapsed: float) -> str:
+    """Young work is checked sooner; the model should not spend turns polling long work."""
+    return (
+        "in about 30 seconds"
+        if elapsed < 60
+        else "in about a minute"
+        if elapsed < 600
+        else "in a few minutes"
+    )
+
+
+def _task_hint(task: TaskInfo, elapsed: float, now: datetime) -> str:
+    """What a model should do next with this task, in one line (it has no clock of its own)."""
+    took = _duration(elapsed)
+    wait = f"check again {_check_again(elapsed)}, or call wait_for_tasks"
+    match task.status:
+        case TaskStatus.completed:
+            return f"completed in {took}; read the output with get_task_result"
+        case TaskStatus.failed:
+            tries = f"{task.attempts} attempt{'s' if task.attempts != 1 else ''}"
+            return f"failed after {tries} ({took}); see error, then retry_task once the cause is fixed"
+        case TaskStatus.cancelled:
+            return "cancelled; retry_task runs it again"
+        case TaskStatus.retrying:
+            due = (
+                f" in {_duration((task.next_attempt_at - now).total_seconds())}"
+                if task.next_attempt_at
+                else ""
+            )
+            return f"attempt {task.attempts} failed; next attempt{due}; {wait}"
+        case TaskStatus.running:
+            done = (
+                f", {task.progress.percent:g}% done"
+                if task.progress and task.progress.percent is not None
+                else ""
+            )
+            return f"running for {took} (attempt {task.attempts}{done}); {wait}"
+        case _:
+            return f"{task.status.value} for {took}, not started yet; {wait}"
+
+
+def _workflow_hint(workflow: WorkflowInfo, elapsed: float) -> str:
+    counts = workflow.counts
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if n) or "no tasks"
+    if workflow.status == WorkflowStatus.running:
+        finished = sum(n for s, n in counts.items() if TaskStatus(s).finished)
+        return (
+            f"running for {_duration(elapsed)}: {finished} of {sum(counts.values())} tasks finished "
+            f"({summary}); check again {_check_again(elapsed)}, or call wait_for_tasks"
+        )
+    retry = "; retry_task runs a failed or cancelled task again" if workflow.status != "completed" else ""
+    took = _duration(elapsed)
+    return f"{workflow.status.value} in {took} ({summary}); read outputs with get_task_result{retry}"
+
+
 class Engine:
     def __init__(
         self,
@@ -1277,9 +1342,21 @@ class Engine:
     async def status(self, task_id: str | None = None, workflow_id: str | None = None) -> StatusReport:
         if bool(task_id) == bool(workflow_id):
             raise InvalidRequest("give exactly one of task_id or workflow_id")
+        now = utcnow()
         if task_id:
-            return StatusReport(kind="task", task=await self.get_task(task_id))
-        return StatusReport(kind="workflow", workflow=await self.get_workflow(workflow_id))  # type: ignore[arg-type]
+            task = await self.get_task(task_id)
+            elapsed = ((task.finished_at or now) - task.created_at).total_seconds()
+            return StatusReport(
+                kind="task", task=task, elapsed_seconds=round(elapsed, 1), hint=_task_hint(task, elapsed, now)
+            )
+        workflow = await self.get_workflow(workflow_id)  # type: ignore[arg-type]
+        elapsed = ((workflow.finished_at or now) - workflow.created_at).total_seconds()
+        return StatusReport(
+            kind="workflow",
+            workflow=workflow,
+            elapsed_seconds=round(elapsed, 1),
+            hint=_workflow_hint(workflow, elapsed),
+        )
 
     async def _list(self, query: WorkflowQuery) -> WorkflowPage:
         _check_paging(query.offset, query.limit, max_limit=200)

@@ -22,7 +22,14 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated, SubscriptionBus
-from mcp_types import EmptyResult, SubscribeRequestParams, ToolAnnotations, UnsubscribeRequestParams
+from mcp_types import (
+    CallToolResult,
+    EmptyResult,
+    SubscribeRequestParams,
+    TextContent,
+    ToolAnnotations,
+    UnsubscribeRequestParams,
+)
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from sidequest import __version__
@@ -123,6 +130,16 @@ def _tool_errors(tool: str) -> Iterator[None]:
 async def _run_tool(tool: str, call: Awaitable[T]) -> T:
     with _tool_errors(tool):
         return await call
+
+
+def _without_nulls(model: BaseModel) -> CallToolResult:
+    """A reply with its null fields left out: a model reads every token, and a column of nulls
+    says nothing. The output schema is still the model's (every nullable field is optional)."""
+    data = model.model_dump(mode="json", exclude_none=True)
+    return CallToolResult(
+        content=[TextContent(type="text", text=json.dumps(data, ensure_ascii=False))],
+        structured_content=data,
+    )
 
 
 # ---- resource-updated push, both protocol eras ------------------------------
@@ -406,17 +423,19 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
         description=(
             "Status of one task (task_id) or of a workflow and all its tasks (workflow_id); give exactly "
             "one. Shows status (queued, waiting, running, retrying, completed, failed, cancelled), "
-            "progress, attempts and their errors, and a result preview. Poll no more than every 30-60 "
-            "seconds; prefer get_workflow_notifications, which reports each finished task once."
+            "progress, attempts and their errors, a result preview, elapsed_seconds and a one-line hint "
+            "of what to do next. Poll no more than every 30-60 seconds, or call wait_for_tasks; prefer "
+            "get_workflow_notifications, which reports each finished task once."
         ),
         annotations=_read_only("Check task or workflow status"),
     )
     async def check_workflow_status(
         task_id: str | None = None, workflow_id: str | None = None
-    ) -> StatusReport:
-        return await _run_tool(
+    ) -> Annotated[CallToolResult, StatusReport]:
+        report = await _run_tool(
             "check_workflow_status", engine.status(task_id=task_id, workflow_id=workflow_id)
         )
+        return _without_nulls(report)
 
     @server.tool(
         name="list_active_workflows",
