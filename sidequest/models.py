@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     JsonValue,
     StrictBool,
+    ValidationError,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -627,3 +628,17 @@ class GcReport(BaseModel):
     )
     checkpointed: bool = Field(description="the deletions were checkpointed into the file")
     seconds: float = Field(description="how long it took")
+
+
+def options_error(exc: ValidationError, where: str = "options") -> str:
+    """One clause per problem in task options, naming the key; unknown keys list the accepted ones."""
+    parts = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        name = ".".join((where, *loc)) if loc else where
+        if err["type"] == "extra_forbidden":
+            fields = RetryBackoff.model_fields if loc[:-1] == ("retry_backoff",) else TaskOptions.model_fields
+            parts.append(f"unknown option {name!r}; accepted: {', '.join(fields)}")
+        else:
+            parts.append(f"{name!r}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)

@@ -196,8 +196,34 @@ async def test_unknown_option_key_is_named(client: Client) -> None:
     message = await call_error(
         client, "task_async", agent_definition="echo", prompt="x", options={"priorty": "high"}
     )
-    assert "priorty" in message
-    assert "Extra inputs are not permitted" in message
+    assert "unknown option 'options.priorty'; accepted: priority, timeout, max_retries" in message
+    assert "pydantic" not in message and "http" not in message
+    nested = await call_error(
+        client, "task_async", agent_definition="echo", prompt="x", options={"retry_backoff": {"maxx": 1}}
+    )
+    assert "unknown option 'options.retry_backoff.maxx'; accepted: initial, factor, max, jitter" in nested
+    schedule = await call_error(
+        client, "schedule_task", agent_definition="echo", prompt="x", cron="0 9 * * *", options={"tiemout": 5}
+    )
+    assert "unknown option 'options.tiemout'; accepted: priority, timeout" in schedule
+
+
+TOOLS_BUDGET = 12_000
+"""Characters of what a model reads of the tools on every request: name, description, input schema."""
+
+
+async def test_tool_definitions_fit_the_budget(client: Client) -> None:
+    tools = (await client.list_tools()).tools
+    sizes = {
+        t.name: len(
+            json.dumps({"name": t.name, "description": t.description, "input_schema": t.input_schema})
+        )
+        for t in tools
+    }
+    assert sum(sizes.values()) < TOOLS_BUDGET, sorted(sizes.items(), key=lambda kv: -kv[1])
+    options = next(t for t in tools if t.name == "task_async").input_schema["properties"]["options"]
+    assert "timeout" in options["properties"] and options["additionalProperties"] is False
+    assert all('"title":' not in json.dumps(t.input_schema) for t in tools)  # generated titles are dropped
 
 
 @pytest.mark.parametrize(
