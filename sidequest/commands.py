@@ -1,5 +1,5 @@
-"""The user's commands against the shared daemon: submit, tasks, show, cancel, notifications, agents,
-cron schedules (schedule, schedules, schedule-show, pause, resume, unschedule) and gc.
+"""The user's commands against the shared daemon: submit, tasks, show, cancel, retry, notifications,
+agents, cron schedules (schedule, schedules, schedule-show, pause, resume, unschedule) and gc.
 
 They speak to the daemon through `DaemonClient`, the same API the MCP tools use, so a task
 submitted here is the task a model sees, with the same validation and the same messages.
@@ -62,6 +62,7 @@ COMMANDS: frozenset[str] = frozenset(
         "tasks",
         "show",
         "cancel",
+        "retry",
         "notifications",
         "agents",
         "schedule",
@@ -95,6 +96,7 @@ KIND_STYLE: dict[str, str] = {
     "task_completed": "green",
     "task_failed": "bold red",
     "task_cancelled": "dim",
+    "task_retried": "cyan",
     "workflow_completed": "green",
 }
 
@@ -181,6 +183,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     cancel = add("cancel", "cancel a task, or every unfinished task of a workflow")
     cancel.add_argument("id", metavar="ID", help="a task id (t_…) or workflow id (wf_…)")
+
+    retry = add("retry", "queue a failed or cancelled task again (its history is kept)")
+    retry.add_argument("id", metavar="ID", help="a task id (t_…)")
 
     notes = add("notifications", "read notifications of finished work (marking them read)")
     notes.add_argument("--all-scopes", action="store_true", help="every project, not only this one")
@@ -725,6 +730,22 @@ def _print_cancel(out: Output, result: CancelResult) -> None:
         out.print(Text("nothing to cancel", style="dim"))
 
 
+async def _retry(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    async with _connect(settings, args.config) as client:
+        task = await client.retry(args.id)
+    if out.as_json:
+        out.emit(task)
+    else:
+        out.print(
+            Text.assemble(
+                ("queued again: ", "green"),
+                f"{task.task_id} ({task.agent}), attempt {task.attempts + 1} next",
+            ),
+            soft_wrap=True,
+        )
+    return EXIT_OK
+
+
 async def _notifications(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     async with _connect(settings, args.config) as client:
         page = await client.notifications(
@@ -1042,6 +1063,7 @@ _HANDLERS: dict[str, Handler] = {
     "tasks": _tasks,
     "show": _show,
     "cancel": _cancel,
+    "retry": _retry,
     "notifications": _notifications,
     "agents": _agents,
     "schedule": _schedule,

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     JsonValue,
     StrictBool,
+    ValidationError,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -104,6 +105,7 @@ class NotificationKind(StrEnum):
     task_completed = "task_completed"
     task_failed = "task_failed"
     task_cancelled = "task_cancelled"
+    task_retried = "task_retried"
     workflow_completed = "workflow_completed"
     schedule_fired = "schedule_fired"
     schedule_skipped = "schedule_skipped"
@@ -283,6 +285,10 @@ class StatusReport(BaseModel):
     kind: Literal["task", "workflow"]
     task: TaskInfo | None = None
     workflow: WorkflowInfo | None = None
+    elapsed_seconds: float | None = Field(
+        default=None, description="since it was created, until it finished (or until now)"
+    )
+    hint: str | None = Field(default=None, description="one line: where it stands and what to do next")
 
 
 class ResultPage(BaseModel):
@@ -349,6 +355,40 @@ class TaskCreate(_Strict):
     agent_definition: str = Field(min_length=1, max_length=4096, description="agent name or agent-file path")
     prompt: str = Field(description="complete, self-contained instructions for the agent")
     options: TaskOptions | None = None
+
+
+MAX_WAIT_SECONDS = 50.0
+"""Under MCP clients' tool-call timeouts (60 s in several): a wait returns before the client gives up."""
+MAX_WAIT_TASKS = 200
+WaitMode = Literal["any", "all"]
+WaitTimeout = Annotated[
+    float,
+    Field(ge=0, le=MAX_WAIT_SECONDS, description=f"seconds to wait at most (0-{MAX_WAIT_SECONDS:g})"),
+]
+
+
+class WaitRequest(_Strict):
+    """Body of `POST /api/v1/wait`: the arguments of `wait_for_tasks`."""
+
+    task_ids: list[str] | None = Field(default=None, max_length=MAX_WAIT_TASKS)
+    workflow_id: str | None = None
+    mode: WaitMode = "any"
+    timeout: WaitTimeout = 30.0
+
+
+class WaitedTask(BaseModel):
+    task_id: str
+    status: TaskStatus
+    finished: bool
+
+
+class WaitResult(BaseModel):
+    """`wait_for_tasks`: where each task stands when the wait ended."""
+
+    timed_out: bool = Field(description="true when the timeout passed before the condition held")
+    mode: WaitMode
+    waited_seconds: float
+    tasks: list[WaitedTask]
 
 
 class AckRequest(_Strict):
@@ -588,3 +628,17 @@ class GcReport(BaseModel):
     )
     checkpointed: bool = Field(description="the deletions were checkpointed into the file")
     seconds: float = Field(description="how long it took")
+
+
+def options_error(exc: ValidationError, where: str = "options") -> str:
+    """One clause per problem in task options, naming the key; unknown keys list the accepted ones."""
+    parts = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        name = ".".join((where, *loc)) if loc else where
+        if err["type"] == "extra_forbidden":
+            fields = RetryBackoff.model_fields if loc[:-1] == ("retry_backoff",) else TaskOptions.model_fields
+            parts.append(f"unknown option {name!r}; accepted: {', '.join(fields)}")
+        else:
+            parts.append(f"{name!r}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)

@@ -255,6 +255,25 @@ def test_tasks_lists_active_then_all_and_cancel(cli: Cli) -> None:
     assert "no active tasks" in listing.stdout
 
 
+def test_retry_queues_a_failed_task_again(cli: Cli) -> None:
+    project = cli.project("retry")
+    failed = cli(
+        project, "submit", "flaky", "succeed on 2", "-o", "max_retries=0", "--wait", "--json", code=1
+    )
+    task_id = TaskDetail.model_validate_json(failed.stdout).task.task_id
+    retried = cli(project, "retry", task_id)
+    assert f"queued again: {task_id}" in retried.stdout and "attempt 2 next" in retried.stdout
+
+    def finished() -> TaskDetail | None:
+        detail = TaskDetail.model_validate_json(cli(project, "show", task_id, "--json").stdout)
+        return detail if detail.task.status.finished else None
+
+    detail = wait_until(finished, "the retried task to finish")
+    assert isinstance(detail, TaskDetail) and detail.task.status == TaskStatus.completed
+    refused = cli(project, "retry", task_id, code=1)
+    assert "only a failed or cancelled task can be retried" in only_line(refused.stderr)
+
+
 def test_notifications_are_read_once(cli: Cli) -> None:
     project = cli.project("notifications")
     done = TaskDetail.model_validate_json(cli(project, "submit", "echo", "ping", "--wait", "--json").stdout)

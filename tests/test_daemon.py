@@ -188,6 +188,17 @@ async def test_task_outlives_its_client_and_a_new_client_reads_result_and_notifi
         assert any(n["task_id"] == task_id and n["kind"] == "task_completed" for n in notes), notes
 
 
+async def test_wait_and_retry_through_a_front(home: Path, tmp_path: Path) -> None:
+    async with front(home, str(tmp_path)) as client:
+        args = {"agent_definition": "flaky", "prompt": "succeed on 2", "options": {"max_retries": 0}}
+        task_id = (await call(client, "task_async", **args))["task_id"]
+        waited = await call(client, "wait_for_tasks", task_ids=[task_id], timeout=20)
+        assert waited["timed_out"] is False and waited["tasks"][0]["status"] == "failed"
+        await call(client, "retry_task", task_id=task_id)
+        waited = await call(client, "wait_for_tasks", task_ids=[task_id], timeout=20)
+        assert waited["tasks"][0]["status"] == "completed"
+
+
 async def test_resource_updated_reaches_a_front_from_the_daemon(home: Path, tmp_path: Path) -> None:
     send, receive = anyio.create_memory_object_stream[str](100)
 

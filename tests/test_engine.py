@@ -481,3 +481,35 @@ async def test_reopening_a_finished_workflow_and_recording_usage(tmp_path: Path)
         ]
         assert len(done) == 2 and "1 completed, 1 failed" in done[1]
         assert (await engine.store.count_rows())["token_usage"] == 1
+
+
+async def test_retry_inside_an_open_workflow_keeps_its_counts_right(tmp_path: Path) -> None:
+    """The retried task's failure no longer counts: the workflow ends completed, not failed."""
+    async with running_engine(tmp_path) as engine:
+        first = await engine.submit("flaky", "succeed on 2", opts(max_retries=0, workflow_name="mixed"))
+        other = await engine.submit("sleep", "1", opts(workflow_id=first.workflow_id))
+        await wait_status(engine, first.task_id, TaskStatus.failed)
+        await engine.retry(first.task_id)
+        waited = await engine.wait_for_tasks([first.task_id, other.task_id], mode="all", timeout=20)
+        assert not waited.timed_out
+        assert {t.status for t in waited.tasks} == {TaskStatus.completed}
+        workflow = await engine.get_workflow(first.workflow_id)
+        assert workflow.status == "completed" and workflow.counts == {"completed": 2}
+
+
+async def test_retry_after_a_restart_reopens_the_finished_workflow(tmp_path: Path) -> None:
+    async with running_engine(tmp_path) as engine:
+        task = await engine.submit("sleep", "30")
+        await engine.cancel(task_id=task.task_id)
+        assert (await engine.get_workflow(task.workflow_id)).status == "cancelled"
+    async with running_engine(tmp_path) as engine:
+        retried = await engine.retry(task.task_id)
+        assert retried.status == TaskStatus.queued and retried.error is None
+        active = await engine.list_active_workflows(all_scopes=True)
+        assert [w.workflow_id for w in active.workflows] == [task.workflow_id]
+        waited = await engine.wait_for_tasks(workflow_id=task.workflow_id, timeout=0.2)
+        assert waited.timed_out and waited.tasks[0].status in (TaskStatus.queued, TaskStatus.running)
+        with pytest.raises(InvalidRequest, match="only a failed or cancelled task"):
+            await engine.retry(task.task_id)
+        await engine.cancel(task_id=task.task_id)
+        assert (await engine.get_workflow(task.workflow_id)).status == "cancelled"

@@ -56,6 +56,42 @@ async def test_submit_complete_status_result(client: Client) -> None:
     assert page["next_offset"] is None
 
 
+def _nulls(value: Any, path: str = "") -> list[str]:
+    if value is None:
+        return [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _nulls(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _nulls(v, f"{path}[{i}]")]
+    return []
+
+
+async def test_status_has_no_nulls_elapsed_time_and_a_hint(client: Client) -> None:
+    slow = await submit(client, "sleep", "30", workflow_name="slow one")
+    await wait_status(client, slow["task_id"], "running")
+    try:
+        task = await call(client, "check_workflow_status", task_id=slow["task_id"])
+        assert _nulls(task) == []
+        assert "finished_at" not in task["task"] and "error" not in task["task"]
+        assert 0 <= task["elapsed_seconds"] < 30
+        assert task["hint"].startswith("running for ") and "(attempt 1" in task["hint"]
+        assert task["hint"].endswith("check again in about 30 seconds, or call wait_for_tasks")
+        workflow = await call(client, "check_workflow_status", workflow_id=slow["workflow_id"])
+        assert _nulls(workflow) == []
+        assert workflow["hint"].startswith("running for ") and "0 of 1 tasks finished" in workflow["hint"]
+    finally:
+        await call(client, "cancel_task", task_id=slow["task_id"])
+    done = await submit(client, "echo", "quick")
+    await wait_status(client, done["task_id"], "completed")
+    report = await call(client, "check_workflow_status", task_id=done["task_id"])
+    assert _nulls(report) == []
+    assert report["hint"].startswith("completed in ") and "get_task_result" in report["hint"]
+    failed = await submit(client, "fail_permanently", "no", workflow_name="doomed")
+    await wait_status(client, failed["task_id"], "failed")
+    report = await call(client, "check_workflow_status", workflow_id=failed["workflow_id"])
+    assert report["hint"].startswith("failed in ") and "retry_task" in report["hint"]
+
+
 async def test_big_result_is_paged(client: Client) -> None:
     size = 45_000
     submitted = await submit(client, "big_result", str(size))
@@ -73,6 +109,19 @@ async def test_big_result_is_paged(client: Client) -> None:
     assert len(pages) == 3
     alphabet = "abcdefghijklmnopqrstuvwxyz"
     assert "".join(pages) == (alphabet * (size // 26 + 1))[:size]
+
+
+async def test_result_of_an_unfinished_task_says_it_is_not_finished(client: Client) -> None:
+    slow = await submit(client, "sleep", "30")
+    await wait_status(client, slow["task_id"], "running")
+    try:
+        message = await call_error(client, "get_task_result", task_id=slow["task_id"])
+        assert f"task {slow['task_id']} is running (attempt 1" in message
+        assert "has no result until it finishes" in message and "wait_for_tasks" in message
+    finally:
+        await call(client, "cancel_task", task_id=slow["task_id"])
+    cancelled = await call(client, "get_task_result", task_id=slow["task_id"])  # finished: no error
+    assert cancelled["status"] == "cancelled" and cancelled["content"] == ""
 
 
 async def test_result_page_size_is_capped(client: Client) -> None:
@@ -147,8 +196,34 @@ async def test_unknown_option_key_is_named(client: Client) -> None:
     message = await call_error(
         client, "task_async", agent_definition="echo", prompt="x", options={"priorty": "high"}
     )
-    assert "priorty" in message
-    assert "Extra inputs are not permitted" in message
+    assert "unknown option 'options.priorty'; accepted: priority, timeout, max_retries" in message
+    assert "pydantic" not in message and "http" not in message
+    nested = await call_error(
+        client, "task_async", agent_definition="echo", prompt="x", options={"retry_backoff": {"maxx": 1}}
+    )
+    assert "unknown option 'options.retry_backoff.maxx'; accepted: initial, factor, max, jitter" in nested
+    schedule = await call_error(
+        client, "schedule_task", agent_definition="echo", prompt="x", cron="0 9 * * *", options={"tiemout": 5}
+    )
+    assert "unknown option 'options.tiemout'; accepted: priority, timeout" in schedule
+
+
+TOOLS_BUDGET = 12_000
+"""Characters of what a model reads of the tools on every request: name, description, input schema."""
+
+
+async def test_tool_definitions_fit_the_budget(client: Client) -> None:
+    tools = (await client.list_tools()).tools
+    sizes = {
+        t.name: len(
+            json.dumps({"name": t.name, "description": t.description, "input_schema": t.input_schema})
+        )
+        for t in tools
+    }
+    assert sum(sizes.values()) < TOOLS_BUDGET, sorted(sizes.items(), key=lambda kv: -kv[1])
+    options = next(t for t in tools if t.name == "task_async").input_schema["properties"]["options"]
+    assert "timeout" in options["properties"] and options["additionalProperties"] is False
+    assert all('"title":' not in json.dumps(t.input_schema) for t in tools)  # generated titles are dropped
 
 
 @pytest.mark.parametrize(
@@ -170,6 +245,100 @@ async def test_prompt_over_size_limit_rejected(client: Client, engine: Engine) -
 
 async def test_empty_prompt_rejected(client: Client) -> None:
     assert "prompt is empty" in await call_error(client, "task_async", agent_definition="echo", prompt="  ")
+
+
+# ---- waiting and retrying -------------------------------------------------------
+
+
+async def test_wait_for_any_returns_when_the_first_task_finishes(client: Client) -> None:
+    quick = await submit(client, "sleep", "0.3")
+    slow = await submit(client, "sleep", "30")
+    try:
+        result = await call(
+            client, "wait_for_tasks", task_ids=[quick["task_id"], slow["task_id"]], timeout=20
+        )
+        assert result["timed_out"] is False
+        assert result["waited_seconds"] < 10
+        statuses = {t["task_id"]: (t["status"], t["finished"]) for t in result["tasks"]}
+        assert statuses[quick["task_id"]] == ("completed", True)
+        assert statuses[slow["task_id"]][1] is False
+    finally:
+        await call(client, "cancel_task", task_id=slow["task_id"])
+
+
+async def test_wait_for_all_of_a_workflow(client: Client) -> None:
+    first = await submit(client, "sleep", "0.2", workflow_name="pair")
+    second = await submit(client, "sleep", "0.4", workflow_id=first["workflow_id"])
+    result = await call(client, "wait_for_tasks", workflow_id=first["workflow_id"], mode="all", timeout=20)
+    assert result["timed_out"] is False
+    assert {t["task_id"]: t["status"] for t in result["tasks"]} == {
+        first["task_id"]: "completed",
+        second["task_id"]: "completed",
+    }
+
+
+async def test_wait_times_out_with_the_current_status(client: Client) -> None:
+    slow = await submit(client, "sleep", "30")
+    try:
+        result = await call(client, "wait_for_tasks", task_ids=[slow["task_id"]], timeout=0.3)
+        assert result["timed_out"] is True
+        assert 0.3 <= result["waited_seconds"] < 5
+        assert result["tasks"][0]["status"] in ("queued", "running")
+    finally:
+        await call(client, "cancel_task", task_id=slow["task_id"])
+
+
+async def test_wait_refuses_unknown_ids_and_long_timeouts(client: Client) -> None:
+    assert "t_nope" in await call_error(client, "wait_for_tasks", task_ids=["t_nope"])
+    assert "timeout" in await call_error(client, "wait_for_tasks", task_ids=["t_nope"], timeout=51)
+    assert "task_ids" in await call_error(client, "wait_for_tasks")
+
+
+async def test_retry_failed_task_runs_again_with_history_kept(client: Client) -> None:
+    failed = await submit(client, "flaky", "succeed on 2", max_retries=0, workflow_name="flaky run")
+    await wait_status(client, failed["task_id"], "failed")
+    await call(client, "get_workflow_notifications")  # read what the failure said
+
+    again = await call(client, "retry_task", task_id=failed["task_id"])
+    assert again["task_id"] == failed["task_id"] and again["status"] in ("queued", "running")
+    done = await wait_status(client, failed["task_id"], "completed")
+    assert done["attempts"] == 2
+    assert [a["status"] for a in done["attempt_history"]] == ["failed", "completed"]
+    page = await call(client, "get_task_result", task_id=failed["task_id"])
+    assert page["content"] == "succeeded on attempt 2"
+
+    workflow = await call(client, "check_workflow_status", workflow_id=failed["workflow_id"])
+    assert workflow["workflow"]["status"] == "completed"  # reopened, then finished again
+    kinds = [n["kind"] for n in (await call(client, "get_workflow_notifications"))["notifications"]]
+    assert kinds == ["task_retried", "task_completed", "workflow_completed"]
+
+
+async def test_retry_cancelled_task_reopens_its_workflow(client: Client) -> None:
+    task = await submit(client, "sleep", "30")
+    await call(client, "cancel_task", task_id=task["task_id"])
+    await wait_status(client, task["task_id"], "cancelled")
+    await call(client, "retry_task", task_id=task["task_id"])
+    try:
+        await wait_status(client, task["task_id"], "running")
+        active = await call(client, "list_active_workflows")
+        assert [w["workflow_id"] for w in active["workflows"]] == [task["workflow_id"]]
+    finally:
+        await call(client, "cancel_task", task_id=task["task_id"])
+
+
+async def test_retry_refuses_tasks_that_did_not_fail(client: Client) -> None:
+    done = await submit(client, "echo", "fine")
+    await wait_status(client, done["task_id"], "completed")
+    assert "completed; only a failed or cancelled task" in await call_error(
+        client, "retry_task", task_id=done["task_id"]
+    )
+    slow = await submit(client, "sleep", "30")
+    try:
+        message = await call_error(client, "retry_task", task_id=slow["task_id"])
+        assert "only a failed or cancelled task" in message
+    finally:
+        await call(client, "cancel_task", task_id=slow["task_id"])
+    assert "unknown task_id" in await call_error(client, "retry_task", task_id="t_nope")
 
 
 # ---- listing ---------------------------------------------------------------------
@@ -247,6 +416,8 @@ async def test_tool_metadata_fits_claude_code(client: Client) -> None:
         "update_schedule",
         "delete_schedule",
         "get_schedule_runs",
+        "wait_for_tasks",
+        "retry_task",
     }
     for tool in tools.values():
         assert tool.description and len(tool.description.encode()) < 2048, tool.name

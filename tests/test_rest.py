@@ -215,6 +215,48 @@ async def test_cancel_task_and_workflow(http: httpx2.AsyncClient) -> None:
     assert {t["status"] for t in workflow["tasks"]} == {"cancelled"}
 
 
+async def test_wait_returns_on_finish_or_timeout(http: httpx2.AsyncClient) -> None:
+    quick = await submit(http, "sleep", "0.3")
+    slow = await submit(http, "sleep", "30")
+    try:
+        waited = await http.post("/wait", json={"task_ids": [quick["task_id"]], "timeout": 8})
+        assert waited.status_code == 200, waited.text
+        assert waited.json()["timed_out"] is False
+        assert waited.json()["tasks"] == [
+            {"task_id": quick["task_id"], "status": "completed", "finished": True}
+        ]
+        timed = (await http.post("/wait", json={"task_ids": [slow["task_id"]], "timeout": 0.2})).json()
+        assert timed["timed_out"] is True and timed["tasks"][0]["finished"] is False
+    finally:
+        await http.post(f"/tasks/{slow['task_id']}/cancel")
+    unknown = await http.post("/wait", json={"task_ids": ["t_missing"]})
+    assert "t_missing" in assert_error(unknown, 404, "not_found")
+    too_long = await http.post("/wait", json={"task_ids": [quick["task_id"]], "timeout": 60})
+    assert "timeout" in assert_error(too_long, 422, "invalid_request")
+
+
+async def test_result_of_an_unfinished_task_is_409_not_finished(http: httpx2.AsyncClient) -> None:
+    slow = await submit(http, "sleep", "30")
+    try:
+        early = await http.get(f"/tasks/{slow['task_id']}/result")
+        message = assert_error(early, 409, "not_finished")
+        assert slow["task_id"] in message and "has no result until it finishes" in message
+    finally:
+        await http.post(f"/tasks/{slow['task_id']}/cancel")
+
+
+async def test_retry_route_requeues_a_failed_task(http: httpx2.AsyncClient) -> None:
+    task = await submit(http, "flaky", "succeed on 2", max_retries=0)
+    assert (await finished(http, task["task_id"]))["status"] == "failed"
+    retried = await http.post(f"/tasks/{task['task_id']}/retry")
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["status"] in ("queued", "running")
+    done = await finished(http, task["task_id"])
+    assert done["status"] == "completed" and done["attempts"] == 2
+    again = await http.post(f"/tasks/{task['task_id']}/retry")
+    assert "completed" in assert_error(again, 400, "invalid_request")
+
+
 async def test_status_of_task_and_workflow(http: httpx2.AsyncClient) -> None:
     task = await submit(http, "echo", "hi")
     await finished(http, task["task_id"])

@@ -27,7 +27,7 @@ import anyio
 from sidequest.agents import Agent, AgentLookupError, AgentRegistry
 from sidequest.config import Settings
 from sidequest.engine.dispatcher import Dispatcher, RunningAttempt
-from sidequest.engine.errors import InvalidRequest, NotFound, QueueFull
+from sidequest.engine.errors import InvalidRequest, NotFinished, NotFound, QueueFull
 from sidequest.engine.notifier import Listener, Notifier
 from sidequest.engine.retention import Retention
 from sidequest.engine.retry import backoff_delay
@@ -35,6 +35,8 @@ from sidequest.engine.scheduler import Clock, Scheduler
 from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
 from sidequest.executors.sandbox import is_inside
 from sidequest.models import (
+    MAX_WAIT_SECONDS,
+    MAX_WAIT_TASKS,
     AgentInfo,
     AgentList,
     AgentProblem,
@@ -60,6 +62,9 @@ from sidequest.models import (
     TaskStatus,
     TaskSubmitted,
     Usage,
+    WaitedTask,
+    WaitMode,
+    WaitResult,
     WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
@@ -68,6 +73,7 @@ from sidequest.models import (
 )
 from sidequest.storage.base import (
     AttemptRecord,
+    Committed,
     FireRecord,
     LoadedState,
     ResultRecord,
@@ -150,6 +156,87 @@ def _short(text: str | None, limit: int) -> str:
         return ""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _not_finished(task: TaskRecord) -> str:
+    """Where an unfinished task stands and what to do: an early read must not look like an empty result."""
+    where = [f"attempt {task.attempts}"] if task.attempts else []
+    if task.progress_percent is not None:
+        where.append(f"{task.progress_percent:g}%")
+    if task.progress_message:
+        where.append(repr(_short(task.progress_message, 80)))
+    if task.status == TaskStatus.retrying and task.next_attempt_at is not None:
+        where.append(f"next attempt at {task.next_attempt_at.isoformat(timespec='seconds')}")
+    detail = f" ({', '.join(where)})" if where else ""
+    return (
+        f"task {task.id} is {task.status}{detail} and has no result until it finishes; call "
+        f"wait_for_tasks(task_ids=[{task.id!r}]) to wait for it, or read get_workflow_notifications later"
+    )
+
+
+def _duration(seconds: float) -> str:
+    """'45s', '2m10s', '3h05m': how a person says how long something took."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def _check_again(elapsed: float) -> str:
+    """Young work is checked sooner; the model should not spend turns polling long work."""
+    return (
+        "in about 30 seconds"
+        if elapsed < 60
+        else "in about a minute"
+        if elapsed < 600
+        else "in a few minutes"
+    )
+
+
+def _task_hint(task: TaskInfo, elapsed: float, now: datetime) -> str:
+    """What a model should do next with this task, in one line (it has no clock of its own)."""
+    took = _duration(elapsed)
+    wait = f"check again {_check_again(elapsed)}, or call wait_for_tasks"
+    match task.status:
+        case TaskStatus.completed:
+            return f"completed in {took}; read the output with get_task_result"
+        case TaskStatus.failed:
+            tries = f"{task.attempts} attempt{'s' if task.attempts != 1 else ''}"
+            return f"failed after {tries} ({took}); see error, then retry_task once the cause is fixed"
+        case TaskStatus.cancelled:
+            return "cancelled; retry_task runs it again"
+        case TaskStatus.retrying:
+            due = (
+                f" in {_duration((task.next_attempt_at - now).total_seconds())}"
+                if task.next_attempt_at
+                else ""
+            )
+            return f"attempt {task.attempts} failed; next attempt{due}; {wait}"
+        case TaskStatus.running:
+            done = (
+                f", {task.progress.percent:g}% done"
+                if task.progress and task.progress.percent is not None
+                else ""
+            )
+            return f"running for {took} (attempt {task.attempts}{done}); {wait}"
+        case _:
+            return f"{task.status.value} for {took}, not started yet; {wait}"
+
+
+def _workflow_hint(workflow: WorkflowInfo, elapsed: float) -> str:
+    counts = workflow.counts
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if n) or "no tasks"
+    if workflow.status == WorkflowStatus.running:
+        finished = sum(n for s, n in counts.items() if TaskStatus(s).finished)
+        return (
+            f"running for {_duration(elapsed)}: {finished} of {sum(counts.values())} tasks finished "
+            f"({summary}); check again {_check_again(elapsed)}, or call wait_for_tasks"
+        )
+    retry = "; retry_task runs a failed or cancelled task again" if workflow.status != "completed" else ""
+    took = _duration(elapsed)
+    return f"{workflow.status.value} in {took} ({summary}); read outputs with get_task_result{retry}"
 
 
 class Engine:
@@ -1006,6 +1093,167 @@ class Engine:
         )
         self._task_finished(task, now)
 
+    # ---- wait ------------------------------------------------------------
+
+    async def wait_for_tasks(
+        self,
+        task_ids: list[str] | None = None,
+        workflow_id: str | None = None,
+        mode: WaitMode = "any",
+        timeout: float = 30.0,
+    ) -> WaitResult:
+        """Return once any (or all) of the tasks finished, or when `timeout` passes.
+
+        A model has no clock: without this it can only poll and burn turns. The wait is woken by
+        the engine's commits (never a sleep loop), and it ends after the commit that finished the
+        task, so a read right after it sees the final state. `timeout` stays under the clients'
+        own tool timeouts (MAX_WAIT_SECONDS)."""
+        if bool(task_ids) == bool(workflow_id):
+            raise InvalidRequest("give task_ids (a non-empty list) or workflow_id, not both")
+        if mode not in ("any", "all"):
+            raise InvalidRequest(f"mode must be 'any' or 'all', got {mode!r}")
+        if not 0 <= timeout <= MAX_WAIT_SECONDS:
+            raise InvalidRequest(
+                f"timeout must be between 0 and {MAX_WAIT_SECONDS:g} seconds, got {timeout:g}"
+            )
+        if workflow_id:
+            await self.store.flush()
+            if workflow_id not in self._workflows and await self.store.get_workflow(workflow_id) is None:
+                raise NotFound(f"unknown workflow_id {workflow_id!r}")
+            ids = [t.id for t in await self.store.get_tasks(workflow_id)]
+        else:
+            ids = list(dict.fromkeys(task_ids or []))
+            if len(ids) > MAX_WAIT_TASKS:
+                raise InvalidRequest(f"task_ids names {len(ids)} tasks; wait for at most {MAX_WAIT_TASKS}")
+            known = await self.task_statuses(ids)
+            unknown = [t for t in ids if t not in known]
+            if unknown:
+                raise NotFound(f"unknown task_id{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+        watched = set(ids)
+        started = anyio.current_time()
+
+        def holds() -> bool:
+            done = [t not in self._live and t not in self._inserting for t in ids]
+            return (any(done) if mode == "any" else all(done)) or not ids
+
+        changed = anyio.Event()
+
+        def on_commit(committed: Committed) -> None:
+            if watched & committed.task_ids:
+                changed.set()
+
+        remove = self.add_listener(on_commit)
+        try:
+            with anyio.move_on_after(timeout):
+                # A finish is visible in memory before its commit; wait for the commit so the
+                # statuses below (read through the store) are the final ones.
+                while not holds():
+                    await changed.wait()
+                    changed = anyio.Event()
+                await self.store.flush()
+        finally:
+            remove()
+        met = holds()
+        statuses = await self.task_statuses(ids)
+        return WaitResult(
+            timed_out=not met,
+            mode=mode,
+            waited_seconds=round(anyio.current_time() - started, 3),
+            tasks=[
+                WaitedTask(
+                    task_id=t, status=TaskStatus(statuses[t]), finished=TaskStatus(statuses[t]).finished
+                )
+                for t in ids
+                if t in statuses
+            ],
+        )
+
+    # ---- retry -----------------------------------------------------------
+
+    async def retry(self, task_id: str) -> TaskInfo:
+        """Put a failed or cancelled task back in the queue, as the same task.
+
+        Its history stays (attempt rows, `attempts` counts on), and it gets a fresh set of
+        retries (`failures` and `lost_attempts` start again at zero). Its workflow runs again if
+        it had finished. A completed task is not rerun: its result would be replaced."""
+        self._require_running()
+        live = self._live.get(task_id)
+        if live is not None or task_id in self._inserting:
+            status = live.status if live is not None else TaskStatus.queued.value
+            raise InvalidRequest(
+                f"task {task_id} is {status}; only a failed or cancelled task can be retried "
+                "(cancel_task stops one that is still running)"
+            )
+        await self.store.flush()
+        task = await self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"unknown task_id {task_id!r}")
+        previous = task.status
+        if previous == TaskStatus.completed:
+            raise InvalidRequest(
+                f"task {task_id} completed; only a failed or cancelled task can be retried "
+                "(submit a new task to run the work again)"
+            )
+        if task_id in self.dispatcher.running:
+            raise InvalidRequest(
+                f"task {task_id} was cancelled and its attempt is still stopping; retry it in a moment"
+            )
+        self._resolve_agent(task.agent, task.project)  # the agent may be gone: say so now
+        self._check_queue()
+        wid = task.workflow_id
+        workflow: WorkflowRecord | None = None
+        counts: Counter[str] = Counter()
+        if wid not in self._workflows:
+            workflow = await self.store.get_workflow(wid)
+            counts = _finished_counts((await self.store.workflow_counts([wid])).get(wid, {}))
+        if task_id in self._live:  # a concurrent retry won while we read
+            raise InvalidRequest(f"task {task_id} is {self._live[task_id].status}; it was already retried")
+
+        now = utcnow()
+        task.status = TaskStatus.queued.value
+        task.failures = 0
+        task.lost_attempts = 0
+        task.finished_at = None
+        task.next_attempt_at = None
+        task.not_before = None
+        task.error = None
+        task.result_preview = None
+        task.progress_percent = None
+        task.progress_message = None
+        task.worker_id = None
+        task.lease_expires_at = None
+        task.updated_at = now
+        if wid in self._workflows:  # still open (or reopened by a submit while we read)
+            self._wf_counts.setdefault(wid, Counter())[previous] -= 1
+        elif workflow is not None:
+            counts[previous] -= 1
+            workflow.status, workflow.updated_at, workflow.finished_at = (
+                WorkflowStatus.running.value,
+                now,
+                None,
+            )
+            self._workflows[wid] = workflow
+            self._wf_counts[wid] = counts
+        self._wf_open[wid] += 1
+        self._live[task_id] = task
+        if task.prompt is not None:
+            self._hold(task, _payload_size(task.prompt, task.options or {}))
+        if task.idempotency_key:
+            key = (task.scope, task.idempotency_key)
+            if self._idempotency.get(key, (task_id,))[0] == task_id:
+                self._idempotency[key] = (task_id, None)
+        self.store.update_task(task)
+        self.notifier.emit(
+            NotificationKind.task_retried,
+            wid,
+            task.scope,
+            f"Task {task_id} ({task.agent}) was {previous} and is queued again "
+            f"(attempt {task.attempts + 1} next)",
+            task_id=task_id,
+        )
+        self.dispatcher.enqueue(task)
+        return self._task_info(task)
+
     # ---- reads -----------------------------------------------------------
 
     def _task_info(self, task: TaskRecord, result_chars: int | None = None) -> TaskInfo:
@@ -1094,9 +1342,21 @@ class Engine:
     async def status(self, task_id: str | None = None, workflow_id: str | None = None) -> StatusReport:
         if bool(task_id) == bool(workflow_id):
             raise InvalidRequest("give exactly one of task_id or workflow_id")
+        now = utcnow()
         if task_id:
-            return StatusReport(kind="task", task=await self.get_task(task_id))
-        return StatusReport(kind="workflow", workflow=await self.get_workflow(workflow_id))  # type: ignore[arg-type]
+            task = await self.get_task(task_id)
+            elapsed = ((task.finished_at or now) - task.created_at).total_seconds()
+            return StatusReport(
+                kind="task", task=task, elapsed_seconds=round(elapsed, 1), hint=_task_hint(task, elapsed, now)
+            )
+        workflow = await self.get_workflow(workflow_id)  # type: ignore[arg-type]
+        elapsed = ((workflow.finished_at or now) - workflow.created_at).total_seconds()
+        return StatusReport(
+            kind="workflow",
+            workflow=workflow,
+            elapsed_seconds=round(elapsed, 1),
+            hint=_workflow_hint(workflow, elapsed),
+        )
 
     async def _list(self, query: WorkflowQuery) -> WorkflowPage:
         _check_paging(query.offset, query.limit, max_limit=200)
@@ -1297,6 +1557,8 @@ class Engine:
         task = await self.store.get_task(task_id)
         if task is None:
             raise NotFound(f"unknown task_id {task_id!r}")
+        if not TaskStatus(task.status).finished:
+            raise NotFinished(_not_finished(task))
         page = await self.store.get_result_page(task_id, offset, max_chars)
         if page is None:
             return ResultPage(

@@ -5,6 +5,7 @@ from sidequest.storage.base import StoreError, StoreUnavailable
 __all__ = [
     "EngineError",
     "InvalidRequest",
+    "NotFinished",
     "NotFound",
     "QueueFull",
     "StoreError",
@@ -25,6 +26,12 @@ class NotFound(EngineError):
 
 class InvalidRequest(EngineError):
     code = "invalid_request"
+
+
+class NotFinished(EngineError):
+    """A task's result was asked for before the task finished: the message says where it stands."""
+
+    code = "not_finished"
 
 
 class QueueFull(EngineError):

@@ -51,6 +51,9 @@ from sidequest.models import (
     TaskInfo,
     TaskOptions,
     TaskSubmitted,
+    WaitMode,
+    WaitRequest,
+    WaitResult,
     WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
@@ -274,6 +277,21 @@ class DaemonClient:
         if task_id is not None:
             return await self._call("POST", f"/tasks/{_segment(task_id)}/cancel", CancelResult)
         return await self._call("POST", f"/workflows/{_segment(workflow_id or '')}/cancel", CancelResult)
+
+    async def retry(self, task_id: str) -> TaskInfo:
+        return await self._call("POST", f"/tasks/{_segment(task_id)}/retry", TaskInfo)
+
+    async def wait_for_tasks(
+        self,
+        task_ids: list[str] | None = None,
+        workflow_id: str | None = None,
+        mode: WaitMode = "any",
+        timeout: float = 30.0,
+    ) -> WaitResult:
+        """The read timeout outlasts the wait, so a long wait is not mistaken for a dead daemon."""
+        body = WaitRequest(task_ids=task_ids, workflow_id=workflow_id, mode=mode, timeout=timeout)
+        read = httpx2.Timeout(body.timeout + 15.0, connect=5.0)
+        return await self._call("POST", "/wait", WaitResult, body=body, timeout=read)
 
     async def list_active_workflows(
         self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0

@@ -22,7 +22,14 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated, SubscriptionBus
-from mcp_types import EmptyResult, SubscribeRequestParams, ToolAnnotations, UnsubscribeRequestParams
+from mcp_types import (
+    CallToolResult,
+    EmptyResult,
+    SubscribeRequestParams,
+    TextContent,
+    ToolAnnotations,
+    UnsubscribeRequestParams,
+)
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from sidequest import __version__
@@ -46,10 +53,14 @@ from sidequest.models import (
     TaskInfo,
     TaskOptions,
     TaskSubmitted,
+    WaitMode,
+    WaitResult,
+    WaitTimeout,
     WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
     as_utc,
+    options_error,
 )
 from sidequest.storage.base import Committed
 
@@ -91,6 +102,12 @@ sidequest://tasks/{id} and sidequest://workflows/{id} send resource-updated on e
 
 
 Offset = Annotated[int, Field(ge=0, le=_MAX_OFFSET)]
+Options = Annotated[
+    dict[str, Any] | None,
+    Field(description="task_async options; unknown keys are refused with the accepted ones listed"),
+]
+"""Validated by `_options`, not by the SDK, so a mistake lists the accepted keys; the schema
+published for task_async is TaskOptions' own (`_compact_schemas`)."""
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 """A time without a zone means UTC, as the tool descriptions promise (the store keeps UTC)."""
 
@@ -120,6 +137,57 @@ def _tool_errors(tool: str) -> Iterator[None]:
 async def _run_tool(tool: str, call: Awaitable[T]) -> T:
     with _tool_errors(tool):
         return await call
+
+
+def _options(options: dict[str, Any] | None) -> TaskOptions | None:
+    if options is None:
+        return None
+    try:
+        return TaskOptions.model_validate(options)
+    except ValidationError as exc:
+        raise ToolError(f"invalid options: {options_error(exc)}") from None
+
+
+def _compact(node: Any, in_properties: bool = False) -> Any:
+    """A schema without what a model does not need: generated titles, and `anyOf [X, null]`
+    with default null (leaving the key out means the same). The tools' definitions ride on every
+    request a client makes, so their size is paid on every turn."""
+    if isinstance(node, list):
+        return [_compact(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _compact(v, k == "properties") for k, v in node.items() if in_properties or k != "title"}
+    alternatives = out.get("anyOf")
+    if isinstance(alternatives, list) and len(alternatives) == 2 and {"type": "null"} in alternatives:
+        other = next(a for a in alternatives if a != {"type": "null"})
+        del out["anyOf"]
+        if "default" in out and out["default"] is None:
+            del out["default"]
+        out = {**other, **out}
+    return out
+
+
+def _compact_schemas(server: MCPServer) -> None:
+    """Compact every tool's input schema, and publish TaskOptions' schema for task_async's
+    `options` (validated in the tool, see `Options`). MCPServer has no public hook for this."""
+    task_options = TaskOptions.model_json_schema(ref_template="#/$defs/{model}")
+    defs = task_options.pop("$defs", {})
+    for tool in server._tool_manager.list_tools():
+        schema = tool.parameters
+        if tool.name == "task_async":
+            schema["properties"]["options"] = task_options
+            schema["$defs"] = {**schema.get("$defs", {}), **defs}
+        tool.parameters = _compact(schema)
+
+
+def _without_nulls(model: BaseModel) -> CallToolResult:
+    """A reply with its null fields left out: a model reads every token, and a column of nulls
+    says nothing. The output schema is still the model's (every nullable field is optional)."""
+    data = model.model_dump(mode="json", exclude_none=True)
+    return CallToolResult(
+        content=[TextContent(type="text", text=json.dumps(data, ensure_ascii=False))],
+        structured_content=data,
+    )
 
 
 # ---- resource-updated push, both protocol eras ------------------------------
@@ -278,6 +346,14 @@ class Backend(Protocol):
         self, schedule_id: str, change: ScheduleUpdate, *, project: str | None = None
     ) -> ScheduleInfo: ...
     async def delete_schedule(self, schedule_id: str) -> ScheduleDeleted: ...
+    async def wait_for_tasks(
+        self,
+        task_ids: list[str] | None = None,
+        workflow_id: str | None = None,
+        mode: WaitMode = "any",
+        timeout: float = 30.0,
+    ) -> WaitResult: ...
+    async def retry(self, task_id: str) -> TaskInfo: ...
     async def schedule_runs(self, schedule_id: str, limit: int = 20, offset: int = 0) -> ScheduleRuns: ...
 
 
@@ -309,6 +385,7 @@ def build_server(
     engine.add_listener(pusher.on_commit)
     _register_tools(server, engine, default_scope, project)
     _register_resources(server, engine)
+    _compact_schemas(server)
     return server
 
 
@@ -354,18 +431,11 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
         description=(
             "Start a task in a durable background agent and return at once with task_id and workflow_id. "
             "Use it for work likely to take more than ~30 seconds; do short things yourself. "
-            "agent_definition is an agent name from list_agents. The prompt must stand alone: the agent "
-            "does not see this conversation. options (all optional): priority high|normal|low; timeout per "
-            "attempt ('90s', '30m', '2h' or seconds); max_retries (0-20, default 3); retry_backoff; tags; "
-            "metadata; idempotency_key (resubmitting the same key returns the earlier task, even "
-            "finished, instead of a duplicate); scope (an absolute folder inside your project, to "
-            "narrow the task); workflow_name to start a named workflow, or workflow_id to add to one; "
-            "delay or "
-            "not_before to start later; cwd, resume_task_id and max_budget_usd for claude-code agents; "
-            "batch for anthropic agents (half price, slower). Unknown option keys are rejected. Read "
-            "`warnings` in the reply. After submitting, keep working: "
-            "check get_workflow_notifications between steps, or check_workflow_status every 30-60 s at "
-            "most; then read get_task_result."
+            "agent_definition is a name from list_agents. The prompt must stand alone: the agent does not "
+            "see this conversation. options are optional (see their schema): workflow_name starts a named "
+            "workflow, workflow_id adds to one; idempotency_key returns the earlier task instead of a "
+            "duplicate. Read `warnings` in the reply. Then keep working: check "
+            "get_workflow_notifications between steps, or call wait_for_tasks; then get_task_result."
         ),
         annotations=ToolAnnotations(
             title="Start background task",
@@ -381,37 +451,40 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
             Field(description="agent name from list_agents, or the path of an agent file in an agent folder"),
         ],
         prompt: Annotated[str, Field(description="complete, self-contained instructions for the agent")],
-        options: TaskOptions | None = None,
+        options: Options = None,
     ) -> TaskSubmitted:
         return await _run_tool(
             "task_async",
             engine.submit(
-                agent_definition, prompt, TaskOptions.scoped(options, default_scope), project=project
+                agent_definition,
+                prompt,
+                TaskOptions.scoped(_options(options), default_scope),
+                project=project,
             ),
         )
 
     @server.tool(
         name="check_workflow_status",
         description=(
-            "Status of one task (task_id) or of a workflow and all its tasks (workflow_id); give exactly "
-            "one. Shows status (queued, waiting, running, retrying, completed, failed, cancelled), "
-            "progress, attempts and their errors, and a result preview. Poll no more than every 30-60 "
-            "seconds; prefer get_workflow_notifications, which reports each finished task once."
+            "Status of one task (task_id) or of a workflow and its tasks (workflow_id): progress, "
+            "attempts, errors, a result preview, elapsed time and a hint of what to do next. Poll no more "
+            "than every 30-60 s; prefer wait_for_tasks or get_workflow_notifications."
         ),
         annotations=_read_only("Check task or workflow status"),
     )
     async def check_workflow_status(
         task_id: str | None = None, workflow_id: str | None = None
-    ) -> StatusReport:
-        return await _run_tool(
+    ) -> Annotated[CallToolResult, StatusReport]:
+        report = await _run_tool(
             "check_workflow_status", engine.status(task_id=task_id, workflow_id=workflow_id)
         )
+        return _without_nulls(report)
 
     @server.tool(
         name="list_active_workflows",
         description=(
-            "Workflows of this project that still have unfinished tasks, newest first, with task counts "
-            "by status. all_scopes=true lists every project's. Page with offset = next_offset."
+            "This project's workflows with unfinished tasks, newest first, with task counts. Page with "
+            "offset = next_offset."
         ),
         annotations=_read_only("List active workflows"),
     )
@@ -430,11 +503,9 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
     @server.tool(
         name="get_workflow_notifications",
         description=(
-            "What finished since you last asked: task completed/failed/cancelled and workflow completed "
-            "events for this project, oldest first. By default each event is returned once "
-            "(mark_delivered=true) and delivered ones are skipped; include_delivered=true shows them again. "
-            "Pass since=next_cursor from the previous call to read only newer events; workflow_id narrows "
-            "to one workflow. Cheap: call it between your other steps instead of polling status."
+            "What finished since you last asked (task and workflow events of this project, oldest "
+            "first). Each event is returned once unless include_delivered=true; since=next_cursor reads "
+            "only newer ones. Cheap: call it between your other steps instead of polling status."
         ),
         annotations=ToolAnnotations(
             title="Get notifications",
@@ -470,10 +541,8 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
     @server.tool(
         name="get_task_result",
         description=(
-            "Read a task's output, one page at a time: content holds up to max_chars characters from "
-            "offset; when next_offset is not null, call again with offset=next_offset for the rest. "
-            "A failed task has no content and its error in error. Keep max_chars at the default unless "
-            "you need less."
+            "Read a finished task's output, a page at a time: while next_offset is not null, call again "
+            "with offset=next_offset. A failed task has its error in error."
         ),
         annotations=_read_only("Get task result"),
     )
@@ -489,9 +558,8 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
     @server.tool(
         name="cancel_task",
         description=(
-            "Cancel a task (task_id) or every unfinished task of a workflow (workflow_id); give exactly "
-            "one. Running agents are stopped; finished tasks are left as they are and listed in "
-            "already_finished. Cancelling cannot be undone."
+            "Cancel a task (task_id) or every unfinished task of a workflow (workflow_id). Running "
+            "agents are stopped; finished tasks are listed in already_finished."
         ),
         annotations=ToolAnnotations(
             title="Cancel task or workflow",
@@ -505,12 +573,47 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
         return await _run_tool("cancel_task", engine.cancel(task_id=task_id, workflow_id=workflow_id))
 
     @server.tool(
+        name="wait_for_tasks",
+        description=(
+            "Wait until any (mode='any') or all (mode='all') of task_ids, or of a workflow's tasks, "
+            "finished, or timeout seconds (at most 50) passed; returns their statuses. Use it instead "
+            "of polling when you have nothing else to do; call again to keep waiting."
+        ),
+        annotations=_read_only("Wait for tasks"),
+    )
+    async def wait_for_tasks(
+        task_ids: list[str] | None = None,
+        workflow_id: str | None = None,
+        mode: WaitMode = "any",
+        timeout: WaitTimeout = 30.0,
+    ) -> WaitResult:
+        return await _run_tool(
+            "wait_for_tasks",
+            engine.wait_for_tasks(task_ids=task_ids, workflow_id=workflow_id, mode=mode, timeout=timeout),
+        )
+
+    @server.tool(
+        name="retry_task",
+        description=(
+            "Queue a failed or cancelled task again (same task, history kept, fresh retries); its "
+            "workflow runs again."
+        ),
+        annotations=ToolAnnotations(
+            title="Retry task",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=True,
+        ),
+    )
+    async def retry_task(task_id: str) -> TaskInfo:
+        return await _run_tool("retry_task", engine.retry(task_id))
+
+    @server.tool(
         name="get_workflow_history",
         description=(
-            "Finished workflows of this project (completed, failed, cancelled), newest first. Filter by "
-            "status, by agent, by creation time (since/until, ISO 8601, UTC if no zone). "
-            "all_scopes=true covers every project. Page with offset = next_offset. "
-            "For running work use list_active_workflows."
+            "Finished workflows of this project, newest first, filtered by status, agent or creation "
+            "time (since/until, ISO 8601, UTC if no zone). Page with offset = next_offset."
         ),
         annotations=_read_only("Workflow history"),
     )
@@ -540,10 +643,9 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
     @server.tool(
         name="list_agents",
         description=(
-            "The agents you may launch with task_async: name, description, executor (anthropic, "
-            "claude-code, command, python), model and the file that defines it. Agents come from "
-            ".claude/agents/*.md in the project, ~/.claude/agents/ and the sidequest config. Call it once "
-            "before your first task_async; `problems` lists agent files that are broken."
+            "The agents you may launch with task_async (from .claude/agents/ in the project and your "
+            "home, and the sidequest config). Call it once before your first task_async; `problems` "
+            "lists broken agent files."
         ),
         annotations=_read_only("List agents"),
     )
@@ -559,14 +661,11 @@ def _register_schedule_tools(
     @server.tool(
         name="schedule_task",
         description=(
-            "Run an agent on a cron schedule, unattended (e.g. every weekday at 09:00 Berlin time). "
-            "cron has 5 fields 'minute hour day-of-month month day-of-week' ('0 9 * * 1-5'); timezone is "
-            "an IANA name (default UTC). Each due time starts one task, once, even across restarts. "
-            "overlap: when a run is due while the previous one is unfinished, skip it (default), queue it "
-            "to start after, or allow both. misfire: after downtime, run_once (one catch-up run, "
-            "default) or skip. Optional start_at/end_at (ISO 8601, UTC if no zone), max_runs, and "
-            "task_async options for every run (not workflow_id, idempotency_key, delay, not_before). "
-            "Returns the schedule id and the next five fire times: show them to the user."
+            "Run an agent on a cron schedule ('minute hour day month weekday', e.g. '0 9 * * 1-5'), "
+            "unattended; timezone is an IANA name (default UTC). Each due time starts one task, once. "
+            "overlap (a run due while the last is unfinished): skip, queue or allow. misfire (after "
+            "downtime): run_once or skip. Times are ISO 8601, UTC if no zone. options: as task_async "
+            "(not workflow_id, idempotency_key, delay, not_before). Show the user the next fire times."
         ),
         annotations=ToolAnnotations(
             title="Schedule a recurring task",
@@ -582,7 +681,7 @@ def _register_schedule_tools(
         cron: Annotated[str, Field(description="e.g. '0 9 * * 1-5' (weekdays 09:00)")],
         timezone: str = "UTC",
         name: str | None = None,
-        options: TaskOptions | None = None,
+        options: Options = None,
         overlap: Overlap = "skip",
         misfire: Misfire = "run_once",
         start_at: UtcDatetime | None = None,
@@ -596,7 +695,7 @@ def _register_schedule_tools(
                 cron=cron,
                 timezone=timezone,
                 name=name,
-                options=options,
+                options=_options(options),
                 overlap=overlap,
                 misfire=misfire,
                 start_at=start_at,
@@ -608,9 +707,8 @@ def _register_schedule_tools(
     @server.tool(
         name="list_schedules",
         description=(
-            "This project's cron schedules (all_scopes=true: every project's), newest first: state "
-            "(active, paused, finished), next and last run, the last run's status, runs so far and the "
-            "next five fire times. Page with offset = next_offset."
+            "This project's cron schedules, newest first: state, next and last run and its status, "
+            "runs so far. Page with offset = next_offset."
         ),
         annotations=_read_only("List schedules"),
     )
@@ -627,9 +725,8 @@ def _register_schedule_tools(
     @server.tool(
         name="update_schedule",
         description=(
-            "Change a schedule: paused=true pauses it, paused=false resumes it (from the next fire time "
-            "after now, no catch-up); or change cron, timezone, prompt, name, options, overlap, misfire, "
-            "start_at, end_at, max_runs. Only the fields you give change. Returns the schedule."
+            "Change a schedule: paused=true pauses it, paused=false resumes it (no catch-up); other "
+            "fields as schedule_task. Only the fields you give change."
         ),
         annotations=ToolAnnotations(
             title="Change, pause or resume a schedule",
@@ -646,7 +743,7 @@ def _register_schedule_tools(
         timezone: str | None = None,
         prompt: str | None = None,
         name: str | None = None,
-        options: TaskOptions | None = None,
+        options: Options = None,
         overlap: Overlap | None = None,
         misfire: Misfire | None = None,
         start_at: UtcDatetime | None = None,
@@ -659,7 +756,7 @@ def _register_schedule_tools(
             "timezone": timezone,
             "prompt": prompt,
             "name": name,
-            "options": options,
+            "options": _options(options),
             "overlap": overlap,
             "misfire": misfire,
             "start_at": start_at,
@@ -689,8 +786,8 @@ def _register_schedule_tools(
     @server.tool(
         name="get_schedule_runs",
         description=(
-            "A schedule's run history: the tasks it started, newest first, with status and result "
-            "preview. Read a run's output with get_task_result. Page with offset = next_offset."
+            "The tasks a schedule started, newest first, with status and result preview. Page with "
+            "offset = next_offset."
         ),
         annotations=_read_only("Schedule run history"),
     )

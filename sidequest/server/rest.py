@@ -32,6 +32,7 @@ from sidequest.engine.engine import MAX_OFFSET, Engine, default_scope
 from sidequest.engine.errors import (
     EngineError,
     InvalidRequest,
+    NotFinished,
     NotFound,
     QueueFull,
     StoreUnavailable,
@@ -60,6 +61,8 @@ from sidequest.models import (
     TaskInfo,
     TaskOptions,
     TaskSubmitted,
+    WaitRequest,
+    WaitResult,
     WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
@@ -100,6 +103,7 @@ Offset = Annotated[int, Query(ge=0, le=_MAX_OFFSET)]
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ApiError, "description": "The engine refused the request (the message says why)"},
     404: {"model": ApiError, "description": "No such task, workflow, schedule or route"},
+    409: {"model": ApiError, "description": "The task has not finished: it has no result yet"},
     415: {"model": ApiError, "description": "The body is not JSON"},
     422: {"model": ApiError, "description": "A parameter or the body does not match the schema"},
     500: {"model": ApiError, "description": "A bug in sidequest; the server log has the traceback"},
@@ -198,6 +202,8 @@ async def _on_engine_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EngineError)
     if isinstance(exc, NotFound):
         status = 404
+    elif isinstance(exc, NotFinished):
+        status = 409
     elif isinstance(exc, QueueFull):
         status = 429
     elif isinstance(exc, Unavailable):
@@ -489,7 +495,8 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
         "/tasks/{task_id}/result",
         response_model=ResultPage,
         summary="A page of a task's output",
-        description="content holds up to max_chars characters from offset; follow next_offset.",
+        description="content holds up to max_chars characters from offset; follow next_offset. "
+        "409 not_finished while the task is queued, running or retrying.",
     )
     async def get_result(
         task_id: TaskId,
@@ -501,6 +508,27 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
     @app.post("/tasks/{task_id}/cancel", response_model=CancelResult, summary="Cancel a task")
     async def cancel_task(task_id: TaskId) -> CancelResult:
         return await engine.cancel(task_id=task_id)
+
+    @app.post(
+        "/tasks/{task_id}/retry",
+        response_model=TaskInfo,
+        summary="Queue a failed or cancelled task again",
+        description="As the retry_task tool: the same task, its history kept, a fresh set of retries; "
+        "its workflow runs again. 400 for a queued, running or completed task.",
+    )
+    async def retry_task(task_id: TaskId) -> TaskInfo:
+        return await engine.retry(task_id)
+
+    @app.post(
+        "/wait",
+        response_model=WaitResult,
+        summary="Wait until tasks finish or a timeout passes",
+        description="As the wait_for_tasks tool: returns as soon as any (mode=any) or all (mode=all) "
+        "of task_ids, or of workflow_id's tasks, are completed, failed or cancelled, or after timeout "
+        "seconds (at most 50), with each task's status.",
+    )
+    async def wait_for_tasks(body: WaitRequest) -> WaitResult:
+        return await engine.wait_for_tasks(body.task_ids, body.workflow_id, body.mode, body.timeout)
 
     @app.get("/workflows", response_model=WorkflowPage, summary="Workflows with unfinished tasks")
     async def list_workflows(
