@@ -274,6 +274,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     gc.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
 
+    from sidequest.env_cli import add_env_commands
+
+    add_env_commands(sub, CONFIG_HELP)
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -423,7 +427,9 @@ Handler = Callable[[argparse.Namespace, Settings, "Output"], Awaitable[int]]
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    handler = _HANDLERS[args.command]
+    from sidequest.env_cli import HANDLERS
+
+    handler = _HANDLERS.get(args.command) or HANDLERS[args.command]
     out = Output(as_json=bool(getattr(args, "json", False)))
     try:
         return anyio.run(handler, args, settings, out)
