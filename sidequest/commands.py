@@ -274,9 +274,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     gc.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
 
+    from sidequest.doctor import add_doctor_command
     from sidequest.env_cli import add_env_commands
 
     add_env_commands(sub, CONFIG_HELP)
+    add_doctor_command(sub, CONFIG_HELP)
 
 
 def _positive_int(text: str) -> int:
@@ -427,9 +429,9 @@ Handler = Callable[[argparse.Namespace, Settings, "Output"], Awaitable[int]]
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    from sidequest.env_cli import HANDLERS
+    from sidequest import doctor, env_cli
 
-    handler = _HANDLERS.get(args.command) or HANDLERS[args.command]
+    handler = {**_HANDLERS, **env_cli.HANDLERS, **doctor.HANDLERS}[args.command]
     out = Output(as_json=bool(getattr(args, "json", False)))
     try:
         return anyio.run(handler, args, settings, out)

@@ -6,6 +6,7 @@ the foreground, and the `environment` test agent, which returns what a python ag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,8 +30,9 @@ pytestmark = pytest.mark.slow
 SECRET = "sk-test-not-a-real-key-1234"
 
 
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
+@contextlib.contextmanager
+def private_cli(tmp_path: Path) -> Iterator[Cli]:
+    """A data dir of its own, started from a shell without ANTHROPIC_*; its daemon stopped at the end."""
     home = tmp_path / "home"
     home.mkdir()
     config = tmp_path / "test.toml"
@@ -51,6 +53,12 @@ def cli(tmp_path: Path) -> Iterator[Cli]:
         runner(runner.project("p"), "stop")
         if pid is not None and _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    with private_cli(tmp_path) as runner:
+        yield runner
 
 
 def _agent_environment(cli: Cli) -> dict[str, str]:
