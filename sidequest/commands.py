@@ -276,9 +276,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     from sidequest.doctor import add_doctor_command
     from sidequest.env_cli import add_env_commands
+    from sidequest.scaffold import add_init_command
 
     add_env_commands(sub, CONFIG_HELP)
     add_doctor_command(sub, CONFIG_HELP)
+    add_init_command(sub, CONFIG_HELP)
 
 
 def _positive_int(text: str) -> int:
@@ -429,9 +431,9 @@ Handler = Callable[[argparse.Namespace, Settings, "Output"], Awaitable[int]]
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    from sidequest import doctor, env_cli
+    from sidequest import doctor, env_cli, scaffold
 
-    handler = {**_HANDLERS, **env_cli.HANDLERS, **doctor.HANDLERS}[args.command]
+    handler = {**_HANDLERS, **env_cli.HANDLERS, **doctor.HANDLERS, **scaffold.HANDLERS}[args.command]
     out = Output(as_json=bool(getattr(args, "json", False)))
     try:
         return anyio.run(handler, args, settings, out)

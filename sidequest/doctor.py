@@ -48,7 +48,9 @@ def add_doctor_command(sub: argparse._SubParsersAction, config_help: str) -> Non
 
 
 def _mb(n: int) -> str:
-    return f"{n / (1024 * 1024):,.1f} MB"
+    from sidequest.commands import _bytes
+
+    return _bytes(n)
 
 
 def claude_code_cli(settings: Settings) -> str | None:
