@@ -93,24 +93,28 @@ async def _daemon_environment(settings: Settings) -> list[EnvVar] | None:
 
 
 async def _env(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    from sidequest.server.daemon import daemon_alive
+    from sidequest.server.daemon import daemon_alive, data_dir_errors, make_private_dir
 
     path = env_file_path(settings)
     if args.env_action == "set":
         name = _name(args)
-        set_variable(path, name, _read_value(name))
+        value = _read_value(name)
+        with data_dir_errors(settings.home):
+            make_private_dir(settings.home)
+            set_variable(path, name, value)
         out.note(f"set {name} in {path}")
     elif args.env_action == "unset":
         name = _name(args)
-        if not set_variable(path, name, None):
+        if not path.exists() or not set_variable(path, name, None):
             out.note(f"{name} is not in {path}; nothing changed")
             return 0
         out.note(f"removed {name} from {path}")
     else:
         return await _env_list(settings, out)
     shadow = [v for v in _planned(settings) if v.name == name and v.file != str(path)]
-    if args.env_action == "unset" and shadow and shadow[0].source != "starter":
-        out.warn(f"{name} is still set by {shadow[0].source} {shadow[0].file}")
+    if args.env_action == "unset" and shadow:
+        where = f"{shadow[0].source} {shadow[0].file}" if shadow[0].file else "this shell's environment"
+        out.warn(f"a daemon started from here still gets {name}, from {where}")
     if daemon_alive(settings.home):
         out.warn(f"the running daemon does not have this change yet; {RESTART}")
     return 0

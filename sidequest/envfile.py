@@ -64,7 +64,9 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def set_variable(path: Path, name: str, value: str | None) -> bool:
-    """Set (or with None remove) one variable, rewriting the file atomically as 0600; whether it was there."""
+    """Set (or with None remove) one variable, rewriting the file atomically as 0600; whether it was there.
+
+    The caller makes the folder (the data dir: private, `daemon.make_private_dir`)."""
     lines = []
     found = False
     with contextlib.suppress(FileNotFoundError):
@@ -75,9 +77,9 @@ def set_variable(path: Path, name: str, value: str | None) -> bool:
             lines.append(line)
     if value is not None:
         lines.append(f"{name}={value}")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a left-over temporary file keeps its old mode otherwise
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write("".join(line + "\n" for line in lines))
     os.replace(tmp, path)

@@ -172,3 +172,11 @@ def test_a_sidequest_setting_in_config_env_is_a_config_error(tmp_path: Path) -> 
     starter = {"SIDEQUEST_HOME": str(tmp_path)}
     with pytest.raises(ConfigError, match="SIDEQUEST_HOME is a sidequest setting"):
         defined_environment(starter, load_settings(env=starter), None, allowlist=True)
+
+
+def test_env_unset_says_when_the_config_still_sets_the_name(cli: Cli) -> None:
+    config = Path(cli.env["SIDEQUEST_CONFIG"])
+    config.write_text(config.read_text() + '\n[env]\nMY_TOKEN = "from-config"\n')
+    cli(cli.project("p"), "env", "set", "MY_TOKEN", stdin=SECRET)
+    done = cli(cli.project("p"), "env", "unset", "MY_TOKEN")
+    assert f"still gets MY_TOKEN, from config {config}" in " ".join(done.stderr.split())
