@@ -279,6 +279,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     gc.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
 
+    from sidequest.doctor import add_doctor_command
+    from sidequest.env_cli import add_env_commands
+    from sidequest.scaffold import add_init_command
+
+    add_env_commands(sub, CONFIG_HELP)
+    add_doctor_command(sub, CONFIG_HELP)
+    add_init_command(sub, CONFIG_HELP)
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -428,7 +436,9 @@ Handler = Callable[[argparse.Namespace, Settings, "Output"], Awaitable[int]]
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    handler = _HANDLERS[args.command]
+    from sidequest import doctor, env_cli, scaffold
+
+    handler = {**_HANDLERS, **env_cli.HANDLERS, **doctor.HANDLERS, **scaffold.HANDLERS}[args.command]
     out = Output(as_json=bool(getattr(args, "json", False)))
     try:
         return anyio.run(handler, args, settings, out)

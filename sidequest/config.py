@@ -247,6 +247,22 @@ class Settings(_Strict):
     anthropic: AnthropicConfig = Field(default_factory=AnthropicConfig)
     claude_code: ClaudeCodeConfig = Field(default_factory=ClaudeCodeConfig)
     schedules: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    env: dict[str, str] = Field(
+        default_factory=dict, description="variables of the daemon's environment (see sidequest/envfile.py)"
+    )
+    env_file: Path | None = Field(
+        default=None, description="an env file (NAME=value lines) read on top of [env]; <home>/env goes last"
+    )
+
+    @field_validator("env_file", mode="after")
+    @classmethod
+    def _absolute_env_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        path = value.expanduser()
+        if not path.is_absolute():
+            raise ValueError(f"{str(path)!r} must be an absolute path (or start with ~)")
+        return path
 
     @field_validator("models", mode="after")
     @classmethod

@@ -401,6 +401,17 @@ class AckResult(BaseModel):
     acknowledged: int = Field(description="how many cursors were marked delivered (unknown ones are ignored)")
 
 
+class EnvVar(BaseModel):
+    """A variable of the daemon's environment: its name and where it came from, never its value."""
+
+    name: str
+    source: Literal["env file", "config", "starter"] = Field(
+        description="'env file' (<data dir>/env or env_file), 'config' ([env]), 'starter' (the environment "
+        "the daemon was started with: the allowlist for a detached daemon)"
+    )
+    file: str | None = Field(default=None, description="the file that set it; null for the starter")
+
+
 class DaemonStatus(BaseModel):
     """`sidequest status` and `GET /api/v1/daemon`: what is running and what it holds."""
 
@@ -416,6 +427,13 @@ class DaemonStatus(BaseModel):
     running: int = Field(description="attempts running in this daemon now")
     store_error: str | None = Field(
         default=None, description="why the store stopped accepting writes (the daemon is stopping)"
+    )
+    schema_version: int | None = Field(default=None, description="the store's schema version")
+    database_bytes: int = Field(default=0, description="size of the database file")
+    wal_bytes: int = Field(default=0, description="size of its write-ahead log")
+    disk_free_bytes: int | None = Field(default=None, description="free space on the data dir's disk")
+    environment: list[EnvVar] = Field(
+        default_factory=list, description="names in the daemon's environment and their sources, never values"
     )
 
 

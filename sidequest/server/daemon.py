@@ -43,7 +43,7 @@ import httpx2
 from pydantic import BaseModel, ValidationError
 
 from sidequest import __version__
-from sidequest.config import Settings, daemon_environment
+from sidequest.config import ConfigError, Settings
 from sidequest.engine.errors import Unavailable
 from sidequest.server.client import DaemonClient, Endpoint
 
@@ -285,10 +285,19 @@ def spawn_daemon(
     The daemon outlives this client and serves every project, so it gets a defined start rather
     than this process's: the environment is `config.DAEMON_ENV_ALLOW` (plus what the configuration
     passes to agents), never this shell's other variables or its `CLAUDE_PROJECT_DIR`, and the
-    umask is PRIVATE_UMASK, never the one this shell happened to have.
+    umask is PRIVATE_UMASK, never the one this shell happened to have. The variables of
+    `<data dir>/env`, `env_file` and `[env]` go on top (`sidequest.envfile`), already at exec so
+    that a PYTHONPATH set there reaches the interpreter's start.
     """
+    from sidequest.envfile import config_file_of, defined_environment
+
     home = settings.home
-    env = daemon_environment(os.environ, settings)
+    try:
+        env, _ = defined_environment(
+            os.environ, settings, config_file_of(settings, os.environ), allowlist=True
+        )
+    except ConfigError as exc:
+        raise Unavailable(f"cannot start the sidequest daemon: {exc}") from exc
     env["SIDEQUEST_HOME"] = str(home)
     with data_dir_errors(home):
         make_private_dir(home)

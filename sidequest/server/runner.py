@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
 
     from sidequest.engine.engine import Engine
+    from sidequest.models import DaemonStatus, EnvVar
     from sidequest.server.client import Endpoint
     from sidequest.server.daemon import DaemonState
     from sidequest.server.http import QuietUvicorn
@@ -99,6 +101,39 @@ async def _stop_on_signal(
             return
 
 
+def _apply_environment(settings: Settings) -> list[EnvVar]:
+    """`<data dir>/env`, `env_file` and `[env]` into os.environ before the engine is built, so a
+    foreground `serve` reads them as a detached one does; what each name came from, for `status`."""
+    from sidequest.config import ConfigError
+    from sidequest.envfile import apply_to_process
+
+    try:
+        return apply_to_process(settings)
+    except ConfigError as exc:
+        raise Fatal(f"configuration error: {exc}") from exc
+
+
+def _schema_version() -> int:
+    """The schema the store was migrated to when it opened (it refuses to open otherwise)."""
+    from sidequest.storage.duckdb import migrations
+
+    return migrations()[-1][0]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
 def _failure(engine: Engine) -> str | None:
     return str(engine.failure) if engine.failure is not None else None
 
@@ -125,6 +160,7 @@ async def stdio_embedded(settings: Settings) -> None:
     from sidequest.server.mcp import build_server
 
     _own_data_dir(settings)
+    _apply_environment(settings)
     engine = Engine(settings)
     with _startup_errors():
         async with engine.running():
@@ -235,6 +271,7 @@ async def serve(settings: Settings) -> None:
     from sidequest.server.rest import build_rest_app, close_event_streams
 
     _own_data_dir(settings)
+    environment = _apply_environment(settings)
     with _startup_errors():
         lock = DaemonLock.acquire(settings.home)
     if lock is None:
@@ -270,7 +307,13 @@ async def serve(settings: Settings) -> None:
 
         async def daemon_status() -> DaemonStatus:
             failure = engine.failure
+            database = Path(state.database)
             return DaemonStatus(
+                schema_version=None if failure else _schema_version(),
+                database_bytes=_size(database),
+                wal_bytes=_size(database.with_name(database.name + ".wal")),
+                disk_free_bytes=_free_bytes(settings.home),
+                environment=environment,
                 store_error=str(failure) if failure else None,
                 version=__version__,
                 pid=state.pid,
@@ -372,7 +415,6 @@ async def status(settings: Settings, as_json: bool) -> None:
     from rich.table import Table
 
     from sidequest.engine.errors import EngineError, Unavailable
-    from sidequest.server.client import DaemonClient
     from sidequest.server.daemon import find_daemon
 
     try:
@@ -385,14 +427,8 @@ async def status(settings: Settings, as_json: bool) -> None:
         else:
             print(f"no sidequest daemon is running for {settings.home}")
         raise SystemExit(EXIT_NOT_RUNNING)
-    endpoint = state.endpoint()
-
-    async def here(_: bool) -> Endpoint:
-        return endpoint
-
     try:
-        async with DaemonClient(here, _default_scope()) as client:
-            status = await client.daemon_status()
+        status = await daemon_status_of(state)
     except EngineError as exc:
         raise Fatal(str(exc)) from exc
     if as_json:
@@ -412,6 +448,19 @@ async def status(settings: Settings, as_json: bool) -> None:
     if status.store_error:
         table.add_row("STORE FAILED", f"{status.store_error} (the daemon is stopping)")
     Console().print(table)
+
+
+async def daemon_status_of(state: DaemonState) -> DaemonStatus:
+    """`GET /api/v1/daemon` of the daemon `state` names (never starting one)."""
+    from sidequest.server.client import DaemonClient
+
+    endpoint = state.endpoint()
+
+    async def here(_: bool) -> Endpoint:
+        return endpoint
+
+    async with DaemonClient(here, _default_scope()) as client:
+        return await client.daemon_status()
 
 
 def _duration(seconds: float) -> str:
