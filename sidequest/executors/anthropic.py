@@ -4,7 +4,9 @@ The agent's body is the system prompt, its model an alias or id. Turns are
 streamed (a non-streaming call refuses large `max_tokens`). Server-side tools
 (web search, web fetch) run on Anthropic's side, so a research agent needs no
 local tools; when the server pauses a long turn (`pause_turn`) we send the
-conversation back to let it continue, up to the agent's `maxTurns`.
+conversation back to let it continue, up to the agent's `maxTurns`. The
+answer keeps the web pages it cites: `[n]` after each cited span and a numbered
+"Sources:" list at the end of the text (see `Sources`).
 
 Retries belong to the engine, not the SDK: the SDK would obey a `retry-after`
 of an hour with no cap and hide every attempt from the task's history. So the
