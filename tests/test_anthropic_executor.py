@@ -6,7 +6,9 @@ import textwrap
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import anthropic
 import pytest
 from conftest import all_test_agents, wait_for
 from mcp import Client
@@ -14,8 +16,17 @@ from tools import call, submit, wait_status
 
 from sidequest.config import AnthropicConfig, Settings
 from sidequest.engine.engine import Engine
+from sidequest.executors.anthropic import Sources
 from sidequest.server.mcp import build_server
-from sidequest.testing.fake_anthropic import Error, FakeAnthropic, StreamError, Text, Usage, WebSearch
+from sidequest.testing.fake_anthropic import (
+    Cite,
+    Error,
+    FakeAnthropic,
+    StreamError,
+    Text,
+    Usage,
+    WebSearch,
+)
 
 RESEARCHER = """\
 ---
@@ -79,7 +90,7 @@ async def test_research_agent_from_file_completes_with_usage(client: Client, fak
     submitted = await submit(client, "researcher", "How long do kittens sleep?")
     task = await wait_status(client, submitted["task_id"], "completed")
     page = await call(client, "get_task_result", task_id=submitted["task_id"])
-    assert page["content"] == "Kittens sleep 16 hours a day [1]."
+    assert page["content"] == "Kittens sleep 16 hours a day [1]."  # nothing cited: no sources list
 
     usage = task["usage"]
     assert usage["models"] == ["claude-haiku-5-5"]
@@ -186,6 +197,104 @@ async def test_batch_agent_goes_through_the_batches_api_at_half_price(
     submitted = await submit(client, "plain", "also cheap", batch=True)
     await wait_status(client, submitted["task_id"], "completed")
     assert sum(1 for r in fake.requests if (r.method, r.path) == ("POST", "/v1/messages/batches")) == 2
+
+
+KITTEN_RESULTS = [
+    ("Sleep in cats", "https://cats.example/sleep"),
+    ("Purring explained", "https://cats.example/purr"),
+    ("Unrelated page", "https://cats.example/other"),
+]
+KITTEN_ANSWER = [
+    "Kittens ",
+    Cite("sleep 16 hours a day", "https://cats.example/sleep"),
+    " and ",
+    Cite("purr when content", "https://cats.example/purr", also=["https://cats.example/sleep"]),
+    ". ",
+    Cite("Older cats nap less. ", "https://cats.example/sleep"),
+]
+KITTEN_RESULT = """\
+Kittens sleep 16 hours a day[1] and purr when content[2][1]. Older cats nap less.[1]
+
+Sources:
+[1] Sleep in cats — https://cats.example/sleep
+[2] Purring explained — https://cats.example/purr"""
+
+
+async def test_research_result_keeps_its_sources_numbered_and_referenced(
+    client: Client, fake: FakeAnthropic
+) -> None:
+    # cited spans get [n] after them, numbered in order of first citation; a URL cited three times is
+    # listed once; the search result nobody cited is left out
+    fake.on("kittens sleep", WebSearch("kitten sleep", results=KITTEN_RESULTS, text=KITTEN_ANSWER))
+    submitted = await submit(client, "researcher", "How long do kittens sleep?")
+    await wait_status(client, submitted["task_id"], "completed")
+    page = await call(client, "get_task_result", task_id=submitted["task_id"])
+    assert page["content"] == KITTEN_RESULT
+    assert fake.message_requests[0].stream
+
+
+async def test_sources_survive_pause_turn_and_batches(client: Client, fake: FakeAnthropic) -> None:
+    # the continuation cites a page found before the pause: its title comes from that search result,
+    # and numbering carries on across turns
+    fake.on(
+        "paused research",
+        [
+            WebSearch(
+                "q",
+                results=KITTEN_RESULTS,
+                text=["First ", Cite("fact", KITTEN_RESULTS[1][1])],
+                stop_reason="pause_turn",
+            ),
+            Text(
+                [
+                    ", then ",
+                    Cite("another", KITTEN_RESULTS[0][1]),
+                    " and ",
+                    Cite("again", KITTEN_RESULTS[1][1]),
+                ]
+            ),
+        ],
+    )
+    submitted = await submit(client, "researcher", "paused research")
+    await wait_status(client, submitted["task_id"], "completed")
+    page = await call(client, "get_task_result", task_id=submitted["task_id"])
+    assert page["content"] == (
+        "First fact[1], then another[2] and again[1]\n\nSources:\n"
+        "[1] Purring explained — https://cats.example/purr\n[2] Sleep in cats — https://cats.example/sleep"
+    )
+    continued = fake.message_requests[1].messages[-1]["content"]
+    assert continued[-1]["citations"][0]["type"] == "web_search_result_location"  # sent back as given
+
+    fake.on("batched kittens", WebSearch("kitten sleep", results=KITTEN_RESULTS, text=KITTEN_ANSWER))
+    submitted = await submit(client, "batcher", "batched kittens")
+    await wait_status(client, submitted["task_id"], "completed")
+    page = await call(client, "get_task_result", task_id=submitted["task_id"])
+    assert page["content"] == KITTEN_RESULT
+
+
+async def test_sources_structured_from_a_non_streamed_message(fake: FakeAnthropic) -> None:
+    fake.on("kittens", WebSearch("kitten sleep", results=KITTEN_RESULTS, text=KITTEN_ANSWER))
+    fake.on("plain", Text("Nothing cited here."))
+    tools: Any = [{"type": "web_search_20250305", "name": "web_search"}]
+    async with anthropic.AsyncAnthropic(base_url=fake.base_url, api_key=fake.api_key, max_retries=0) as api:
+        cited = await api.messages.create(
+            model="claude-haiku-5-5",
+            max_tokens=100,
+            tools=tools,
+            messages=[{"role": "user", "content": "kittens"}],
+        )
+        plain = await api.messages.create(
+            model="claude-haiku-5-5", max_tokens=100, messages=[{"role": "user", "content": "plain"}]
+        )
+    sources = Sources()
+    assert sources.render("".join(sources.read(cited.content)).strip()) == KITTEN_RESULT
+    assert sources.listed() == [
+        {"n": 1, "title": "Sleep in cats", "url": "https://cats.example/sleep"},
+        {"n": 2, "title": "Purring explained", "url": "https://cats.example/purr"},
+    ]
+    untouched = Sources()
+    assert untouched.render("".join(untouched.read(plain.content))) == "Nothing cited here."
+    assert untouched.listed() == []
 
 
 async def _async(value: object) -> object:

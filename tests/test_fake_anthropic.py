@@ -25,6 +25,7 @@ import claude_agent_sdk
 import pytest
 
 from sidequest.testing.fake_anthropic import (
+    Cite,
     Error,
     FakeAnthropic,
     RecordedRequest,
@@ -294,6 +295,68 @@ async def test_web_search_blocks_need_a_web_search_tool(
     )
     with pytest.raises(anthropic.BadRequestError, match="web_search"):
         await api.messages.create(model=MODEL, max_tokens=100, messages=user("news"))
+
+
+async def test_cited_text_after_a_search_streamed_plain_and_batched(
+    fake: FakeAnthropic, api: anthropic.AsyncAnthropic
+) -> None:
+    results = [("Kitten daily", "https://kittens.example/"), ("Cat facts", "https://cats.example/")]
+    answer = [
+        "Kittens ",
+        Cite("sleep a lot", "https://kittens.example/", also=["https://cats.example/"]),
+        ".",
+    ]
+    fake.on("news", WebSearch("kitten news", results=results, text=answer))
+    tools: Any = [{"type": "web_search_20250305", "name": "web_search"}]
+    request: Any = {"model": MODEL, "max_tokens": 100, "tools": tools, "messages": user("news")}
+    async with api.messages.stream(**request) as s:
+        streamed = await s.get_final_message()
+    plain = await api.messages.create(**request)
+    batch = await api.messages.batches.create(requests=[{"custom_id": "b", "params": request}])
+    [entry] = [r async for r in await api.messages.batches.results(batch.id)]
+    assert entry.result.type == "succeeded"
+    for message in (streamed, plain, entry.result.message):
+        _, _, before, cited, after = message.content
+        assert (before.text, before.citations) == ("Kittens ", None)
+        assert cited.type == "text" and cited.text == "sleep a lot" and after.text == "."
+        assert cited.citations is not None
+        first, second = cited.citations
+        assert first.type == "web_search_result_location"
+        assert (first.url, first.title, first.cited_text) == (
+            "https://kittens.example/",
+            "Kitten daily",
+            "sleep a lot",
+        )
+        assert (second.url, second.title) == ("https://cats.example/", "Cat facts")
+    assert [b.model_dump() for b in streamed.content[2:]] == [b.model_dump() for b in plain.content[2:]]
+
+    # Text replies cite too (a turn after a paused search); an unknown URL is its own title
+    fake.on("later", Text([Cite("Sure.", "https://elsewhere.example/", cited_text="quoted")]))
+    [block] = (await api.messages.create(model=MODEL, max_tokens=10, messages=user("later"))).content
+    assert block.citations is not None
+    assert (
+        block.citations[0].title == "https://elsewhere.example/" and block.citations[0].cited_text == "quoted"
+    )
+
+
+async def test_cited_search_directive(fake: FakeAnthropic, api: anthropic.AsyncAnthropic) -> None:
+    prompt = (
+        'find [[fake:search="kittens" results=[["Kitten daily","https://kittens.example/"]] '
+        'text=["Kittens ", {"text": "nap", "url": "https://kittens.example/"}, "."] stop=pause_turn]]'
+    )
+    tools: Any = [{"type": "web_search_20250305", "name": "web_search"}]
+    message = await api.messages.create(model=MODEL, max_tokens=10, tools=tools, messages=user(prompt))
+    assert message.stop_reason == "pause_turn"
+    _, result, _, cited, _ = message.content
+    assert result.type == "web_search_tool_result" and isinstance(result.content, list)
+    assert result.content[0].title == "Kitten daily"
+    assert cited.type == "text" and cited.citations is not None
+    assert (cited.citations[0].url, cited.citations[0].title) == ("https://kittens.example/", "Kitten daily")
+    parts = await api.messages.create(model=MODEL, max_tokens=10, messages=user('[[fake:text=["a", "b"]]]'))
+    assert [b.text for b in parts.content if b.type == "text"] == ["a", "b"]
+    for bad in ('[[fake:search="k" results=["x"]]]', '[[fake:text=[{"text": "x"}]]]'):
+        with pytest.raises(anthropic.BadRequestError, match="fake:"):
+            await api.messages.create(model=MODEL, max_tokens=10, tools=tools, messages=user(bad))
 
 
 async def test_rules_sequences_expiry_and_conditions(

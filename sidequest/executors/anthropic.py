@@ -4,7 +4,9 @@ The agent's body is the system prompt, its model an alias or id. Turns are
 streamed (a non-streaming call refuses large `max_tokens`). Server-side tools
 (web search, web fetch) run on Anthropic's side, so a research agent needs no
 local tools; when the server pauses a long turn (`pause_turn`) we send the
-conversation back to let it continue, up to the agent's `maxTurns`.
+conversation back to let it continue, up to the agent's `maxTurns`. The
+answer keeps the web pages it cites: `[n]` after each cited span and a numbered
+"Sources:" list at the end of the text (see `Sources`).
 
 Retries belong to the engine, not the SDK: the SDK would obey a `retry-after`
 of an hour with no cap and hide every attempt from the task's history. So the
@@ -141,6 +143,7 @@ class AnthropicExecutor:
             batch = self.definition.keys.batch
         messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
         texts: list[str] = []
+        sources = Sources()
         for turn in range(1, self.max_turns + 1):
             params = self._params(messages)
             if batch:
@@ -148,7 +151,7 @@ class AnthropicExecutor:
             else:
                 message = await self._stream_turn(client, params)
             self._record_usage(message, ctx, batch=bool(batch))
-            texts.extend(block.text for block in message.content if block.type == "text")
+            texts.extend(sources.read(message.content))
             reason = message.stop_reason
             ctx.report_progress(None, f"turn {turn}/{self.max_turns} done ({reason})")
             if reason == "pause_turn":
@@ -165,7 +168,7 @@ class AnthropicExecutor:
             if reason == "max_tokens":
                 ctx.report_progress(None, f"output stopped at max_tokens={self.max_tokens}")
                 texts.append(f"\n[output cut at max_tokens={self.max_tokens}]")
-            return ExecutionResult("".join(texts).strip())
+            return ExecutionResult(sources.render("".join(texts).strip()), sources=sources.listed())
         raise PermanentError(
             f"the agent used all {self.max_turns} turns (maxTurns) without finishing; "
             "raise maxTurns in the agent file or narrow the prompt"
@@ -297,6 +300,67 @@ class AnthropicExecutor:
                 utcnow(),
             )
         )
+
+
+class Sources:
+    """The web pages an answer cites, so a research result keeps its URLs.
+
+    The API answers after a web search with text blocks that carry `web_search_result_location`
+    citations (url, title, cited_text). Each cited page gets a number in the order of its first
+    citation, once per URL across the whole run (pause_turn continuations included); the cited
+    span is followed by its `[n]` markers and the result ends with a numbered "Sources:" list.
+    Search results the answer does not cite are left out, and a result with no citations is
+    returned unchanged. Citations without a URL (documents) are ignored.
+    """
+
+    def __init__(self) -> None:
+        self._numbers: dict[str, int] = {}
+        self._titles: dict[str, str] = {}
+        """Titles from web_search_tool_result blocks, for citations that come without one."""
+
+    def read(self, blocks: list[Any]) -> list[str]:
+        """The text of one assistant turn's blocks, each cited span followed by its markers."""
+        texts = []
+        for block in blocks:
+            if block.type == "web_search_tool_result" and isinstance(block.content, list):
+                for result in block.content:
+                    title = " ".join((getattr(result, "title", None) or "").split())
+                    if getattr(result, "url", None) and title:
+                        self._titles.setdefault(result.url, title)
+            if block.type != "text":
+                continue
+            numbers: list[int] = []
+            for citation in block.citations or []:
+                url = getattr(citation, "url", None)
+                if not url:
+                    continue
+                if url not in self._numbers:
+                    self._numbers[url] = len(self._numbers) + 1
+                title = " ".join((getattr(citation, "title", None) or "").split())
+                if title:
+                    self._titles.setdefault(url, title)
+                if self._numbers[url] not in numbers:
+                    numbers.append(self._numbers[url])
+            text = block.text
+            if numbers:
+                body = text.rstrip()
+                text = body + "".join(f"[{n}]" for n in numbers) + text[len(body) :]
+            texts.append(text)
+        return texts
+
+    def listed(self) -> list[dict[str, Any]]:
+        return [{"n": n, "title": self._titles.get(url), "url": url} for url, n in self._numbers.items()]
+
+    def render(self, text: str) -> str:
+        """`text` followed by the numbered list of sources, or unchanged when nothing was cited."""
+        if not self._numbers:
+            return text
+        lines = []
+        for source in self.listed():
+            title = source["title"]
+            label = f"{title} — {source['url']}" if title and title != source["url"] else source["url"]
+            lines.append(f"[{source['n']}] {label}")
+        return f"{text}\n\nSources:\n" + "\n".join(lines)
 
 
 def _dump_blocks(blocks: list[Any]) -> list[dict[str, Any]]:

@@ -38,6 +38,10 @@ class ExecutionResult:
 
     content: str
     content_type: str = "text"  # text | json
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Web pages the result cites, `{"n", "title", "url"}` in the order of their `[n]` markers
+    (anthropic executor). Not stored on its own: the engine keeps `content`, where the same list is
+    written out as text; a structured field would need a results schema change."""
 
 
 @dataclass

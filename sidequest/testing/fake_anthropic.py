@@ -119,10 +119,11 @@ class Reply:
 class Text(Reply):
     """A plain assistant text turn. Set `stop_reason` to "max_tokens", "pause_turn", "refusal", …
 
-    `text=None` answers with the default "fake reply: <prompt>" text.
+    `text=None` answers with the default "fake reply: <prompt>" text. `text` may mix strings and `Cite`
+    spans (e.g. the turn after a paused search citing what it found).
     """
 
-    text: str | None = None
+    text: TextParts | None = None
     stop_reason: str = "end_turn"
     usage: Usage | None = None
 
@@ -139,17 +140,40 @@ class ToolUse(Reply):
 
 
 @dataclass(frozen=True)
+class Cite:
+    """A span of answer text that cites web pages: one text block with `web_search_result_location`
+    citations, the way the API answers after a web search.
+
+    Use it in the `text` of a `WebSearch` or `Text` reply, between plain strings:
+    `WebSearch("kittens", results=[(title, url)], text=["Kittens ", Cite("sleep a lot", url), "."])`.
+    `title=None` takes the title of the search result with that URL in the same reply (else the URL);
+    `also` lists more URLs the same span cites.
+    """
+
+    text: str
+    url: str
+    title: str | None = None
+    cited_text: str | None = None
+    also: Sequence[str] = ()
+
+
+TextParts = str | Sequence[str | Cite]
+"""Answer text: one string (one text block), or parts where each `Cite` becomes a cited text block."""
+
+
+@dataclass(frozen=True)
 class WebSearch(Reply):
     """A server-side web search: server_tool_use + web_search_tool_result blocks, then `text`.
 
     Only valid when the request offers a web search tool (`{"type": "web_search_…"}`); otherwise the
     fake answers 400, because the real API would never produce these blocks and the test is wrong.
-    `stop_reason="pause_turn"` models a long server-tool turn the API paused.
+    `stop_reason="pause_turn"` models a long server-tool turn the API paused. `text` may mix plain
+    strings and `Cite` spans (text blocks with citations, streamed as `citations_delta` events).
     """
 
     query: str
     results: Sequence[tuple[str, str]] = (("Example result", "https://example.com/"),)
-    text: str = "Here is what I found."
+    text: TextParts = "Here is what I found."
     stop_reason: str = "end_turn"
     usage: Usage | None = None
 
@@ -462,14 +486,48 @@ def _directive_reply(items: dict[str, Any]) -> tuple[Reply, int | None]:
         # A tool call that repeated forever would loop an agent until max_turns: once unless told.
         times = 1 if times is None else times
     elif "search" in items:
+        extra: dict[str, Any] = {}
+        if "results" in items:
+            results = items["results"]
+            if not isinstance(results, list) or not all(
+                isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r) for r in results
+            ):
+                raise ValueError('search results must be a JSON list of ["title", "url"] pairs')
+            extra["results"] = [tuple(r) for r in results]
         reply = WebSearch(
-            str(items["search"]), text=str(items.get("text", "Here is what I found.")), **timing
+            str(items["search"]),
+            text=_directive_text(items.get("text", "Here is what I found.")),
+            stop_reason=str(items.get("stop", "end_turn")),
+            usage=usage,
+            **extra,
+            **timing,
         )
     else:
         stop = str(items.get("stop", "end_turn"))
-        text = str(items["text"]) if "text" in items else None
+        text = _directive_text(items["text"]) if "text" in items else None
         reply = Text(text, stop_reason=stop, usage=usage, **timing)
     return reply, times
+
+
+def _directive_text(value: Any) -> TextParts:
+    """A directive's `text=`: a string, or a JSON list of strings and cited spans
+    (`{"text": "…", "url": "…", "title": "…"}`, optional `cited_text`, `also`)."""
+    if not isinstance(value, list):
+        return str(value)
+    parts: list[str | Cite] = []
+    for part in value:
+        if isinstance(part, str):
+            parts.append(part)
+        elif (
+            isinstance(part, dict) and isinstance(part.get("text"), str) and isinstance(part.get("url"), str)
+        ):
+            unknown = set(part) - {"text", "url", "title", "cited_text", "also"}
+            if unknown:
+                raise ValueError(f"unknown keys in a cited text part: {', '.join(sorted(unknown))}")
+            parts.append(Cite(**{**part, "also": tuple(part.get("also", ()))}))
+        else:
+            raise ValueError('text parts must be strings or {"text": "…", "url": "…"} objects')
+    return parts
 
 
 def parse_directives(text: str) -> list[Directive]:
@@ -482,6 +540,9 @@ def parse_directives(text: str) -> list[Directive]:
     - `tool=Name {"json": "input"}`: ask for a client tool call, once by default (`text=` adds a
       preamble);
     - `search="query"`: a server-side web search turn (needs a web search tool in the request);
+      `results=[["title", "url"], …]` sets its results, `stop=pause_turn` pauses it;
+    - `text=["plain ", {"text": "cited span", "url": "https://…"}, "."]` (with `text=` or `search=`):
+      text blocks, each object one with a web search citation (`title`, `cited_text`, `also` optional);
     - `error=429 [type=rate_limit_error] [message="..."] [retry_after=2]`: an HTTP error;
     - `stream_error=overloaded_error [message="..."]`: an `event: error` in the middle of a stream;
     - `delay=SECONDS`, `event_delay=SECONDS`: slow down any of the above (alone: a slow default reply);
@@ -584,10 +645,13 @@ def _block_events(index: int, block: dict[str, Any]) -> Iterator[tuple[str, dict
     """content_block_start / delta… / stop for one block, with deltas the way the API splits them."""
     kind = block["type"]
     if kind == "text":
-        yield (
-            "content_block_start",
-            {"type": "content_block_start", "index": index, "content_block": {**block, "text": ""}},
-        )
+        start = {**block, "text": ""}
+        if "citations" in start:
+            start["citations"] = []  # they follow as citations_delta events, as the API streams them
+        yield "content_block_start", {"type": "content_block_start", "index": index, "content_block": start}
+        for citation in block.get("citations") or []:
+            delta = {"type": "citations_delta", "citation": citation}
+            yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
         for piece in _chunks(block["text"]):
             delta = {"type": "text_delta", "text": piece}
             yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
@@ -623,7 +687,7 @@ def _build_message(reply: Reply, request: RecordedRequest, ids: _Ids) -> _Messag
     stop_reason = "end_turn"
     if isinstance(reply, Text):
         text = default_text(request) if reply.text is None else reply.text
-        content, usage, stop_reason = [{"type": "text", "text": text}], reply.usage, reply.stop_reason
+        content, usage, stop_reason = _text_blocks(text, {}), reply.usage, reply.stop_reason
     elif isinstance(reply, ToolUse):
         if reply.text:
             content.append({"type": "text", "text": reply.text})
@@ -647,7 +711,7 @@ def _build_message(reply: Reply, request: RecordedRequest, ids: _Ids) -> _Messag
             {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": results},
         ]
         if reply.text:
-            content.append({"type": "text", "text": reply.text})
+            content.extend(_text_blocks(reply.text, {url: title for title, url in reply.results}))
         usage, stop_reason = reply.usage, reply.stop_reason
     elif isinstance(reply, StreamError):
         content = [{"type": "text", "text": reply.text}]
@@ -662,6 +726,30 @@ def _build_message(reply: Reply, request: RecordedRequest, ids: _Ids) -> _Messag
         "usage": _usage_json(usage, request, content),
     }
     return _Message(body)
+
+
+def _text_blocks(text: TextParts, titles: dict[str, str]) -> list[dict[str, Any]]:
+    """Text blocks for `text`: a `Cite` span becomes a block with web_search_result_location citations
+    (titles looked up in this reply's search results), plain strings plain blocks."""
+    if isinstance(text, str):
+        return [{"type": "text", "text": text}]
+    blocks: list[dict[str, Any]] = []
+    for part in text:
+        if isinstance(part, Cite):
+            citations = [
+                {
+                    "type": "web_search_result_location",
+                    "url": url,
+                    "title": (part.title if url == part.url else None) or titles.get(url) or url,
+                    "cited_text": part.cited_text if part.cited_text is not None else part.text,
+                    "encrypted_index": "ZmFrZQ==",
+                }
+                for url in (part.url, *part.also)
+            ]
+            blocks.append({"type": "text", "text": part.text, "citations": citations})
+        else:
+            blocks.append({"type": "text", "text": str(part)})
+    return blocks
 
 
 def default_text(request: RecordedRequest) -> str:
