@@ -882,3 +882,11 @@ def test_api_matches_its_schema(live: Live) -> None:
             raise event.exception
     assert not failures, "\n\n".join(failures)
     assert requests > 300, f"only {requests} requests: the run did not exercise the API"
+
+
+async def test_history_times_are_iso_8601_not_numbers(http: httpx2.AsyncClient) -> None:
+    """Schemathesis found `since=4.7e-147` accepted (read as a Unix time): a number is refused."""
+    for value in ("4.7e-147", "2026", " 17 "):
+        response = await http.get("/history", params={"since": value})
+        assert response.status_code == 422 and "ISO 8601" in response.json()["message"], response.text
+    assert (await http.get("/history", params={"since": "2026-01-01T00:00:00Z"})).status_code == 200

@@ -21,7 +21,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BeforeValidator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
@@ -97,7 +97,25 @@ def _utc(value: datetime) -> datetime:
         raise ValueError("the time is out of range once converted to UTC") from exc
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+def _iso_only(value: Any) -> Any:
+    """The documented format is ISO 8601; pydantic would also read a bare number as a Unix time,
+    which the OpenAPI document does not promise (and a typo like `since=2026` would silently
+    mean 1970)."""
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, int | float) or (isinstance(text, str) and _looks_numeric(text)):
+        raise ValueError("must be an ISO 8601 time such as 2026-12-05T10:00:00Z, not a number")
+    return value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+UtcDatetime = Annotated[datetime, BeforeValidator(_iso_only), AfterValidator(_utc)]
 Offset = Annotated[int, Query(ge=0, le=_MAX_OFFSET)]
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
