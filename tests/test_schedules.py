@@ -87,7 +87,13 @@ async def tasks_of(engine: Engine, schedule_id: str) -> list[str]:
     [
         ("* * * *", {}, "has 4 fields; expected 5 fields"),
         ("*/5 * * * * *", {}, "has 6 fields"),
-        ("61 * * * *", {}, "is not valid"),
+        ("61 * * * *", {}, "minute 61 is out of range 0-59"),
+        ("0 25 * * *", {}, "hour 25 is out of range 0-23"),
+        ("0 9 0 * *", {}, "day-of-month 0 is out of range 1-31"),
+        ("0 9 * 1-13 *", {}, "month 13 is out of range 1-12"),
+        ("0 9 * * 8", {}, "day-of-week 8 is out of range 0-7"),
+        ("*/0 * * * *", {}, "the minute step '0' must be a whole number above 0"),
+        ("@fortnightly", {}, "or one of @yearly"),
         ("0 9 * * 1-5", {"timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
         ("0 9 * * *", {"options": TaskOptions(workflow_id="wf_x")}, "workflow_id cannot be used"),
         ("0 9 * * *", {"start_at": utc(2027, 1, 2), "end_at": utc(2027, 1, 1)}, "end_at must be after"),
@@ -101,6 +107,19 @@ async def test_bad_schedules_are_refused_with_a_reason_and_write_nothing(
         await engine.schedule_task(spec(cron, **fields), SCOPE)
     assert message in str(refused.value)
     assert (await engine.store.count_rows())["scheduled_tasks"] == 0
+
+
+@pytest.mark.parametrize(
+    ("alias", "expanded"),
+    [("@daily", "0 0 * * *"), ("@HOURLY", "0 * * * *"), ("@weekly", "0 0 * * 0"), ("@monthly", "0 0 1 * *")],
+)
+async def test_cron_shorthands_are_accepted_and_stored_expanded(
+    engine: Engine, alias: str, expanded: str
+) -> None:
+    created = await engine.schedule_task(spec(alias), SCOPE)
+    info = await engine.get_schedule(created.schedule_id)
+    assert info.cron == expanded
+    assert created.next_runs and created.next_runs[0] > utc(2026, 3, 6, 12)
 
 
 async def test_unknown_agent_and_short_interval_are_refused(tmp_path: Path, clock: ManualClock) -> None:
@@ -335,7 +354,7 @@ async def test_schedule_tools(engine: Engine, clock: ManualClock) -> None:
         error = await call_error(
             client, "schedule_task", agent_definition="echo", prompt="x", cron="61 * * * *"
         )
-        assert "is not valid" in error
+        assert "minute 61 is out of range 0-59" in error
         error = await call_error(
             client, "schedule_task", agent_definition="echo", prompt="", cron="0 9 * * *"
         )

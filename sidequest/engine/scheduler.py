@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import secrets
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -84,19 +85,58 @@ class SystemClock:
 # ---- cron ------------------------------------------------------------------------
 
 
+CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+"""The usual shorthands; stored expanded, so a schedule reads the same everywhere."""
+
+_FIELD_RANGES = (
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day-of-month", 1, 31),
+    ("month", 1, 12),
+    ("day-of-week", 0, 7),
+)
+
+
+def _check_ranges(expr: str, fields: list[str]) -> None:
+    """Name the field of an out-of-range number ("hour 25 is out of range 0-23"): croniter's own
+    message does not say which field it means."""
+    named = ((("second", 0, 59),) if len(fields) == 6 else ()) + _FIELD_RANGES
+    for (name, low, high), field in zip(named, fields, strict=True):
+        for part in field.split(","):
+            for number in re.findall(r"\d+", part.split("/")[0]):
+                if not low <= int(number) <= high:
+                    raise InvalidRequest(f"cron {expr!r}: {name} {int(number)} is out of range {low}-{high}")
+            step = part.partition("/")[2]
+            if step and (not step.isdigit() or int(step) == 0):
+                raise InvalidRequest(
+                    f"cron {expr!r}: the {name} step {step!r} must be a whole number above 0"
+                )
+
+
 class Cron:
     """A validated cron expression in a time zone; all times in and out are UTC."""
 
     def __init__(
         self, expr: str, timezone: str, config: ScheduleConfig, *, check_interval: bool = True
     ) -> None:
-        fields = expr.split()
+        alias = CRON_ALIASES.get(expr.strip().lower())
+        fields = (alias or expr).split()
         self.seconds = len(fields) == 6
         if len(fields) not in (5, 6) or (self.seconds and not config.allow_seconds):
             accepted = "5 fields (minute hour day-of-month month day-of-week)"
             if config.allow_seconds:
                 accepted += ", or 6 with seconds first"
+            accepted += f", or one of {', '.join(CRON_ALIASES)}"
             raise InvalidRequest(f"cron {expr!r} has {len(fields)} fields; expected {accepted}")
+        _check_ranges(expr, fields)
         try:
             self.zone = ZoneInfo(timezone)
         except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a tzdata folder
