@@ -112,7 +112,10 @@ def open_error(path: Path, unprivileged: bool = False) -> str:
 
 def needs_file_modes() -> None:
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
-        pytest.skip("root ignores file modes, and setpriv (util-linux) is missing to drop that power")
+        pytest.fail(
+            "root ignores file modes, and setpriv (util-linux, essential on Debian) is missing to drop "
+            "that power: install util-linux"
+        )
 
 
 @pytest.fixture

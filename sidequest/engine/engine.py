@@ -518,7 +518,9 @@ class Engine:
         self._limits[agent] = found.max_concurrency
         return found
 
-    def _validate_submit(self, agent: str, prompt: str, options: TaskOptions) -> None:
+    def _validate_submit(self, agent: str, prompt: str, options: TaskOptions) -> int:
+        """Refuse what cannot be stored or run; returns the payload's size (prompt and options),
+        which submit reuses for the memory budget instead of serialising the options again."""
         if not agent.strip():
             raise InvalidRequest("agent_definition is empty; call list_agents for the names you may use")
         _require_utf8("agent_definition", agent)
@@ -537,7 +539,8 @@ class Engine:
                 f"prompt is {size} bytes, over the {self.settings.max_prompt_bytes}-byte limit "
                 "(max_prompt_bytes in the config); pass a file path or a summary instead"
             )
-        total = _payload_size(prompt, options.model_dump(mode="json", exclude_defaults=True)) + len(agent)
+        payload = _payload_size(prompt, options.model_dump(mode="json", exclude_defaults=True))
+        total = payload + len(agent)
         if total > self.settings.max_request_bytes:
             meta, tags = len(metadata.encode()), len(json.dumps(options.tags, ensure_ascii=False).encode())
             raise InvalidRequest(
@@ -551,6 +554,7 @@ class Engine:
                 f"timeout {options.timeout:g}s is over the {self.settings.max_timeout:g}s maximum "
                 "(max_timeout in the config)"
             )
+        return payload
 
     def check_task(self, agent: str, prompt: str, options: TaskOptions, project: str | None) -> Agent:
         """What submit would refuse, without submitting (a schedule's runs must be able to start)."""
@@ -598,7 +602,7 @@ class Engine:
         model types): see `admit_scope`."""
         self._require_running()
         options = options or TaskOptions()
-        self._validate_submit(agent, prompt, options)
+        payload = self._validate_submit(agent, prompt, options)
         scope, project = self.admit_scope(options.scope, project)
 
         if options.idempotency_key:
@@ -678,7 +682,7 @@ class Engine:
             inserted.set()
 
         self._live[task.id] = task
-        self._hold(task, _payload_size(prompt, task.options or {}))
+        self._hold(task, payload)
         if new_workflow is not None:
             self._workflows[new_workflow.id] = new_workflow
             self._wf_counts[new_workflow.id] = Counter()

@@ -65,6 +65,7 @@ from sidequest.executors.sandbox import (
     read_to_end,
     resolve_workdir,
     stop_process_group,
+    task_env,
 )
 
 PROMPT_FIELD = "{prompt}"
@@ -269,12 +270,7 @@ class CommandExecutor:
     def environment(self, ctx: TaskContext) -> dict[str, str]:
         """Only what the user allowed: the allowlist, fixed values, then our own ids (which always win)."""
         env = child_env(self.config.env_allow, self.config.env)
-        env.update(
-            SIDEQUEST_TASK_ID=ctx.task_id,
-            SIDEQUEST_WORKFLOW_ID=ctx.workflow_id,
-            SIDEQUEST_ATTEMPT=str(ctx.attempt),
-            SIDEQUEST_SCOPE=ctx.scope,
-        )
+        env.update(task_env(ctx))
         return env
 
     async def _spawn(self, argv: list[str], cwd: str, env: dict[str, str]) -> Process:

@@ -67,6 +67,7 @@ from sidequest.executors.sandbox import (
     is_inside,
     read_to_end,
     stop_process_group,
+    task_env,
 )
 from sidequest.storage.base import UsageRecord
 
@@ -155,12 +156,7 @@ class ProcessPythonExecutor:
         """The allowlist and fixed values, the daemon's sys.path, then our own ids (which always win)."""
         env = child_env(self.env_allow, self.env)
         env["PYTHONPATH"] = os.pathsep.join([*filter(None, [env.get("PYTHONPATH")]), *child_sys_path()])
-        env.update(
-            SIDEQUEST_TASK_ID=ctx.task_id,
-            SIDEQUEST_WORKFLOW_ID=ctx.workflow_id,
-            SIDEQUEST_ATTEMPT=str(ctx.attempt),
-            SIDEQUEST_SCOPE=ctx.scope,
-        )
+        env.update(task_env(ctx))
         return env
 
     async def _spawn(self, cwd: str, env: dict[str, str]) -> Process:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from sidequest.executors.base import PermanentError
+from sidequest.executors.base import PermanentError, TaskContext
 
 if TYPE_CHECKING:
     import psutil
@@ -283,3 +283,13 @@ async def read_to_end(
         pass
     finally:
         done.set()
+
+
+def task_env(ctx: TaskContext) -> dict[str, str]:
+    """The ids every child process of a task gets (they win over the allowlist and fixed values)."""
+    return {
+        "SIDEQUEST_TASK_ID": ctx.task_id,
+        "SIDEQUEST_WORKFLOW_ID": ctx.workflow_id,
+        "SIDEQUEST_ATTEMPT": str(ctx.attempt),
+        "SIDEQUEST_SCOPE": ctx.scope,
+    }
