@@ -11,7 +11,7 @@ from conftest import all_test_agents
 from test_engine import running_engine, wait_status
 
 from sidequest.config import AgentConfig
-from sidequest.engine.errors import InvalidRequest
+from sidequest.engine.errors import InvalidRequest, NotFound
 from sidequest.executors.base import TaskContext
 from sidequest.models import ScheduleSpec, ScheduleUpdate, TaskOptions, TaskStatus, utcnow
 from sidequest.storage.base import UsageRecord
@@ -42,8 +42,10 @@ async def test_gc_with_writes_queued_runs(tmp_path: Path) -> None:
         await wait_status(engine, done.task_id, TaskStatus.completed)
         engine.store.mark_delivered([1], utcnow())  # a background write waiting for the writer
         report = await engine.gc(older_than=0.001, dry_run=False)
-        assert report.deleted.tasks >= 0
+        assert report.deleted.tasks == 1, report
         assert engine.failure is None
+        with pytest.raises(NotFound):
+            await engine.get_task(done.task_id)
 
 
 async def test_a_scope_whose_symlink_now_points_outside_is_not_a_root(tmp_path: Path) -> None:
