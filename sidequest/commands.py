@@ -1197,6 +1197,8 @@ def _print_task(out: Output, detail: TaskDetail) -> None:
     grid.add_row("priority", task.priority)
     grid.add_row("scope", task.scope)
     grid.add_row("created", _when(task.created_at))
+    if task.prompt or task.prompt_preview:
+        grid.add_row("prompt", Text(task.prompt or task.prompt_preview or ""))
     if task.not_before is not None and not task.status.finished:
         grid.add_row("not before", _when(task.not_before))
     if task.started_at is not None:

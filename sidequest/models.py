@@ -60,7 +60,13 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema({"type": ["number", "string"]}, mode="validation"),
+]
+"""Seconds, or a string like '30m': declared as both, so clients that coerce arguments by their
+schema send "30m" as it is, not null (the value is always stored and returned as seconds)."""
 
 
 def utcnow() -> datetime:
@@ -147,7 +153,9 @@ class TaskOptions(_Strict):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     workflow_id: str | None = Field(default=None, min_length=1, max_length=100)
     workflow_name: str | None = Field(default=None, min_length=1, max_length=200)
-    delay: Duration | None = Field(default=None, description="start no sooner than this long from now")
+    delay: Duration | None = Field(
+        default=None, description="start no sooner than this long from now ('10m')"
+    )
     not_before: datetime | None = Field(default=None, description="start no sooner than this UTC time")
     callback_url: AnyHttpUrl | None = Field(default=None, description="stored; delivery comes later")
     scope: str | None = Field(default=None, min_length=1, max_length=1000)
@@ -227,6 +235,10 @@ class TaskInfo(BaseModel):
     priority: Priority
     scope: str
     created_at: datetime
+    prompt_preview: str | None = Field(default=None, description="the prompt's start, on one line")
+    prompt: str | None = Field(
+        default=None, description="the whole prompt (REST `GET /tasks/{id}` and `sidequest show` only)"
+    )
     started_at: datetime | None = None
     finished_at: datetime | None = None
     not_before: datetime | None = None
@@ -291,6 +303,14 @@ class StatusReport(BaseModel):
     hint: str | None = Field(default=None, description="one line: where it stands and what to do next")
 
 
+class Source(BaseModel):
+    """A page a result cites: `[n]` in the result's text refers to it."""
+
+    n: int
+    title: str | None = None
+    url: str
+
+
 class ResultPage(BaseModel):
     task_id: str
     status: TaskStatus
@@ -300,6 +320,7 @@ class ResultPage(BaseModel):
     content: str
     next_offset: int | None = Field(default=None, description="pass as offset to read on; null at the end")
     error: str | None = None
+    sources: list[Source] = Field(default_factory=list, description="pages the text cites as [n]")
 
 
 class Notification(BaseModel):

@@ -187,6 +187,7 @@ async def test_batch_agent_goes_through_the_batches_api_at_half_price(
     task = await wait_status(client, submitted["task_id"], "completed")
     page = await call(client, "get_task_result", task_id=submitted["task_id"])
     assert page["content"] == "batched answer"
+    assert page["sources"] == []  # nothing cited: an empty list, not a made-up one
     paths = [(r.method, r.path) for r in fake.requests]
     assert ("POST", "/v1/messages/batches") in paths
     assert not any(r.path == "/v1/messages" for r in fake.requests)  # nothing went the full-price way
@@ -231,6 +232,13 @@ async def test_research_result_keeps_its_sources_numbered_and_referenced(
     page = await call(client, "get_task_result", task_id=submitted["task_id"])
     assert page["content"] == KITTEN_RESULT
     assert fake.message_requests[0].stream
+    # the structured result carries the same list, numbered as the markers in the text
+    assert page["sources"] == [
+        {"n": 1, "title": "Sleep in cats", "url": "https://cats.example/sleep"},
+        {"n": 2, "title": "Purring explained", "url": "https://cats.example/purr"},
+    ]
+    second = await call(client, "get_task_result", task_id=submitted["task_id"], offset=10)
+    assert second["sources"] == page["sources"]  # on every page, not only the first
 
 
 async def test_sources_survive_pause_turn_and_batches(client: Client, fake: FakeAnthropic) -> None:

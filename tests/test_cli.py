@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import signal
 import subprocess
@@ -196,11 +197,13 @@ def test_submit_with_options_then_show(cli: Cli) -> None:
     assert (task.tags, task.priority, task.timeout) == (["a", "b"], "high", 1800.0)
     assert task.metadata == {"ticket": "ABC-1"}
     assert task.scope == str(project)
+    assert task.prompt == "hello from the cli"
 
     shown, workflow_json = cli.many(
         project, ["show", submitted.task_id], ["show", submitted.workflow_id, "--json"]
     )
     assert "completed" in shown.stdout and submitted.workflow_id in shown.stdout
+    assert re.search(r"^prompt +hello from the cli$", shown.stdout, re.MULTILINE), shown.stdout
     assert shown.stdout.endswith("hello from the cli\n")
     workflow = WorkflowInfo.model_validate_json(workflow_json.stdout)
     assert workflow.name == "2024"

@@ -92,6 +92,28 @@ async def test_status_has_no_nulls_elapsed_time_and_a_hint(client: Client) -> No
     assert report["hint"].startswith("failed in ") and "retry_task" in report["hint"]
 
 
+async def test_status_shows_a_prompt_preview_not_the_whole_prompt(client: Client) -> None:
+    prompt = "Summarise   the\nchangelog " + "word " * 200
+    submitted = await submit(client, "echo", prompt)
+    report = await call(client, "check_workflow_status", task_id=submitted["task_id"])
+    preview = report["task"]["prompt_preview"]
+    assert preview.startswith("Summarise the changelog word") and preview.endswith("…")
+    assert len(preview) == 160 and "prompt" not in report["task"]
+    workflow = await call(client, "check_workflow_status", workflow_id=submitted["workflow_id"])
+    assert workflow["workflow"]["tasks"][0]["prompt_preview"] == preview
+
+
+async def test_durations_are_declared_as_seconds_or_text(client: Client) -> None:
+    tools = {t.name: t for t in (await client.list_tools()).tools}
+    options = tools["task_async"].input_schema["properties"]["options"]["properties"]
+    # A client that coerces arguments by schema must be able to send "30m" as it is.
+    assert options["timeout"]["type"] == ["number", "string"]
+    assert options["delay"]["type"] == ["number", "string"]
+    submitted = await submit(client, "echo", "x", timeout="30m", delay="0s")
+    task = await wait_status(client, submitted["task_id"], "completed")
+    assert task["timeout"] == 1800.0
+
+
 async def test_big_result_is_paged(client: Client) -> None:
     size = 45_000
     submitted = await submit(client, "big_result", str(size))

@@ -189,6 +189,13 @@ async def test_create_get_and_page_result(http: httpx2.AsyncClient) -> None:
     assert "".join(pages) == ("abcdefghijklmnopqrstuvwxyz" * 2)[:45]
 
 
+async def test_get_task_has_the_whole_prompt(http: httpx2.AsyncClient) -> None:
+    prompt = "line one\n" + "x" * 5000
+    task = await finished(http, (await submit(http, "echo", prompt))["task_id"])
+    assert task["prompt"] == prompt
+    assert task["prompt_preview"].startswith("line one xxx") and task["prompt_preview"].endswith("…")
+
+
 async def test_idempotency_key_answers_200_with_the_same_task(http: httpx2.AsyncClient) -> None:
     body = {"agent_definition": "sleep", "prompt": "30", "options": {"idempotency_key": "build-1"}}
     first = await http.post("/tasks", json=body)

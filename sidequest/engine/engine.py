@@ -48,6 +48,7 @@ from sidequest.models import (
     NotificationPage,
     Progress,
     ResultPage,
+    Source,
     RetryBackoff,
     ScheduleCreated,
     ScheduleDeleted,
@@ -90,6 +91,8 @@ from sidequest.storage.base import (
 log = logging.getLogger(__name__)
 
 _NOTIFY_PREVIEW = 200
+PROMPT_PREVIEW_CHARS = 160
+"""Enough to tell tasks apart in a status or a list; the whole prompt is on REST and `sidequest show`."""
 _FINISHED = {s.value for s in (TaskStatus.completed, TaskStatus.failed, TaskStatus.cancelled)}
 
 
@@ -961,7 +964,9 @@ class Engine:
         task.error = None
         task.progress_percent = 100.0
         task.result_preview = result.content[: self.settings.result_preview_chars]
-        self.store.add_result(ResultRecord(task.id, result.content_type, result.content, now))
+        self.store.add_result(
+            ResultRecord(task.id, result.content_type, result.content, now, result.sources or None)
+        )
         self.store.update_task(task)
         self.notifier.emit(
             NotificationKind.task_completed,
@@ -1273,6 +1278,7 @@ class Engine:
             priority=task.priority,  # type: ignore[arg-type]
             scope=task.scope,
             created_at=task.created_at,
+            prompt_preview=_short(task.prompt, PROMPT_PREVIEW_CHARS) or None,
             started_at=task.started_at,
             finished_at=task.finished_at,
             not_before=task.not_before,
@@ -1290,7 +1296,9 @@ class Engine:
             schedule_id=task.schedule_id,
         )
 
-    async def get_task(self, task_id: str, history: bool = True) -> TaskInfo:
+    async def get_task(self, task_id: str, history: bool = True, prompt: bool = False) -> TaskInfo:
+        """`prompt`: include the whole prompt. Off for model-facing reads, where a preview is enough
+        and a long prompt the model wrote itself would be read back on every status check."""
         await self.store.flush()
         task = await self.store.get_task(task_id)
         if task is None:
@@ -1298,6 +1306,8 @@ class Engine:
         # Each read is a DuckDB statement (~1.5-4 ms): skip the ones that cannot find anything.
         sizes = await self.store.get_result_size([task_id]) if task.status == TaskStatus.completed else {}
         info = self._task_info(task, sizes.get(task_id))
+        if prompt:
+            info.prompt = task.prompt
         if task.attempts == 0:
             info.attempt_history = [] if history else None
             return info  # never ran: no usage, no attempt rows
@@ -1573,7 +1583,7 @@ class Engine:
                 content="",
                 error=task.error,
             )
-        content_type, content, total = page
+        content_type, content, total, sources = page
         if offset > total:
             raise InvalidRequest(f"offset {offset} is past the end of the result ({total} characters)")
         end = offset + len(content)
@@ -1585,6 +1595,7 @@ class Engine:
             total_chars=total,
             content=content,
             next_offset=end if end < total else None,
+            sources=[Source.model_validate(s) for s in sources or ()],
         )
 
     # ---- retention -------------------------------------------------------

@@ -40,8 +40,8 @@ class ExecutionResult:
     content_type: str = "text"  # text | json
     sources: list[dict[str, Any]] = field(default_factory=list)
     """Web pages the result cites, `{"n", "title", "url"}` in the order of their `[n]` markers
-    (anthropic executor). Not stored on its own: the engine keeps `content`, where the same list is
-    written out as text; a structured field would need a results schema change."""
+    (anthropic executor). Stored with the result and returned beside its text, where the same list
+    is also written out (a reader of the text alone still gets the URLs)."""
 
 
 @dataclass

@@ -507,7 +507,7 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
 
     @app.get("/tasks/{task_id}", response_model=TaskInfo, summary="One task, with its attempt history")
     async def get_task(task_id: TaskId) -> TaskInfo:
-        return await engine.get_task(task_id)
+        return await engine.get_task(task_id, prompt=True)
 
     @app.get(
         "/tasks/{task_id}/result",

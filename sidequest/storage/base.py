@@ -119,6 +119,8 @@ class ResultRecord:
     content_type: str
     content: str
     created_at: datetime
+    sources: list[dict[str, Any]] | None = None
+    """Cited pages, `{"n", "title", "url"}` (research results); None when nothing was cited."""
 
     @property
     def size_chars(self) -> int:
@@ -302,8 +304,10 @@ class Store(Protocol):
 
     async def get_result_size(self, task_ids: Sequence[str]) -> dict[str, int]: ...
 
-    async def get_result_page(self, task_id: str, offset: int, limit: int) -> tuple[str, str, int] | None:
-        """(content_type, content slice, total chars), or None when there is no result."""
+    async def get_result_page(
+        self, task_id: str, offset: int, limit: int
+    ) -> tuple[str, str, int, list[dict[str, Any]] | None] | None:
+        """(content_type, content slice, total chars, cited sources), or None when there is no result."""
         ...
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None: ...

@@ -134,6 +134,7 @@ def _workflow_from_row(row: Sequence[Any]) -> WorkflowRecord:
 _CONVERT: dict[str, Callable[[Any], Any]] = {
     **dict.fromkeys(_TIME_FIELDS | {"recorded_at"}, _naive),
     "options": json.dumps,
+    "sources": lambda sources: json.dumps(sources) if sources else None,
 }
 """Per-column conversion from a record's value to what the appender takes."""
 
@@ -191,7 +192,9 @@ _WRITES: dict[str, _Write] = {
         "task_attempts", ("task_id", "attempt", "status", "started_at", "finished_at", "error", "worker_id")
     ),
     # a task completes once: its result and its completion share one commit, so plain insert
-    "results": _Write("task_results", ("task_id", "content_type", "content", "size_chars", "created_at")),
+    "results": _Write(
+        "task_results", ("task_id", "content_type", "content", "size_chars", "created_at", "sources")
+    ),
     "notifications": _Write(
         "notifications", ("cursor", "kind", "task_id", "workflow_id", "scope", "message", "created_at")
     ),
@@ -1192,11 +1195,13 @@ class DuckDBStore:
         rows = await self._read(lambda cur: cur.execute(Q["result_sizes"], [ids]).fetchall())
         return {r[0]: int(r[1]) for r in rows}
 
-    async def get_result_page(self, task_id: str, offset: int, limit: int) -> tuple[str, str, int] | None:
+    async def get_result_page(
+        self, task_id: str, offset: int, limit: int
+    ) -> tuple[str, str, int, list[dict[str, Any]] | None] | None:
         row = await self._read(lambda cur: cur.execute(Q["result_page"], [task_id, offset, limit]).fetchone())
         if row is None:
             return None
-        return row[0], row[1] or "", int(row[2])
+        return row[0], row[1] or "", int(row[2]), json.loads(row[3]) if row[3] else None
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
         row = await self._read(lambda cur: cur.execute(Q["get_workflow"], [workflow_id]).fetchone())

@@ -63,7 +63,7 @@ SELECT task_id, size_chars FROM task_results WHERE task_id IN (SELECT unnest($1:
 
 -- result_page --
 -- A slice of a result (offset is 0-based; SQL substr is 1-based).
-SELECT content_type, substr(content, $2 + 1, $3), size_chars FROM task_results WHERE task_id = $1;
+SELECT content_type, substr(content, $2 + 1, $3), size_chars, sources FROM task_results WHERE task_id = $1;
 
 -- get_workflow --
 -- One workflow by id.
