@@ -161,6 +161,18 @@ def _short(text: str | None, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _preview(prompt: str | None) -> str | None:
+    """The prompt's start on one line. Only a bounded head is looked at: prompts may be megabytes,
+    and every task of a listing gets one."""
+    if not prompt:
+        return None
+    head = prompt[: PROMPT_PREVIEW_CHARS * 8]
+    line = " ".join(head.split())
+    if len(line) > PROMPT_PREVIEW_CHARS or (len(head) < len(prompt) and prompt[len(head) :].strip()):
+        return line[: PROMPT_PREVIEW_CHARS - 1] + "…"
+    return line or None
+
+
 def _not_finished(task: TaskRecord) -> str:
     """Where an unfinished task stands and what to do: an early read must not look like an empty result."""
     where = [f"attempt {task.attempts}"] if task.attempts else []
@@ -1278,7 +1290,7 @@ class Engine:
             priority=task.priority,  # type: ignore[arg-type]
             scope=task.scope,
             created_at=task.created_at,
-            prompt_preview=_short(task.prompt, PROMPT_PREVIEW_CHARS) or None,
+            prompt_preview=_preview(task.prompt),
             started_at=task.started_at,
             finished_at=task.finished_at,
             not_before=task.not_before,
