@@ -29,6 +29,7 @@ from rich.text import Text
 
 from sidequest.config import Settings
 from sidequest.engine.errors import EngineError, NotFound
+from sidequest.engine.notifier import CLI_READER
 from sidequest.engine.retention import describe_age
 from sidequest.models import (
     AgentList,
@@ -187,9 +188,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     retry = add("retry", "queue a failed or cancelled task again (its history is kept)")
     retry.add_argument("id", metavar="ID", help="a task id (t_…)")
 
-    notes = add("notifications", "read notifications of finished work (marking them read)")
+    notes = add(
+        "notifications",
+        "read notifications of finished work (marking them read here only: Claude sessions still get them)",
+    )
     notes.add_argument("--all-scopes", action="store_true", help="every project, not only this one")
-    notes.add_argument("--since", type=_cursor, metavar="CURSOR", help="only notifications after this cursor")
+    notes.add_argument(
+        "--since", type=_cursor, metavar="CURSOR", help="every notification after this cursor, read or not"
+    )
     notes.add_argument("--peek", action="store_true", help="show them without marking them read")
     notes.add_argument(
         "--limit", type=_positive_int_upto(MAX_NOTIFICATIONS), default=50, help="at most N (default 50)"
@@ -759,7 +765,11 @@ async def _retry(args: argparse.Namespace, settings: Settings, out: Output) -> i
 async def _notifications(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     async with _connect(settings, args.config) as client:
         page = await client.notifications(
-            all_scopes=args.all_scopes, since=args.since, mark_delivered=not args.peek, limit=args.limit
+            all_scopes=args.all_scopes,
+            since=args.since,
+            mark_delivered=not args.peek,
+            limit=args.limit,
+            reader=CLI_READER,  # the terminal's own deliveries: a Claude session still gets these
         )
     if out.as_json:
         out.emit(page)

@@ -40,7 +40,7 @@ async def test_gc_with_writes_queued_runs(tmp_path: Path) -> None:
     async with running_engine(tmp_path) as engine:
         done = await engine.submit("echo", "x")
         await wait_status(engine, done.task_id, TaskStatus.completed)
-        engine.store.mark_delivered([1], utcnow())  # a background write waiting for the writer
+        engine.store.mark_delivered("rest:x", [1], utcnow())  # a background write waiting for the writer
         report = await engine.gc(older_than=0.001, dry_run=False)
         assert report.deleted.tasks == 1, report
         assert engine.failure is None

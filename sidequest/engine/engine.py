@@ -28,7 +28,7 @@ from sidequest.agents import Agent, AgentLookupError, AgentRegistry
 from sidequest.config import Settings
 from sidequest.engine.dispatcher import Dispatcher, RunningAttempt
 from sidequest.engine.errors import InvalidRequest, NotFinished, NotFound, QueueFull
-from sidequest.engine.notifier import Listener, Notifier
+from sidequest.engine.notifier import DEFAULT_READER, Listener, Notifier, reader_key
 from sidequest.engine.retention import Retention
 from sidequest.engine.retry import backoff_delay
 from sidequest.engine.scheduler import Clock, Scheduler
@@ -1441,17 +1441,28 @@ class Engine:
         mark_delivered: bool = True,
         include_delivered: bool = False,
         limit: int = 50,
+        *,
+        reader: str = DEFAULT_READER,
     ) -> NotificationPage:
+        """What `reader` (in the caller's project) has not had yet; other readers' reads change
+        nothing here. `since` reads everything after that cursor, delivered or not, so a read
+        whose reply was lost is repeated by sending the same `since` again."""
         if since is not None and not 0 <= since <= MAX_OFFSET:
             raise InvalidRequest(f"since must be a cursor between 0 and {MAX_OFFSET}, got {since}")
         _check_paging(0, limit, max_limit=1000)
+        own = scope or default_scope()
+        key = reader_key(reader, own)
         await self.store.flush()
-        since = since or 0
         rows = await self.store.list_notifications(
-            None if all_scopes else (scope or default_scope()), since, workflow_id, include_delivered, limit
+            None if all_scopes else own,
+            since or 0,
+            workflow_id,
+            include_delivered or since is not None,
+            limit,
+            key,
         )
         if mark_delivered:
-            self.store.mark_delivered([r.cursor for r in rows if r.delivered_at is None], utcnow())
+            self.store.mark_delivered(key, [r.cursor for r in rows if r.delivered_at is None], utcnow())
         items = [
             Notification(
                 cursor=r.cursor,
@@ -1465,7 +1476,7 @@ class Engine:
             )
             for r in rows
         ]
-        next_cursor = rows[-1].cursor if rows else since
+        next_cursor = rows[-1].cursor if rows else (since or 0)
         return NotificationPage(notifications=items, next_cursor=next_cursor)
 
     # ---- schedules -------------------------------------------------------
@@ -1557,14 +1568,19 @@ class Engine:
         self.dispatcher.enqueue(task)
         return task.id
 
-    async def acknowledge(self, cursors: list[int]) -> int:
-        """Mark notifications delivered (REST readers read first, then acknowledge what they handled)."""
+    async def acknowledge(
+        self, cursors: list[int], scope: str | None = None, *, reader: str = DEFAULT_READER
+    ) -> int:
+        """Mark notifications delivered to this reader only (REST readers read first, then
+        acknowledge what they handled). Durable before it returns: an acknowledged read is not
+        handed out again after a crash."""
         if not cursors:
             raise InvalidRequest("cursors must name at least one notification cursor")
         if any(not 1 <= c <= MAX_OFFSET for c in cursors):
             raise InvalidRequest(f"cursors must be between 1 and {MAX_OFFSET}")
+        key = reader_key(reader, scope or default_scope())
         known = sorted({c for c in cursors if c <= self.notifier.last_cursor})
-        self.store.mark_delivered(known, utcnow())
+        self.store.mark_delivered(key, known, utcnow())
         await self.store.flush()
         return len(known)
 

@@ -29,6 +29,7 @@ import httpx2
 from pydantic import BaseModel, ValidationError
 
 from sidequest.engine.errors import EngineError, InvalidRequest, NotFound, QueueFull, Unavailable
+from sidequest.engine.notifier import DEFAULT_READER
 from sidequest.models import (
     AckRequest,
     AckResult,
@@ -66,6 +67,7 @@ M = TypeVar("M", bound=BaseModel)
 
 API = "/api/v1"
 PROJECT_HEADER = "X-Sidequest-Project"
+READER_HEADER = "X-Sidequest-Reader"
 IDEMPOTENCY_PREFIX = "front-"
 """Keys the client makes up for retries; a caller's own key is passed through untouched."""
 
@@ -178,6 +180,7 @@ class DaemonClient:
         body: BaseModel | None = None,
         exclude_unset: bool = False,
         timeout: httpx2.Timeout | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> M:
         """`exclude_unset` sends only the fields the caller set, nulls included: a PATCH body, where an
         explicit null (end_at: null, "no end") means something different from leaving a field out.
@@ -191,7 +194,7 @@ class DaemonClient:
                 else body.model_dump_json(exclude_none=True)
             )
             content = dumped.encode()
-        headers = self._headers(endpoint)
+        headers = {**(headers or {}), **self._headers(endpoint)}
         if content is not None:
             headers["Content-Type"] = "application/json"
         for attempt in (1, 2):
@@ -334,7 +337,11 @@ class DaemonClient:
         mark_delivered: bool = True,
         include_delivered: bool = False,
         limit: int = 50,
+        *,
+        reader: str = DEFAULT_READER,
     ) -> NotificationPage:
+        """`reader` travels as a header, like the project: who reads is the caller's surface, not
+        an argument of the call."""
         params = {
             "all_scopes": all_scopes,
             "since": since,
@@ -343,10 +350,18 @@ class DaemonClient:
             "include_delivered": include_delivered,
             "limit": limit,
         }
-        return await self._call("GET", "/notifications", NotificationPage, params=params)
+        return await self._call(
+            "GET", "/notifications", NotificationPage, params=params, headers={READER_HEADER: reader}
+        )
 
-    async def acknowledge(self, cursors: list[int]) -> int:
-        result = await self._call("POST", "/notifications/ack", AckResult, body=AckRequest(cursors=cursors))
+    async def acknowledge(self, cursors: list[int], *, reader: str = DEFAULT_READER) -> int:
+        result = await self._call(
+            "POST",
+            "/notifications/ack",
+            AckResult,
+            body=AckRequest(cursors=cursors),
+            headers={READER_HEADER: reader},
+        )
         return result.acknowledged
 
     async def schedule_task(

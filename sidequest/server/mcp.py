@@ -35,6 +35,7 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from sidequest import __version__
 from sidequest.config import format_validation_error
 from sidequest.engine.errors import EngineError, NotFound, StoreError
+from sidequest.engine.notifier import MCP_READER
 from sidequest.models import (
     AgentList,
     CancelResult,
@@ -334,6 +335,8 @@ class Backend(Protocol):
         mark_delivered: bool = True,
         include_delivered: bool = False,
         limit: int = 50,
+        *,
+        reader: str,
     ) -> NotificationPage: ...
     async def agent_list(self, scope: str | None = None, project: str | None = None) -> AgentList: ...
     async def schedule_task(
@@ -504,8 +507,10 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
         name="get_workflow_notifications",
         description=(
             "What finished since you last asked (task and workflow events of this project, oldest "
-            "first). Each event is returned once unless include_delivered=true; since=next_cursor reads "
-            "only newer ones. Cheap: call it between your other steps instead of polling status."
+            "first). Each event is returned once to this project's sessions (the user reading them in "
+            "a terminal does not take them from you) unless include_delivered=true; since=N returns "
+            "everything after cursor N again, so if a reply was lost, repeat the call with the same "
+            "since. Cheap: call it between your other steps instead of polling status."
         ),
         annotations=ToolAnnotations(
             title="Get notifications",
@@ -535,6 +540,7 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
                 mark_delivered=mark_delivered,
                 include_delivered=include_delivered,
                 limit=limit,
+                reader=MCP_READER,  # decided here, never by the model's arguments
             ),
         )
 

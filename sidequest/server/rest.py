@@ -38,6 +38,7 @@ from sidequest.engine.errors import (
     StoreUnavailable,
     Unavailable,
 )
+from sidequest.engine.notifier import DEFAULT_READER
 from sidequest.models import (
     AckRequest,
     AckResult,
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
 """Where the app is mounted; its OpenAPI document names this as the server URL."""
 PROJECT_HEADER = "X-Sidequest-Project"
+READER_HEADER = "X-Sidequest-Reader"
 _MAX_SCOPE = 1000
 """The header names a scope, so it has the limit of TaskOptions.scope."""
 _MAX_OFFSET = 1_000_000_000
@@ -348,6 +350,15 @@ TaskId = Annotated[str, Path(description="a task_id from POST /tasks")]
 WorkflowId = Annotated[str, Path(description="a workflow_id from POST /tasks")]
 ScheduleId = Annotated[str, Path(description="a schedule_id (sch_…) from POST /schedules")]
 AllScopes = Annotated[bool, Query(description="every project's, not only the caller's")]
+Reader = Annotated[
+    str,
+    Header(
+        alias=READER_HEADER,
+        description="Whose deliveries this request reads and acknowledges (1-64 letters, digits, '.', "
+        "'_' or '-'), within the caller's project: each reader gets every notification once, whatever "
+        "other readers did. sidequest's own MCP front sends 'mcp', its CLI 'cli'.",
+    ),
+]
 
 
 # ---- server-sent events -----------------------------------------------------------
@@ -614,11 +625,15 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
         "/notifications",
         response_model=NotificationPage,
         summary="What finished since a cursor",
-        description="Oldest first. Unlike the MCP tool, reading does not mark events delivered unless "
-        "mark_delivered=true; acknowledge handled ones with POST /notifications/ack.",
+        description="Oldest first, for one reader (the X-Sidequest-Reader header, default 'rest', in the "
+        "caller's project): what other readers had does not count. Unlike the MCP tool, reading does "
+        "not mark events delivered unless mark_delivered=true; acknowledge handled ones with POST "
+        "/notifications/ack. With since, everything after that cursor is returned, delivered or not, "
+        "so a read whose reply was lost can be repeated.",
     )
     async def get_notifications(
         scope: CallerScope,
+        reader: Reader = DEFAULT_READER,
         since: Annotated[
             int | None, Query(ge=0, le=MAX_OFFSET, description="next_cursor of the previous call")
         ] = None,
@@ -636,13 +651,20 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
             mark_delivered=mark_delivered,
             include_delivered=include_delivered,
             limit=limit,
+            reader=reader,
         )
 
     @app.post(
-        "/notifications/ack", response_model=AckResult, summary="Mark notifications delivered by cursor"
+        "/notifications/ack",
+        response_model=AckResult,
+        summary="Mark notifications delivered by cursor",
+        description="For this reader only (X-Sidequest-Reader, default 'rest', in the caller's project); "
+        "durable when answered.",
     )
-    async def ack_notifications(body: AckRequest) -> AckResult:
-        return AckResult(acknowledged=await engine.acknowledge(body.cursors))
+    async def ack_notifications(
+        body: AckRequest, scope: CallerScope, reader: Reader = DEFAULT_READER
+    ) -> AckResult:
+        return AckResult(acknowledged=await engine.acknowledge(body.cursors, scope, reader=reader))
 
     @app.post(
         "/schedules",

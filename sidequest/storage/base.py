@@ -137,6 +137,7 @@ class NotificationRecord:
     message: str
     created_at: datetime
     delivered_at: datetime | None = None
+    """When the reader that asked had it (reads are per reader); None on new rows and when not yet."""
 
 
 @dataclass(slots=True)
@@ -278,7 +279,9 @@ class Store(Protocol):
 
     def add_usage(self, usage: UsageRecord) -> None: ...
 
-    def mark_delivered(self, cursors: Sequence[int], at: datetime) -> None: ...
+    def mark_delivered(self, reader: str, cursors: Sequence[int], at: datetime) -> None:
+        """`reader` has had these notifications; every other reader still gets them."""
+        ...
 
     async def flush(self) -> None:
         """Wait until everything enqueued so far is durable (read-your-writes)."""
@@ -331,6 +334,7 @@ class Store(Protocol):
         workflow_id: str | None,
         include_delivered: bool,
         limit: int,
+        reader: str,
     ) -> list[NotificationRecord]: ...
 
     # ---- schedules (rare writes, each its own transaction, serialized with the group commits)

@@ -239,7 +239,8 @@ class _Pending:
     results: list[ResultRecord] = field(default_factory=list)
     notifications: list[NotificationRecord] = field(default_factory=list)
     usage: list[UsageRecord] = field(default_factory=list)
-    delivered: list[tuple[list[int], datetime]] = field(default_factory=list)
+    delivered: list[tuple[str, list[int], datetime]] = field(default_factory=list)
+    """(reader, cursors it has had, when): see mark_delivered."""
     waiters: list[_Waiter] = field(default_factory=list)
     flush_requested: bool = False
     error: BaseException | None = None
@@ -1049,9 +1050,9 @@ class DuckDBStore:
         self._pending.usage.append(usage)
         self._wake()
 
-    def mark_delivered(self, cursors: Sequence[int], at: datetime) -> None:
+    def mark_delivered(self, reader: str, cursors: Sequence[int], at: datetime) -> None:
         if cursors and self._failure is None:
-            self._pending.delivered.append((list(cursors), at))
+            self._pending.delivered.append((reader, list(cursors), at))
             self._wake()
 
     async def flush(self) -> None:
@@ -1099,8 +1100,8 @@ class DuckDBStore:
         try:
             for name, items in appends:
                 self._append(name, items)
-            for cursors, at in batch.delivered:
-                con.execute(Q["mark_delivered"], [cursors, _naive(at)])
+            for reader, cursors, at in batch.delivered:
+                con.execute(Q["mark_delivered"], [reader, cursors, _naive(at)])
             if explicit:
                 con.execute("COMMIT")
         except BaseException:
@@ -1248,8 +1249,10 @@ class DuckDBStore:
         workflow_id: str | None,
         include_delivered: bool,
         limit: int,
+        reader: str,
     ) -> list[NotificationRecord]:
-        params = [scope, since, workflow_id, include_delivered, limit]
+        """`delivered_at` of each is when `reader` had it (None: not yet); others' reads do not count."""
+        params = [scope, since, workflow_id, include_delivered, limit, reader]
         rows = await self._read(lambda cur: cur.execute(Q["list_notifications"], params).fetchall())
         return [
             NotificationRecord(r[0], r[1], r[2], r[3], r[4], r[5], _aware(r[6]), _aware(r[7]))  # type: ignore[arg-type]
@@ -1517,6 +1520,8 @@ class DuckDBStore:
                     counts.notifications += _deleted(con, "gc_delete_workflow_notifications", [emptied])
             notices = _deleted(con, "gc_delete_schedule_notices", [cutoff, batch_size])
             counts.notifications += notices
+            if counts.notifications:
+                con.execute(Q["gc_delete_deliveries"])  # marks of what is gone; not counted apart
             con.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(duckdb.Error):

@@ -1,6 +1,6 @@
 -- mark_delivered --
--- Notifications handed to a client are not handed out again unless asked.
-UPDATE notifications SET delivered_at = $2 WHERE cursor IN (SELECT unnest($1::BIGINT[])) AND delivered_at IS NULL;
+-- Reader $1 has had the notifications $2 (a cursor it already had keeps its first time).
+INSERT OR IGNORE INTO notification_deliveries SELECT $1, unnest($2::BIGINT[]), $3;
 
 -- live_tasks --
 -- Every unfinished task, for the engine's in-memory queue at start. Large prompts and options stay
@@ -88,13 +88,15 @@ ORDER BY w.created_at DESC, w.id
 LIMIT $7 OFFSET $8;
 
 -- list_notifications --
--- Notifications after a cursor, oldest first.
-SELECT cursor, kind, task_id, workflow_id, scope, message, created_at, delivered_at FROM notifications
-WHERE cursor > $2
-  AND ($1::VARCHAR IS NULL OR scope = $1)
-  AND ($3::VARCHAR IS NULL OR workflow_id = $3)
-  AND ($4::BOOLEAN OR delivered_at IS NULL)
-ORDER BY cursor
+-- Notifications after a cursor, oldest first, with when reader $6 had each (null: not yet).
+SELECT n.cursor, n.kind, n.task_id, n.workflow_id, n.scope, n.message, n.created_at, d.delivered_at
+FROM notifications n
+LEFT JOIN notification_deliveries d ON d.reader = $6 AND d.cursor = n.cursor
+WHERE n.cursor > $2
+  AND ($1::VARCHAR IS NULL OR n.scope = $1)
+  AND ($3::VARCHAR IS NULL OR n.workflow_id = $3)
+  AND ($4::BOOLEAN OR d.cursor IS NULL)
+ORDER BY n.cursor
 LIMIT $5;
 
 -- recreate_orphan_workflows --
@@ -233,6 +235,11 @@ DELETE FROM notifications WHERE cursor IN (
     ORDER BY cursor
     LIMIT $2
 );
+
+-- gc_delete_deliveries --
+-- Retention: readers' delivery marks of notifications that no longer exist.
+DELETE FROM notification_deliveries
+WHERE cursor NOT IN (SELECT cursor FROM notifications);
 
 -- gc_count --
 -- Retention's dry run: what the gc_delete_* statements would delete for a cutoff $1 and kept ids $2,
