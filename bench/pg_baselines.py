@@ -208,14 +208,15 @@ class PgQueuerRunner(Runner):
 
     async def prepare(self, dsn: str, schema: str) -> None:
         import asyncpg
-        from pgqueuer import AsyncpgDriver, Queries
+        from pgqueuer import AsyncpgPoolDriver, Queries
         from pgqueuer.adapters.persistence import qb
 
         self.dsn, self.schema = dsn, schema
         settings = qb.DBSettings(db_schema=schema)
-        self.conn = await asyncpg.connect(dsn)
+        # a pool, so that pickup's overlapping submits are not queued behind each other on one connection
+        self.pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
         self.queries = Queries(
-            AsyncpgDriver(self.conn),
+            AsyncpgPoolDriver(self.pool),
             qbe=qb.QueryBuilderEnvironment(settings),
             qbq=qb.QueryQueueBuilder(settings),
             qbs=qb.QuerySchedulerBuilder(settings),
@@ -235,7 +236,7 @@ class PgQueuerRunner(Runner):
 
     async def done_count(self) -> int:
         # A finished job leaves the queue table and gets a 'successful' row in the log table.
-        return await self.conn.fetchval(f"SELECT count(*) FROM {self.log_table} WHERE status = 'successful'")
+        return await self.pool.fetchval(f"SELECT count(*) FROM {self.log_table} WHERE status = 'successful'")
 
     def worker_command(self) -> list[str]:
         return [sys.executable, "-m", "bench.pg_workers", "pgqueuer"]
@@ -250,7 +251,7 @@ class PgQueuerRunner(Runner):
         )
 
     async def teardown(self) -> None:
-        await self.conn.close()
+        await self.pool.close()
 
 
 class ProcrastinateRunner(Runner):
@@ -430,15 +431,21 @@ async def pickup(runner: Runner, out_dir: Path, w: int, rate: float, seconds: fl
     await asyncio.sleep(1.0)  # idle: whatever the workers do between jobs, they do it now
     called: dict[int, float] = {}
     returned: dict[int, float] = {}
-    t0 = time.perf_counter()
-    for i in range(n):
-        delay = t0 + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
+
+    async def one(i: int) -> None:
         called[i] = time.time()
         await runner.submit_one(i)
         returned[i] = time.time()
-    span = time.perf_counter() - t0
+
+    # open loop: each submit in its own task, so a slow enqueue does not lower the rate
+    t0 = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for i in range(n):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tg.create_task(one(i))
+        span = time.perf_counter() - t0
     done = await runner.wait_done(warm + n, timeout=30)
     runner.stop_workers()
     stamps = read_stamps(out_dir)
