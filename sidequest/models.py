@@ -451,7 +451,8 @@ class ConfigStatus(BaseModel):
     problem_at: datetime | None = Field(default=None, description="when that version was rejected (UTC)")
     needs_restart: list[str] = Field(
         default_factory=list,
-        description="settings changed on disk that only a restart applies (http.host, http.port, database)",
+        description="settings changed on disk that only a restart applies (http.host, http.port, database, "
+        "lease_seconds)",
     )
     differs_on_disk: bool = Field(
         default=False, description="the files on disk are not the ones loaded (a reload would read them)"

@@ -37,8 +37,9 @@ log = logging.getLogger("sidequest.reload")
 WATCH_INTERVAL = 2.0
 """Seconds between two looks at the files: a change is live within this, at a stat per file."""
 
-RESTART_KEYS = ("http.host", "http.port", "database")
-"""Settings a running daemon cannot change: its listening socket and its store."""
+RESTART_KEYS = ("http.host", "http.port", "database", "lease_seconds")
+"""Settings a running daemon cannot change: its listening socket, its store, and the lease
+renewal loop's period (set once at start from `lease_seconds`)."""
 
 _NESTED = ("http", "agents", "anthropic", "claude_code", "schedules", "prices", "models", "env")
 """Tables whose changes are named key by key (`agents.research`), not as the whole table."""
