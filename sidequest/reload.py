@@ -131,7 +131,8 @@ class Reloader:
         self._settings = settings
         self._engine: Engine | None = None
         self._config_path = config_path
-        self._environ = dict(os.environ)
+        # The data dir is the one this daemon owns, whatever the variables say now.
+        self._environ = {**os.environ, "SIDEQUEST_HOME": str(settings.home)}
         self._path, _ = config_file_path(config_path, self._environ)
         self._base = _starter_base(self._environ, settings, self._file())
         self._env, self.environment = self._environment(settings)

@@ -213,3 +213,40 @@ def test_the_stdio_front_gives_the_key_notice_on_stderr_and_keeps_stdout_for_the
     assert "`sidequest env set ANTHROPIC_API_KEY`" in done.stderr
     assert SECRET not in done.stderr
     assert os.path.exists(cli.home / "key-notice.json")
+
+
+# ---- in one process: what a reload changes in a running engine ------------------------------
+
+
+async def test_a_raised_max_concurrency_starts_queued_tasks_at_once(tmp_path: Path) -> None:
+    """The engine and the reloader in this process, on a real DuckDB file and a real config file."""
+    import anyio
+
+    from sidequest.config import load_settings
+    from sidequest.engine.engine import Engine
+    from sidequest.reload import Reloader
+
+    config = tmp_path / "sidequest.toml"
+    agents = '[agents.sleep]\nexecutor = "python"\ncallable = "sidequest.testing.agents:sleep"\n'
+    config.write_text(f"watch_config = false\nmax_concurrency = 1\n{agents}")
+    settings = load_settings(config, {"SIDEQUEST_HOME": str(tmp_path / "home")})
+    (tmp_path / "home").mkdir()
+    reloader = Reloader(settings, config)
+    engine = Engine(settings)
+    reloader.attach(engine)
+    async with engine.running():
+        first = await engine.submit("sleep", "30", project=str(tmp_path))
+        second = await engine.submit("sleep", "30", project=str(tmp_path))
+        with anyio.fail_after(30):
+            while engine.running_count < 1:
+                await anyio.sleep(0.05)
+        assert (await engine.get_task(second.task_id)).status == "queued"  # one slot
+
+        config.write_text(f"watch_config = false\nmax_concurrency = 2\n{agents}")
+        result = await reloader.reload()
+        assert result.applied and result.changed == ["max_concurrency"]
+        with anyio.fail_after(30):  # a deadline for a hang, not a timing claim
+            while engine.running_count < 2:
+                await anyio.sleep(0.05)
+        for task in (first, second):
+            await engine.cancel(task.task_id)
