@@ -728,28 +728,31 @@ def build_rest_app(
     async def daemon_status() -> DaemonStatus:
         return await describe_daemon()
 
-    if config is not None:
-        control = config
+    def control() -> ConfigControl:
+        if config is None:
+            raise InvalidRequest("this server reads its configuration once; reloading is the daemon's")
+        return config
 
-        @app.post(
-            "/reload",
-            response_model=ReloadResult,
-            summary="Read the config file and env files again",
-            description="Applies what can change while the daemon serves (agents, limits, retention, "
-            "schedules settings, the daemon's variables for new attempts) and names the settings that "
-            "need a restart (http.host, http.port, database). A file that fails to parse or validate is "
-            "not applied: the old configuration keeps serving, and `problem` (also in GET /daemon) says why.",
-        )
-        async def reload_config() -> ReloadResult:
-            return await control.reload("asked over REST")
+    @app.post(
+        "/reload",
+        response_model=ReloadResult,
+        summary="Read the config file and env files again",
+        description="Applies what can change while the daemon serves (agents, limits, retention, "
+        "schedules settings, the daemon's variables for new attempts) and names the settings that "
+        "need a restart (http.host, http.port, database, lease_seconds). A file that fails to parse or "
+        "validate is not applied: the old configuration keeps serving, and `problem` (also in "
+        "GET /daemon) says why.",
+    )
+    async def reload_config() -> ReloadResult:
+        return await control().reload("asked over REST")
 
-        @app.get(
-            "/daemon/environment",
-            response_model=EnvNames,
-            summary="Names of the daemon's environment variables (never values)",
-        )
-        async def daemon_environment() -> EnvNames:
-            return EnvNames(names=control.env_names())
+    @app.get(
+        "/daemon/environment",
+        response_model=EnvNames,
+        summary="Names of the daemon's environment variables (never values)",
+    )
+    async def daemon_environment() -> EnvNames:
+        return EnvNames(names=control().env_names())
 
     @app.post(
         "/gc",
