@@ -134,7 +134,7 @@ class Reloader:
         # The data dir is the one this daemon owns, whatever the variables say now.
         self._environ = {**os.environ, "SIDEQUEST_HOME": str(settings.home)}
         self._path, _ = config_file_path(config_path, self._environ)
-        self._base = _starter_base(self._environ, settings, self._file())
+        self._base = _starter_base(os.environ, settings, self._file())
         self._env, self.environment = self._environment(settings)
         try:
             self._start_raw = load_settings(config_path, self._environ)
