@@ -286,6 +286,10 @@ class AgentRegistry:
             )
         return cls(settings, agents)
 
+    def config_agents(self) -> dict[str, Agent]:
+        """The agents defined in the configuration (not files), by name."""
+        return dict(self._config)
+
     # ---- roots -----------------------------------------------------------
 
     def roots(self, scope: str | None) -> list[Path]:

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from sidequest import __version__
 from sidequest.commands import add_commands, run_command
-from sidequest.config import ConfigError, Settings, format_validation_error, load_settings
+from sidequest.config import ConfigError, Settings, default_home, format_validation_error, load_settings
 
 log = logging.getLogger("sidequest")
 
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from sidequest.server import runner as run
 
     try:
-        settings = load_settings(args.config)
+        settings = _load_settings(args)
         runner: Callable[[], Awaitable[None]]
         if args.command == "serve":
             settings = _with_http_overrides(settings, args.host, args.port)
@@ -119,6 +119,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     except run.Fatal as exc:
         print(f"sidequest: {exc}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
+
+
+_READ_DAEMON = ("status", "reload", "stop", "doctor")
+"""Commands that only need the data dir (set by the environment, never by the file): a broken
+config file must not stop them, since they are how a user sees and fixes what the daemon thinks."""
+
+
+def _load_settings(args: argparse.Namespace) -> Settings:
+    try:
+        return load_settings(args.config)
+    except ConfigError as exc:
+        if args.command not in _READ_DAEMON:
+            raise
+        print(f"sidequest: warning: configuration error: {exc}", file=sys.stderr)
+        args.config_error = str(exc)
+        return Settings(home=default_home(dict(os.environ)))
 
 
 def _setup_logging() -> None:

@@ -287,11 +287,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     from sidequest.doctor import add_doctor_command
     from sidequest.env_cli import add_env_commands
+    from sidequest.reload_cli import add_reload_command
     from sidequest.scaffold import add_init_command
 
     add_env_commands(sub, CONFIG_HELP)
     add_doctor_command(sub, CONFIG_HELP)
     add_init_command(sub, CONFIG_HELP)
+    add_reload_command(sub, CONFIG_HELP)
 
 
 def _positive_int(text: str) -> int:
@@ -442,9 +444,10 @@ Handler = Callable[[argparse.Namespace, Settings, "Output"], Awaitable[int]]
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    from sidequest import doctor, env_cli, scaffold
+    from sidequest import doctor, env_cli, reload_cli, scaffold
 
-    handler = {**_HANDLERS, **env_cli.HANDLERS, **doctor.HANDLERS, **scaffold.HANDLERS}[args.command]
+    handlers = {**_HANDLERS, **env_cli.HANDLERS, **doctor.HANDLERS, **scaffold.HANDLERS}
+    handler = {**handlers, **reload_cli.HANDLERS}[args.command]
     out = Output(as_json=bool(getattr(args, "json", False)))
     try:
         return anyio.run(handler, args, settings, out)
@@ -481,9 +484,11 @@ def _project() -> str:
 @asynccontextmanager
 async def _connect(settings: Settings, config_path: str | None) -> AsyncIterator[DaemonClient]:
     """A daemon started from here must read the same config file this command read."""
+    from sidequest.keynotice import notice_missing_keys
     from sidequest.server.daemon import open_client  # imported late: `serve` needs none of it
 
     async with open_client(settings, project=_project(), config_path=config_path) as client:
+        await notice_missing_keys(client, settings)
         yield client
 
 

@@ -253,6 +253,10 @@ class Settings(_Strict):
     env_file: Path | None = Field(
         default=None, description="an env file (NAME=value lines) read on top of [env]; <home>/env goes last"
     )
+    watch_config: bool = Field(
+        default=True,
+        description="the daemon checks every 2 s whether the config file or an env file changed, and reloads",
+    )
 
     @field_validator("env_file", mode="after")
     @classmethod
@@ -399,12 +403,19 @@ def default_home(env: dict[str, str]) -> Path:
     return Path(xdg).expanduser() / "sidequest"
 
 
-def load_settings(config_path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+def config_file_path(config_path: str | Path | None, env: Mapping[str, str]) -> tuple[Path, bool]:
+    """The config file to read, and whether it was named (then it must exist)."""
+    explicit = config_path or env.get("SIDEQUEST_CONFIG")
+    if explicit:
+        return Path(explicit).expanduser(), True
+    return default_home(dict(env)) / "sidequest.toml", False
+
+
+def load_settings(config_path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Build settings from file and environment; raise ConfigError naming what is wrong."""
     env = dict(os.environ if env is None else env)
     home = default_home(env)
-    explicit = config_path or env.get("SIDEQUEST_CONFIG")
-    path = Path(explicit).expanduser() if explicit else home / "sidequest.toml"
+    path, explicit = config_file_path(config_path, env)
     data: dict[str, Any] = {}
     if path.exists():
         try:

@@ -98,7 +98,10 @@ def checks(settings: Settings, project: str, status: DaemonStatus, agents: Agent
     if status.store_error:
         add(Check(name="store", status="fail", detail=f"{store}: {status.store_error}", fix="see daemon.log"))
     else:
-        add(Check(name="store", status="ok", detail=store))
+        # The status the daemon sent was read from the store just now: it answers reads.
+        count = sum(status.tasks.values())
+        add(Check(name="store", status="ok", detail=f"{store}; readable ({count} tasks)"))
+    found.extend(config_checks(status))
 
     sources = {var.name: var for var in status.environment}
     executors = {agent.executor for agent in agents.agents}
@@ -113,7 +116,7 @@ def checks(settings: Settings, project: str, status: DaemonStatus, agents: Agent
                 name=key,
                 status="fail",
                 detail=f"missing in the daemon's environment; needed by {', '.join(users)}",
-                fix=f"`sidequest env set {key}`, then `sidequest stop`",
+                fix=f"`sidequest env set {key}`, then `sidequest reload`",
             )
         )
     else:
@@ -164,11 +167,59 @@ def checks(settings: Settings, project: str, status: DaemonStatus, agents: Agent
     return found
 
 
+def config_checks(status: DaemonStatus) -> list[Check]:
+    """The configuration the daemon serves against the files on disk now."""
+    config = status.config
+    if config is None:
+        return []  # a daemon from before reloads existed
+    loaded = f"{config.file or 'no config file (defaults)'}, loaded {config.loaded_at:%Y-%m-%d %H:%M:%S} UTC"
+    found = []
+    if config.problem:
+        found.append(
+            Check(
+                name="config",
+                status="fail",
+                detail=f"the version on disk was not applied: {config.problem}; {loaded} still serves",
+                fix="fix the file, then `sidequest reload`",
+            )
+        )
+    elif config.differs_on_disk:
+        found.append(
+            Check(
+                name="config",
+                status="fail",
+                detail=f"{loaded}; the config or env files on disk changed since",
+                fix="`sidequest reload`",
+            )
+        )
+    else:
+        found.append(Check(name="config", status="ok", detail=f"{loaded}; the same as on disk"))
+    if config.needs_restart:
+        found.append(
+            Check(
+                name="needs restart",
+                status="fail",
+                detail=f"changed on disk, applied only at a start: {', '.join(config.needs_restart)}",
+                fix="`sidequest stop` once its tasks finish; the next command starts the daemon with them",
+            )
+        )
+    return found
+
+
 async def _doctor(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     from sidequest.commands import _connect, _project
     from sidequest.engine.errors import EngineError
 
     report: list[Check] = []
+    if getattr(args, "config_error", None):  # set by the command line when the file did not load
+        report.append(
+            Check(
+                name="config file",
+                status="fail",
+                detail=f"{args.config_error} (this command used the defaults)",
+                fix="fix the file; the daemon keeps the version it loaded until then",
+            )
+        )
     try:
         async with _connect(settings, args.config) as client:
             status = await client.daemon_status()
@@ -183,7 +234,7 @@ async def _doctor(args: argparse.Namespace, settings: Settings, out: Output) -> 
             )
         )
     else:
-        report = checks(settings, _project(), status, agents)
+        report += checks(settings, _project(), status, agents)
     ok = all(check.status != "fail" for check in report)
     if out.as_json:
         out.emit(DoctorReport(ok=ok, checks=report))

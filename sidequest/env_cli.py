@@ -23,7 +23,10 @@ from sidequest.models import EnvVar
 if TYPE_CHECKING:
     from sidequest.commands import Handler, Output
 
-RESTART = "the daemon reads it when it starts: run `sidequest stop` (the next command starts it again)"
+RESTART = (
+    "`sidequest reload` applies it now (the daemon also notices the file within a few seconds, "
+    "unless watch_config = false); new attempts see it"
+)
 
 
 class EnvListing(BaseModel):

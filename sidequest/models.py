@@ -456,6 +456,49 @@ class DaemonStatus(BaseModel):
     environment: list[EnvVar] = Field(
         default_factory=list, description="names in the daemon's environment and their sources, never values"
     )
+    config: ConfigStatus | None = Field(
+        default=None, description="the configuration the daemon serves with, and the last reload's problem"
+    )
+
+
+class ConfigStatus(BaseModel):
+    """Which configuration a daemon serves with; a rejected new version leaves the old one serving."""
+
+    file: str | None = Field(description="the config file read, or null when none exists (defaults)")
+    loaded_at: datetime = Field(description="when the serving configuration was read (UTC)")
+    problem: str | None = Field(
+        default=None, description="why the newest version on disk was not applied (the old one serves)"
+    )
+    problem_at: datetime | None = Field(default=None, description="when that version was rejected (UTC)")
+    needs_restart: list[str] = Field(
+        default_factory=list,
+        description="settings changed on disk that only a restart applies (http.host, http.port, database, "
+        "lease_seconds)",
+    )
+    differs_on_disk: bool = Field(
+        default=False, description="the files on disk are not the ones loaded (a reload would read them)"
+    )
+
+
+class ReloadResult(BaseModel):
+    """`POST /api/v1/reload` and `sidequest reload`: what changed, or why nothing did."""
+
+    applied: bool = Field(description="the new configuration serves now (false: the old one still does)")
+    changed: list[str] = Field(default_factory=list, description="settings that now have new values")
+    environment: list[str] = Field(
+        default_factory=list, description="variables set, changed or removed (names, never values)"
+    )
+    needs_restart: list[str] = Field(
+        default_factory=list, description="changed settings that only a restart applies (`sidequest stop`)"
+    )
+    problem: str | None = Field(default=None, description="why the new configuration was refused")
+    config: ConfigStatus
+
+
+class EnvNames(BaseModel):
+    """`GET /api/v1/daemon/environment`: the names in the daemon's environment, never values."""
+
+    names: list[str]
 
 
 class ApiError(BaseModel):

@@ -76,3 +76,42 @@ def test_doctor_fails_on_a_broken_agent_file_and_names_it(cli: Cli) -> None:
     report = DoctorReport.model_validate_json(cli(project, "doctor", "--json", code=1).stdout)
     status, detail, fix = _check(report, "agent file")
     assert status == "fail" and "description" in detail and fix == f"fix or remove {broken}"
+
+
+def test_doctor_passes_after_env_set_and_reload_without_a_restart(cli: Cli) -> None:
+    project = _project_with_anthropic_agent(cli)
+    config = Path(cli.env["SIDEQUEST_CONFIG"])
+    config.write_text("watch_config = false\n" + config.read_text())  # only the reload applies it
+    failed = DoctorReport.model_validate_json(cli(project, "doctor", "--json", code=1).stdout)
+    status, _, fix = _check(failed, "ANTHROPIC_API_KEY")
+    assert status == "fail" and fix == "`sidequest env set ANTHROPIC_API_KEY`, then `sidequest reload`"
+    pid = (cli.home / "daemon.json").read_text()
+
+    cli(project, "env", "set", "ANTHROPIC_API_KEY", stdin=SECRET)
+    stale = DoctorReport.model_validate_json(cli(project, "doctor", "--json", code=1).stdout)
+    status, detail, fix = _check(stale, "config")
+    assert status == "fail" and "changed since" in detail and fix == "`sidequest reload`"
+
+    cli(project, "reload")
+    done = cli(project, "doctor", "--json")
+    report = DoctorReport.model_validate_json(done.stdout)
+    assert report.ok, report
+    assert _check(report, "ANTHROPIC_API_KEY")[0] == "ok"
+    assert _check(report, "config")[0] == "ok"
+    assert (cli.home / "daemon.json").read_text() == pid  # the same daemon
+    assert SECRET not in done.stdout + done.stderr
+
+
+def test_doctor_shows_a_config_the_daemon_refused_and_still_runs_with_a_broken_file(cli: Cli) -> None:
+    project = cli.project("p")
+    cli(project, "agents")
+    config = Path(cli.env["SIDEQUEST_CONFIG"])
+    config.write_text("max_concurrency = 0\n" + config.read_text())
+    cli(project, "reload", code=1)
+    report = DoctorReport.model_validate_json(cli(project, "doctor", "--json", code=1).stdout)
+    status, detail, fix = _check(report, "config")
+    assert status == "fail" and "not applied" in detail and "max_concurrency" in detail
+    assert fix == "fix the file, then `sidequest reload`"
+    assert _check(report, "config file")[0] == "fail"  # this command could not read it either
+    status, detail, _ = _check(report, "store")
+    assert status == "ok" and "readable" in detail

@@ -103,9 +103,11 @@ def test_env_set_refuses_an_empty_value(cli: Cli) -> None:
 
 
 def test_a_daemon_started_without_a_variable_has_it_after_env_set_and_stop(cli: Cli) -> None:
+    config = Path(cli.env["SIDEQUEST_CONFIG"])
+    config.write_text("watch_config = false\n" + config.read_text())  # else it may read the file first
     assert "MY_TOKEN" not in _agent_environment(cli)  # this started the daemon, from a shell without it
     done = cli(cli.project("p"), "env", "set", "MY_TOKEN", stdin=SECRET)
-    assert "sidequest stop" in done.stderr
+    assert "sidequest reload" in done.stderr
     assert _listing(cli).pending == ["MY_TOKEN"]
     cli(cli.project("p"), "stop")
     assert _agent_environment(cli)["MY_TOKEN"] == SECRET  # the next command started a new daemon

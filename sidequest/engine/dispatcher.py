@@ -75,6 +75,10 @@ class Dispatcher:
             heapq.heappush(self._ready, (PRIORITY_RANK[task.priority], task.seq, task.id))
         self._wake.set()
 
+    def wake(self) -> None:
+        """Look at the slots again (more may be free after `max_concurrency` was raised)."""
+        self._wake.set()
+
     def queued_count(self) -> int:
         blocked = sum(len(q) for q in self._blocked.values())
         return len(self._ready) + len(self._delayed) + len(self._suspects) + blocked

@@ -269,6 +269,8 @@ class Engine:
             store = DuckDBStore(settings.database_path)
         self.store = store
         self.agents = registry or AgentRegistry.from_settings(settings)
+        self._retired_registries: list[AgentRegistry] = []
+        """Registries a reload replaced: closed at shutdown, since running attempts may use them."""
         self.worker_id = new_id("w")
         self.notifier = Notifier(store)
         self.dispatcher = Dispatcher(
@@ -329,7 +331,26 @@ class Engine:
             self._started = False
             with anyio.CancelScope(shield=True):
                 await self.agents.aclose()
+                for retired in self._retired_registries:
+                    await retired.aclose()
             await anyio.to_thread.run_sync(self.store.close)
+
+    def apply_settings(self, settings: Settings, registry: AgentRegistry) -> None:
+        """A reloaded configuration (sidequest.reload), built and checked by the caller.
+
+        Attempts already running keep the executor they started with; the old registry's
+        connections are closed when the engine stops, not now, because those attempts may
+        still use them. New limits apply to the next dispatch, new agents to the next submit.
+        """
+        self._retired_registries.append(self.agents)
+        self.settings = settings
+        self.agents = registry
+        for name, agent in registry.config_agents().items():
+            self._limits[name] = agent.max_concurrency
+        self.dispatcher.max_concurrency = settings.max_concurrency
+        self.dispatcher.wake()
+        self.scheduler.config = settings.schedules
+        self.retention.reconfigure(settings)
 
     def _load(self, state: LoadedState) -> None:
         self._seq = state.max_seq

@@ -81,16 +81,28 @@ class Retention:
         self._now = now
         self.batch_size = batch_size
         self._lock = anyio.Lock()  # a pass by hand and the periodic one take turns
+        self._changed = anyio.Event()
+
+    def reconfigure(self, settings: Settings) -> None:
+        """A reloaded configuration: a changed age starts a pass now and sets the next interval;
+        "off" stops the passes, and an age after "off" starts them again."""
+        before = self.settings.retention
+        self.settings = settings
+        if settings.retention != before:
+            self._changed.set()
 
     async def run(self, interval: float | None = None) -> None:
         """The daemon's loop: one pass at start, then one every `interval` seconds (default
-        `pass_interval(retention)`). Returns at once when retention is off. A failed pass is
-        logged and tried again next time: losing a pass costs disk space, not data."""
-        if self.settings.retention is None:
-            log.info("retention is off: finished tasks are kept forever")
-            return
-        period = interval if interval is not None else pass_interval(self.settings.retention)
+        `pass_interval(retention)`), or at once when a reload changes the age. Waits while
+        retention is off. A failed pass is logged and tried again next time: losing a pass costs
+        disk space, not data."""
         while True:
+            self._changed = anyio.Event()
+            if self.settings.retention is None:
+                log.info("retention is off: finished tasks are kept forever")
+                await self._changed.wait()
+                continue
+            period = interval if interval is not None else pass_interval(self.settings.retention)
             try:
                 report = await self.collect()
             except Exception:
@@ -98,7 +110,8 @@ class Retention:
             else:
                 if report.deleted.tasks or report.deleted.notifications:
                     log.info("retention: %s", summary(report))
-            await anyio.sleep(period)
+            with anyio.move_on_after(period):
+                await self._changed.wait()
 
     async def collect(
         self, older_than: float | None = None, dry_run: bool = False, now: datetime | None = None

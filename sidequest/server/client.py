@@ -36,9 +36,11 @@ from sidequest.models import (
     AgentList,
     CancelResult,
     DaemonStatus,
+    EnvNames,
     GcReport,
     GcRequest,
     NotificationPage,
+    ReloadResult,
     ResultPage,
     ScheduleCreated,
     ScheduleDeleted,
@@ -407,6 +409,12 @@ class DaemonClient:
 
     async def daemon_status(self) -> DaemonStatus:
         return await self._call("GET", "/daemon", DaemonStatus)
+
+    async def reload_config(self) -> ReloadResult:
+        return await self._call("POST", "/reload", ReloadResult)
+
+    async def environment_names(self) -> EnvNames:
+        return await self._call("GET", "/daemon/environment", EnvNames)
 
     async def gc(self, older_than: float | None = None, dry_run: bool = False) -> GcReport:
         """No read timeout: a first purge of a large store takes a while (in short transactions, so

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Protocol
 from urllib.parse import unquote
 
 import anyio
@@ -46,9 +46,11 @@ from sidequest.models import (
     ApiError,
     CancelResult,
     DaemonStatus,
+    EnvNames,
     GcReport,
     GcRequest,
     NotificationPage,
+    ReloadResult,
     ResultPage,
     ScheduleCreated,
     ScheduleDeleted,
@@ -462,10 +464,21 @@ class _EventStream:
 # ---- the app ----------------------------------------------------------------------
 
 
-def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]) -> FastAPI:
+class ConfigControl(Protocol):
+    """The daemon's configuration (sidequest.reload.Reloader): reloaded on request."""
+
+    async def reload(self, reason: str = ...) -> ReloadResult: ...
+
+    def env_names(self) -> list[str]: ...
+
+
+def build_rest_app(
+    engine: Engine, status: Callable[[], Awaitable[DaemonStatus]], config: ConfigControl | None = None
+) -> FastAPI:
     """The REST API for one running engine, to be mounted at /api/v1 behind the caller's authentication.
 
-    `status` describes the daemon serving it (port, pid, uptime), which only the daemon knows.
+    `status` describes the daemon serving it (port, pid, uptime), which only the daemon knows;
+    `config`, its configuration (the reload routes exist only where it is given).
     """
     app = FastAPI(
         title="sidequest",
@@ -736,6 +749,32 @@ def build_rest_app(engine: Engine, status: Callable[[], Awaitable[DaemonStatus]]
     @app.get("/daemon", response_model=DaemonStatus, summary="The serving daemon and what it holds")
     async def daemon_status() -> DaemonStatus:
         return await describe_daemon()
+
+    def control() -> ConfigControl:
+        if config is None:
+            raise InvalidRequest("this server reads its configuration once; reloading is the daemon's")
+        return config
+
+    @app.post(
+        "/reload",
+        response_model=ReloadResult,
+        summary="Read the config file and env files again",
+        description="Applies what can change while the daemon serves (agents, limits, retention, "
+        "schedules settings, the daemon's variables for new attempts) and names the settings that "
+        "need a restart (http.host, http.port, database, lease_seconds). A file that fails to parse or "
+        "validate is not applied: the old configuration keeps serving, and `problem` (also in "
+        "GET /daemon) says why.",
+    )
+    async def reload_config() -> ReloadResult:
+        return await control().reload("asked over REST")
+
+    @app.get(
+        "/daemon/environment",
+        response_model=EnvNames,
+        summary="Names of the daemon's environment variables (never values)",
+    )
+    async def daemon_environment() -> EnvNames:
+        return EnvNames(names=control().env_names())
 
     @app.post(
         "/gc",

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from sidequest.engine.engine import Engine
     from sidequest.models import DaemonStatus, EnvVar
+    from sidequest.reload import Reloader
     from sidequest.server.client import Endpoint
     from sidequest.server.daemon import DaemonState
     from sidequest.server.http import QuietUvicorn
@@ -113,6 +114,19 @@ def _apply_environment(settings: Settings) -> list[EnvVar]:
         raise Fatal(f"configuration error: {exc}") from exc
 
 
+def _reloader(settings: Settings) -> Reloader:
+    """Like `_apply_environment`, but kept: the daemon reloads its config and env files live."""
+    from sidequest.config import ConfigError
+    from sidequest.reload import Reloader
+
+    try:
+        reloader = Reloader(settings)
+    except ConfigError as exc:
+        raise Fatal(f"configuration error: {exc}") from exc
+    reloader.apply_environment()
+    return reloader
+
+
 def _schema_version() -> int:
     """The schema the store was migrated to when it opened (it refuses to open otherwise)."""
     from sidequest.storage.duckdb import migrations
@@ -187,6 +201,9 @@ async def stdio_front(settings: Settings) -> None:
             endpoint = await client.connect()
         except Unavailable as exc:
             raise Fatal(str(exc)) from exc
+        from sidequest.keynotice import notice_missing_keys
+
+        await notice_missing_keys(client, settings)  # stderr: stdout is the protocol
         server = build_server(client, project, notice=locator.version_warning)
         async with anyio.create_task_group() as tg:
             await tg.start(_stop_on_signal, tg.cancel_scope)
@@ -271,7 +288,7 @@ async def serve(settings: Settings) -> None:
     from sidequest.server.rest import build_rest_app, close_event_streams
 
     _own_data_dir(settings)
-    environment = _apply_environment(settings)
+    reloader = _reloader(settings)
     with _startup_errors():
         lock = DaemonLock.acquire(settings.home)
     if lock is None:
@@ -294,6 +311,7 @@ async def serve(settings: Settings) -> None:
                 "make it (and its folder) readable and writable by this user"
             ) from exc
         engine = Engine(settings)
+        reloader.attach(engine)
         started = utcnow()
         state = DaemonState(
             pid=os.getpid(),
@@ -313,7 +331,8 @@ async def serve(settings: Settings) -> None:
                 database_bytes=_size(database),
                 wal_bytes=_size(database.with_name(database.name + ".wal")),
                 disk_free_bytes=_free_bytes(settings.home),
-                environment=environment,
+                environment=reloader.environment,
+                config=reloader.status(),
                 store_error=str(failure) if failure else None,
                 version=__version__,
                 pid=state.pid,
@@ -329,7 +348,7 @@ async def serve(settings: Settings) -> None:
 
         with _startup_errors(), sock:
             async with engine.running():
-                rest = build_rest_app(engine, daemon_status)
+                rest = build_rest_app(engine, daemon_status, reloader)
                 # HTTP MCP clients share the daemon's scope, which is no project anyone connected from.
                 mcp = build_server(engine, _default_scope(), trusted=False)
                 app = build_app(
@@ -357,6 +376,7 @@ async def serve(settings: Settings) -> None:
                         await tg.start(_stop_on_signal, tg.cancel_scope, on_signal)
                         tg.start_soon(_stop_on_store_failure, engine, on_signal, FAIL_STOP_LINGER)
                         tg.start_soon(_announce, server, state, engine)
+                        tg.start_soon(reloader.watch)
                         await server.serve(sockets=[sock])
                         tg.cancel_scope.cancel()
                 finally:
@@ -413,6 +433,7 @@ async def stop(settings: Settings) -> None:
 async def status(settings: Settings, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from sidequest.engine.errors import EngineError, Unavailable
     from sidequest.server.daemon import find_daemon
@@ -445,6 +466,16 @@ async def status(settings: Settings, as_json: bool) -> None:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(status.tasks.items())) or "none"
     table.add_row("tasks", counts)
     table.add_row("running now", str(status.running))
+    if status.config is not None:
+        config = status.config
+        table.add_row("config", Text(config.file or "none (defaults)"))
+        table.add_row("loaded at", f"{config.loaded_at:%Y-%m-%d %H:%M:%S} UTC")
+        if config.problem:
+            table.add_row("CONFIG PROBLEM", Text(f"{config.problem} (not applied; the loaded one serves)"))
+        elif config.differs_on_disk:
+            table.add_row("config on disk", "changed since loaded; `sidequest reload` reads it")
+        if config.needs_restart:
+            table.add_row("needs restart", ", ".join(config.needs_restart) + " (`sidequest stop`)")
     if status.store_error:
         table.add_row("STORE FAILED", f"{status.store_error} (the daemon is stopping)")
     Console().print(table)
