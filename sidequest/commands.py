@@ -281,11 +281,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     from sidequest.doctor import add_doctor_command
     from sidequest.env_cli import add_env_commands
+    from sidequest.logs_cli import add_logs_command
     from sidequest.scaffold import add_init_command
 
     add_env_commands(sub, CONFIG_HELP)
     add_doctor_command(sub, CONFIG_HELP)
     add_init_command(sub, CONFIG_HELP)
+    add_logs_command(sub, CONFIG_HELP)
 
 
 def _positive_int(text: str) -> int:
@@ -436,9 +438,10 @@ Handler = Callable[[argparse.Namespace, Settings, "Output"], Awaitable[int]]
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    from sidequest import doctor, env_cli, scaffold
+    from sidequest import doctor, env_cli, logs_cli, scaffold
 
-    handler = {**_HANDLERS, **env_cli.HANDLERS, **doctor.HANDLERS, **scaffold.HANDLERS}[args.command]
+    handlers = {**_HANDLERS, **env_cli.HANDLERS, **doctor.HANDLERS, **scaffold.HANDLERS, **logs_cli.HANDLERS}
+    handler = handlers[args.command]
     out = Output(as_json=bool(getattr(args, "json", False)))
     try:
         return anyio.run(handler, args, settings, out)

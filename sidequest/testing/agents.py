@@ -187,3 +187,12 @@ def retry_later(prompt: str, ctx: TaskContext) -> str:
     if ctx.attempt == 1:
         raise RetryableError("busy, come back later", retry_after=float(prompt))
     return f"succeeded on attempt {ctx.attempt}"
+
+
+def chatty(prompt: str, ctx: TaskContext) -> str:
+    """Writes N entries to the task's run log (prompt: N, default 3) from a child process (a sync
+    callable is isolated), one with data, then returns 'logged N'."""
+    count = int(prompt or 3)
+    for i in range(count):
+        ctx.log("log", f"entry {i + 1} of {count}", {"i": i})
+    return f"logged {count}"
