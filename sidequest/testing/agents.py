@@ -196,3 +196,22 @@ def chatty(prompt: str, ctx: TaskContext) -> str:
     for i in range(count):
         ctx.log("log", f"entry {i + 1} of {count}", {"i": i})
     return f"logged {count}"
+
+
+async def wait_for_file(prompt: str, ctx: TaskContext) -> str:
+    """Waits until the file named by the prompt exists (a test's gate), reporting progress while it
+    waits, then returns 'gate opened'."""
+    path = Path(prompt)
+    ctx.report_progress(0, f"waiting for {path.name}")
+    while not path.exists():
+        await anyio.sleep(0.05)
+    ctx.report_progress(100, "gate opened")
+    return "gate opened"
+
+
+async def logs_badly(prompt: str, ctx: TaskContext) -> str:
+    """Writes run-log entries the store could not hold as given: a long message ending in a lone
+    surrogate with NaN in its data, then data far too large. The engine must cut them, not fail."""
+    ctx.log("text", "x" * 50_000 + "\ud800", {"n": float("nan")})
+    ctx.log("text", "big data", {"blob": "y" * 50_000})
+    return "logged"
