@@ -1330,6 +1330,7 @@ def _print_gc(out: Output, report: GcReport) -> None:
         ("schedule fires", d.schedule_fires),
         ("webhooks", d.webhook_callbacks),
         ("workflows", d.workflows),
+        ("run-log entries", d.events),
     ):
         grid.add_row(f"  {label}", f"{n:,}")
     grid.render(out)
