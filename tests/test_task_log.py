@@ -23,7 +23,7 @@ from typing import Any
 import duckdb
 import httpx2
 import pytest
-from conftest import all_test_agents
+from conftest import all_test_agents, wait_for
 from mcp import Client
 from test_rest import Live, live, read_events  # noqa: F401  (live: the fixture, a real uvicorn server)
 from tools import call, call_error, submit, wait_status
@@ -230,6 +230,40 @@ async def test_long_or_unstorable_entries_are_cut_not_fatal(settings: Settings, 
     assert len(long.message) == 100 and long.message.endswith("…")
     assert long.data is not None and set(long.data) == {"unreadable"}
     assert big.data is not None and big.data["cut"] is True and len(big.data["json"]) == 100
+
+
+async def test_a_task_run_again_after_a_restart_continues_its_log(
+    settings: Settings, project: Path, tmp_path: Path
+) -> None:
+    """The next seq is read back from the store for a task this process did not start: no entry is
+    overwritten or repeated, and the interrupted attempt stays in the log."""
+    gate = tmp_path / "gate"
+    options = TaskOptions(scope=str(project))
+    engine = Engine(settings)
+    async with engine.running():
+        task_id = (await engine.submit("wait_for_file", str(gate), options, project=str(project))).task_id
+
+        async def waiting() -> bool:
+            return any(e.kind == "progress" for e in (await engine.get_task_log(task_id)).events)
+
+        await wait_for(waiting, what="the task to wait at its gate")
+    # shutdown_grace passed: the attempt was interrupted and the task put back in the queue
+    gate.touch()
+    engine = Engine(settings)
+    async with engine.running():
+        await engine.wait_for_tasks([task_id], timeout=20)
+        page = await engine.get_task_log(task_id)
+
+    assert [e.seq for e in page.events] == list(range(page.total))
+    assert [(e.kind, e.data and e.data.get("status")) for e in page.events] == [
+        ("attempt_started", None),
+        ("progress", None),
+        ("attempt_finished", "interrupted"),
+        ("attempt_started", None),
+        ("progress", None),
+        ("progress", None),
+        ("attempt_finished", "completed"),
+    ]
 
 
 async def test_unknown_task_and_bad_paging_are_refused(client: Client) -> None:
