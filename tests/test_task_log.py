@@ -207,6 +207,7 @@ async def test_the_log_is_cut_at_the_cap_with_one_marker(settings: Settings, pro
     cut = page.events[9]
     assert cut.seq == 9 and "log cut here" in cut.message and cut.data == {"max_events": 10}
     assert page.events[-1].data is not None and page.events[-1].data["status"] == "completed"
+    assert page.events[-1].data["dropped_entries"] == 50 - 8  # the marker took the place of one
     assert page.total == 11 and page.next_offset is None
 
 

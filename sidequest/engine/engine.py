@@ -895,10 +895,7 @@ class Engine:
             task.progress_message = _clean(_short(str(message), 1000))
         task.updated_at = utcnow()
         self.store.update_task(task)
-        shown = [f"{percent:g}%" if percent is not None else "", message if message is not None else ""]
-        self.tasklog.add(
-            task, "progress", " ".join(p for p in shown if p) or "progress", {"percent": percent}
-        )
+        self.tasklog.add_progress(task, percent, message)
 
     async def _run_attempt(self, attempt: RunningAttempt) -> None:
         task, ctx = attempt.task, attempt.ctx
@@ -1002,7 +999,10 @@ class Engine:
         message = f"attempt {task.attempts} {status} after {_took(seconds)}"
         if error:
             message += f": {error}"
-        data = {"status": status, "seconds": round(seconds, 3), "error": error}
+        data: dict[str, Any] = {"status": status, "seconds": round(seconds, 3), "error": error}
+        dropped = self.tasklog.dropped(task.id)
+        if dropped:
+            data["dropped_entries"] = dropped  # past the cap, so far (counted in this process)
         self.tasklog.add(task, "attempt_finished", message, data, now)
 
     def _complete(self, task: TaskRecord, result: ExecutionResult, now: datetime) -> None:

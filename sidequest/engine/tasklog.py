@@ -32,6 +32,7 @@ class _Position:
     next_seq: int
     cut: bool = False
     dropped: int = 0
+    last_progress: tuple[float | None, str | None] | None = None
 
 
 def _clean(text: str) -> str:
@@ -106,6 +107,8 @@ class TaskLog:
         if position is None:
             return
         kind = _cut(_clean(str(kind)), _KIND_CHARS) or "log"
+        if kind == "attempt_started":
+            position.last_progress = None
         limit = self._config.max_event_chars
         at = now or utcnow()
         if kind not in ALWAYS_KEPT:
@@ -126,6 +129,16 @@ class TaskLog:
         )
         position.next_seq += 1
         self._store.add_task_event(event)
+
+    def add_progress(self, task: TaskRecord, percent: float | None, message: str | None) -> None:
+        """A progress report, unless it repeats the attempt's previous one: an agent saying "working"
+        in a loop would otherwise fill the cap with one line."""
+        position = self._positions.get(task.id)
+        if position is None or position.last_progress == (percent, message):
+            return
+        position.last_progress = (percent, message)
+        shown = " ".join(p for p in (f"{percent:g}%" if percent is not None else "", message or "") if p)
+        self.add(task, "progress", shown or "progress", {"percent": percent})
 
     def dropped(self, task_id: str) -> int:
         """Entries dropped past the cap in this process (0 for a task not held)."""
