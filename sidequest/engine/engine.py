@@ -820,7 +820,7 @@ class Engine:
             batch_id=task.batch_id,
             _on_state=lambda sid, bid: self._call_in_loop(self._save_state, task, sid, bid),
             _on_log=lambda kind, message, data: self._call_in_loop(
-                self.tasklog.add, task, kind, message, data
+                self.tasklog.add_reported, task, kind, message, data
             ),
             _workdir_roots=lambda: self.workdir_roots(task.scope, task.project),
         )

@@ -130,6 +130,13 @@ class TaskLog:
         position.next_seq += 1
         self._store.add_task_event(event)
 
+    def add_reported(self, task: TaskRecord, kind: str, message: str, data: Any = None) -> None:
+        """An entry an executor (agent code, a model's output) reported: the engine's own kinds are
+        not its to use, or an agent logging "attempt_finished" in a loop would pass the cap."""
+        if not isinstance(kind, str) or kind in ALWAYS_KEPT or kind == CUT:
+            kind = "log"
+        self.add(task, kind, message, data)
+
     def add_progress(self, task: TaskRecord, percent: float | None, message: str | None) -> None:
         """A progress report, unless it repeats the attempt's previous one: an agent saying "working"
         in a loop would otherwise fill the cap with one line."""

@@ -191,10 +191,12 @@ def retry_later(prompt: str, ctx: TaskContext) -> str:
 
 def chatty(prompt: str, ctx: TaskContext) -> str:
     """Writes N entries to the task's run log (prompt: N, default 3) from a child process (a sync
-    callable is isolated), one with data, then returns 'logged N'."""
+    callable is isolated), every other one claiming a kind reserved for the engine, then returns
+    'logged N'."""
     count = int(prompt or 3)
     for i in range(count):
-        ctx.log("log", f"entry {i + 1} of {count}", {"i": i})
+        # a kind of the engine's own: it must not let an agent write past the cap
+        ctx.log("attempt_finished" if i % 2 else "log", f"entry {i + 1} of {count}", {"i": i})
     return f"logged {count}"
 
 
