@@ -65,6 +65,8 @@ async def _logs(args: argparse.Namespace, settings: Settings, out: Output) -> in
         else:
             for event in page.events:
                 out.text(format_event(event))
+            if not page.events:
+                out.note(f"no entries yet: the task is {page.status.value}")
         return 0
 
 
