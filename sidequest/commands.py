@@ -287,6 +287,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     from sidequest.doctor import add_doctor_command
     from sidequest.env_cli import add_env_commands
+    from sidequest.logs_cli import add_logs_command
     from sidequest.reload_cli import add_reload_command
     from sidequest.scaffold import add_init_command
 
@@ -294,6 +295,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     add_doctor_command(sub, CONFIG_HELP)
     add_init_command(sub, CONFIG_HELP)
     add_reload_command(sub, CONFIG_HELP)
+    add_logs_command(sub, CONFIG_HELP)
 
 
 def _positive_int(text: str) -> int:
@@ -444,10 +446,10 @@ Handler = Callable[[argparse.Namespace, Settings, "Output"], Awaitable[int]]
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    from sidequest import doctor, env_cli, reload_cli, scaffold
+    from sidequest import doctor, env_cli, logs_cli, reload_cli, scaffold
 
     handlers = {**_HANDLERS, **env_cli.HANDLERS, **doctor.HANDLERS, **scaffold.HANDLERS}
-    handler = {**handlers, **reload_cli.HANDLERS}[args.command]
+    handler = {**handlers, **reload_cli.HANDLERS, **logs_cli.HANDLERS}[args.command]
     out = Output(as_json=bool(getattr(args, "json", False)))
     try:
         return anyio.run(handler, args, settings, out)
@@ -1344,6 +1346,7 @@ def _print_gc(out: Output, report: GcReport) -> None:
         ("schedule fires", d.schedule_fires),
         ("webhooks", d.webhook_callbacks),
         ("workflows", d.workflows),
+        ("run-log entries", d.events),
     ):
         grid.add_row(f"  {label}", f"{n:,}")
     grid.render(out)

@@ -170,6 +170,18 @@ class ClaudeCodeConfig(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+class TaskLogConfig(_Strict):
+    """Each task's run log is capped: an agent looping on tool calls or a chatty stderr must not fill
+    the disk. Attempt started/finished and retry entries are always kept (a few per attempt)."""
+
+    max_events: int = Field(
+        default=2000, ge=10, le=1_000_000, description="entries kept per task; then one log_cut marker"
+    )
+    max_event_chars: int = Field(
+        default=4000, ge=100, le=1_000_000, description="longest message (and data as JSON) of one entry"
+    )
+
+
 class ScheduleConfig(_Strict):
     """Cron schedules: what a schedule may ask for."""
 
@@ -247,6 +259,7 @@ class Settings(_Strict):
     anthropic: AnthropicConfig = Field(default_factory=AnthropicConfig)
     claude_code: ClaudeCodeConfig = Field(default_factory=ClaudeCodeConfig)
     schedules: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    task_log: TaskLogConfig = Field(default_factory=TaskLogConfig)
     env: dict[str, str] = Field(
         default_factory=dict, description="variables of the daemon's environment (see sidequest/envfile.py)"
     )

@@ -690,6 +690,7 @@ class GcCounts(BaseModel):
     schedule_fires: int = Field(default=0, description="fire keys of deleted scheduled runs")
     webhook_callbacks: int = 0
     workflows: int = Field(default=0, description="workflows none of whose tasks remain")
+    events: int = Field(default=0, description="run-log entries of deleted tasks")
 
 
 class GcReport(BaseModel):
@@ -724,3 +725,30 @@ def options_error(exc: ValidationError, where: str = "options") -> str:
         else:
             parts.append(f"{name!r}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
+
+
+class TaskLogEvent(BaseModel):
+    """One entry of a task's run log."""
+
+    seq: int = Field(description="position in the task's log, from 0 without gaps")
+    at: datetime
+    attempt: int = Field(description="the attempt it belongs to (0: before any attempt)")
+    kind: str = Field(
+        description="attempt_started, attempt_finished, retry_scheduled, progress, text, tool_use, "
+        "tool_result, web_search, usage, stderr, session_message, log, log_cut"
+    )
+    message: str
+    data: dict[str, Any] | None = Field(default=None, description="details: tool input, URLs, usage, …")
+
+
+class TaskLogPage(BaseModel):
+    """A page of a task's run log, oldest first."""
+
+    task_id: str
+    status: TaskStatus
+    offset: int
+    total: int = Field(description="entries the log holds so far")
+    events: list[TaskLogEvent]
+    next_offset: int | None = Field(
+        default=None, description="offset of the next page; null when this page reaches the end so far"
+    )

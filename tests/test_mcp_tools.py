@@ -430,6 +430,7 @@ async def test_tool_metadata_fits_claude_code(client: Client) -> None:
         "list_active_workflows",
         "get_workflow_notifications",
         "get_task_result",
+        "get_task_log",
         "cancel_task",
         "get_workflow_history",
         "list_agents",

@@ -32,6 +32,7 @@ from sidequest.engine.notifier import DEFAULT_READER, Listener, Notifier, reader
 from sidequest.engine.retention import Retention
 from sidequest.engine.retry import backoff_delay
 from sidequest.engine.scheduler import Clock, Scheduler
+from sidequest.engine.tasklog import TaskLog
 from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
 from sidequest.executors.sandbox import is_inside
 from sidequest.models import (
@@ -59,6 +60,8 @@ from sidequest.models import (
     Source,
     StatusReport,
     TaskInfo,
+    TaskLogEvent,
+    TaskLogPage,
     TaskOptions,
     TaskStatus,
     TaskSubmitted,
@@ -136,6 +139,8 @@ def _payload_size(prompt: str, options: dict[str, Any]) -> int:
     return len(prompt.encode("utf-8")) + len(json.dumps(options, ensure_ascii=False).encode("utf-8"))
 
 
+MAX_LOG_PAGE = 1000
+"""Most run-log entries one read returns."""
 MAX_OFFSET = 2**31 - 1
 """Offsets and cursors beyond this are typos (and overflow the store's integer types)."""
 
@@ -197,6 +202,12 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def _took(seconds: float) -> str:
+    """An attempt's length: fractions under a minute (most attempts are short), else as _duration."""
+    seconds = max(seconds, 0.0)
+    return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.1f}s" if seconds < 60 else _duration(seconds)
 
 
 def _check_again(elapsed: float) -> str:
@@ -299,6 +310,7 @@ class Engine:
         self.failed = anyio.Event()
         """Set when the store failed: the process must stop (fail-stop) and recover at its next start."""
         self.scheduler = Scheduler(self, clock)
+        self.tasklog = TaskLog(store, settings.task_log, utcnow())
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -843,6 +855,9 @@ class Engine:
             session_id=task.session_id,
             batch_id=task.batch_id,
             _on_state=lambda sid, bid: self._call_in_loop(self._save_state, task, sid, bid),
+            _on_log=lambda kind, message, data: self._call_in_loop(
+                self.tasklog.add_reported, task, kind, message, data
+            ),
             _workdir_roots=lambda: self.workdir_roots(task.scope, task.project),
         )
         return RunningAttempt(task=task, ctx=ctx)
@@ -875,18 +890,28 @@ class Engine:
             if cost is not None and not math.isfinite(cost):
                 cost = None
         model = _clean(str(usage.model))[:200] if usage.model else None
-        self.store.add_usage(
-            UsageRecord(
-                task.id,
-                task.attempts,
-                model,
-                count(usage.input_tokens),
-                count(usage.output_tokens),
-                count(usage.cache_creation_input_tokens),
-                count(usage.cache_read_input_tokens),
-                cost,
-                utcnow(),
-            )
+        record = UsageRecord(
+            task.id,
+            task.attempts,
+            model,
+            count(usage.input_tokens),
+            count(usage.output_tokens),
+            count(usage.cache_creation_input_tokens),
+            count(usage.cache_read_input_tokens),
+            cost,
+            utcnow(),
+        )
+        self.store.add_usage(record)
+        tokens = f"{record.input_tokens} in, {record.output_tokens} out"
+        self.tasklog.add(
+            task,
+            "usage",
+            f"{model or 'usage'}: {tokens}" + (f", ${cost:.4f}" if cost is not None else ""),
+            {
+                k: v
+                for k, v in dataclasses.asdict(record).items()
+                if k not in ("task_id", "attempt", "recorded_at")
+            },
         )
 
     def _save_state(self, task: TaskRecord, session_id: str | None, batch_id: str | None) -> None:
@@ -906,6 +931,7 @@ class Engine:
             task.progress_message = _clean(_short(str(message), 1000))
         task.updated_at = utcnow()
         self.store.update_task(task)
+        self.tasklog.add_progress(task, percent, message)
 
     async def _run_attempt(self, attempt: RunningAttempt) -> None:
         task, ctx = attempt.task, attempt.ctx
@@ -918,6 +944,9 @@ class Engine:
             return
         with attempt.scope:
             try:
+                await self.tasklog.resume(task)
+                log.info("task %s started: agent %s, attempt %d", task.id, task.agent, task.attempts)
+                self.tasklog.add(task, "attempt_started", f"attempt {task.attempts} started ({task.agent})")
                 prompt = task.prompt
                 if prompt is None or options is None:  # a large payload stays on disk until now
                     payload = await self.store.get_payload(task.id)
@@ -966,6 +995,7 @@ class Engine:
         started = task.started_at
         error = None if isinstance(detail, ExecutionResult) else _clean(detail)
         history_status = {"failed_permanently": "failed", "shutdown": "interrupted"}.get(outcome, outcome)
+        self._log_attempt_end(task, history_status, error, now)
         self.store.add_attempt(
             AttemptRecord(task.id, task.attempts, history_status, started, now, error, self.worker_id)
         )
@@ -989,6 +1019,27 @@ class Engine:
         self._after_failure(
             task, _clean(str(detail)), permanent=permanent, now=now, min_delay=retry_after, options=options
         )
+
+    def _log_attempt_end(self, task: TaskRecord, status: str, error: str | None, now: datetime) -> None:
+        """One line in the daemon's log and one entry in the task's run log per finished attempt."""
+        seconds = (now - task.started_at).total_seconds() if task.started_at else 0.0
+        log.info(
+            "task %s finished: %s after %s (agent %s, attempt %d)%s",
+            task.id,
+            status,
+            _took(seconds),
+            task.agent,
+            task.attempts,
+            f": {_short(error, 300)}" if error else "",
+        )
+        message = f"attempt {task.attempts} {status} after {_took(seconds)}"
+        if error:
+            message += f": {error}"
+        data: dict[str, Any] = {"status": status, "seconds": round(seconds, 3), "error": error}
+        dropped = self.tasklog.dropped(task.id)
+        if dropped:
+            data["dropped_entries"] = dropped  # past the cap, so far (counted in this process)
+        self.tasklog.add(task, "attempt_finished", message, data, now)
 
     def _complete(self, task: TaskRecord, result: ExecutionResult, now: datetime) -> None:
         result.content = _clean(result.content)
@@ -1033,6 +1084,13 @@ class Engine:
         delay = max(backoff_delay(policy, task.failures), min_delay or 0.0)
         task.next_attempt_at = now + timedelta(seconds=delay)
         self.store.update_task(task)
+        self.tasklog.add(
+            task,
+            "retry_scheduled",
+            f"retry {task.failures} of {task.max_retries} in {_took(delay)}: {_short(error, 500)}",
+            {"reason": error, "delay_seconds": round(delay, 3), "failures": task.failures},
+            now,
+        )
         self.dispatcher.enqueue(task)
 
     def _fail_task(self, task: TaskRecord, error: str, now: datetime) -> None:
@@ -1052,6 +1110,7 @@ class Engine:
 
     def _task_finished(self, task: TaskRecord, now: datetime) -> None:
         self._live.pop(task.id, None)
+        self.tasklog.forget(task.id)
         self._release(task.id)
         if task.schedule_id:
             self.scheduler.wake()  # a run queued behind this one (overlap=queue) may start now
@@ -1126,6 +1185,7 @@ class Engine:
         task.updated_at = now
         task.next_attempt_at = None
         self.store.update_task(task)
+        self.tasklog.add(task, "cancelled", "the task was cancelled", now=now)
         self.notifier.emit(
             NotificationKind.task_cancelled,
             task.workflow_id,
@@ -1645,6 +1705,29 @@ class Engine:
             content=content,
             next_offset=end if end < total else None,
             sources=[Source.model_validate(s) for s in sources or ()],
+        )
+
+    async def get_task_log(self, task_id: str, offset: int = 0, limit: int = 100) -> TaskLogPage:
+        """A page of a task's run log. Like a result, readable by anyone holding the task id."""
+        _check_paging(offset, limit, max_limit=MAX_LOG_PAGE)
+        await self.store.flush()
+        task = await self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"unknown task_id {task_id!r}")
+        events, total = await self.store.get_task_events(task_id, offset, limit)
+        end = offset + len(events)
+        return TaskLogPage(
+            task_id=task_id,
+            status=TaskStatus(task.status),
+            offset=offset,
+            total=total,
+            events=[
+                TaskLogEvent(
+                    seq=e.seq, at=e.logged_at, attempt=e.attempt, kind=e.kind, message=e.message, data=e.data
+                )
+                for e in events
+            ],
+            next_offset=end if end < total else None,
         )
 
     # ---- retention -------------------------------------------------------

@@ -166,7 +166,8 @@ def summary(report: GcReport) -> str:
     return (
         f"{verb} {d.tasks} task(s) finished more than {describe_age(report.older_than_seconds)} ago "
         f"({d.attempts} attempts, {d.results} results, {d.usage} usage rows, {d.notifications} "
-        f"notifications, {d.schedule_fires} schedule fires, {d.workflows} workflows) in "
+        f"notifications, {d.schedule_fires} schedule fires, {d.workflows} workflows, {d.events} log "
+        "entries) in "
         f"{report.batches} batch(es), {report.seconds:g}s; file + WAL {report.file_bytes_before} + "
         f"{report.wal_bytes_before} -> {report.file_bytes_after} + {report.wal_bytes_after} bytes, "
         f"{report.free_bytes_after} free in the file"

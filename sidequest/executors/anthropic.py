@@ -18,6 +18,7 @@ fail the task at once with the API's own message.
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import os
 import time
@@ -150,6 +151,7 @@ class AnthropicExecutor:
                 message = await self._batch_turn(client, params, ctx, turn)
             else:
                 message = await self._stream_turn(client, params)
+            _log_turn(ctx, turn, message.content)
             self._record_usage(message, ctx, batch=bool(batch))
             texts.extend(sources.read(message.content))
             reason = message.stop_reason
@@ -361,6 +363,46 @@ class Sources:
             label = f"{title} — {source['url']}" if title and title != source["url"] else source["url"]
             lines.append(f"[{source['n']}] {label}")
         return f"{text}\n\nSources:\n" + "\n".join(lines)
+
+
+def _log_turn(ctx: TaskContext, turn: int, blocks: list[Any]) -> None:
+    """The task's run log gets what the turn said and did: text, tool calls with their input, and
+    the pages a web search found (URLs, so a reader can check what the answer rests on)."""
+    for block in blocks:
+        kind = block.type
+        if kind == "text":
+            ctx.log("text", block.text, {"turn": turn})
+        elif kind in ("tool_use", "server_tool_use"):
+            data = {"turn": turn, "tool": block.name, "id": block.id, "input": block.input}
+            ctx.log("tool_use", f"{block.name} {_brief(block.input)}", data)
+        elif kind == "web_search_tool_result":
+            content = block.content
+            if isinstance(content, list):
+                found = [
+                    {"title": getattr(r, "title", None), "url": getattr(r, "url", None)} for r in content
+                ]
+                urls = [r["url"] for r in found if r["url"]]
+                message = f"web search: {len(urls)} result(s)" + (f": {', '.join(urls[:5])}" if urls else "")
+                ctx.log(
+                    "web_search", message, {"turn": turn, "tool_use_id": block.tool_use_id, "results": found}
+                )
+            else:  # an error object: the search did not run
+                code = getattr(content, "error_code", "error")
+                ctx.log("web_search", f"web search failed: {code}", {"turn": turn, "error": str(code)})
+        elif kind.endswith("_tool_result"):
+            dumped = block.model_dump(mode="json", exclude_none=True)
+            ctx.log(
+                "tool_result", f"{kind} for {getattr(block, 'tool_use_id', '?')}", {"turn": turn, **dumped}
+            )
+
+
+def _brief(value: Any, limit: int = 200) -> str:
+    """A tool input on one line, short: the entry's data holds it whole."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _dump_blocks(blocks: list[Any]) -> list[dict[str, Any]]:

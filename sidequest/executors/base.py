@@ -65,6 +65,7 @@ class TaskContext:
     resume_session_id: str | None = None
     """The session of the task named by `options.resume_task_id`, looked up by the engine."""
     _on_state: Callable[[str | None, str | None], None] | None = None
+    _on_log: Callable[[str, str, dict[str, Any] | None], None] | None = None
     _workdir_roots: Callable[[], list[str]] = list
 
     @property
@@ -85,6 +86,12 @@ class TaskContext:
         if percent is not None:
             percent = max(0.0, min(100.0, float(percent)))
         self._on_progress(percent, message)
+
+    def log(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        """Add an entry to the task's run log (a turn, a tool call, a stderr line). Safe from a
+        worker thread; capped and cut to size by the engine, so report freely but not in a loop."""
+        if self._on_log is not None:
+            self._on_log(kind, message, data)
 
     def record_usage(self, usage: UsageRecord) -> None:
         self._on_usage(usage)

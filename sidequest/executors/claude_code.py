@@ -365,6 +365,7 @@ class ClaudeCodeExecutor:
         failure: _Failure | None = None
         try:
             async for message in messages:
+                _log_message(message, ctx)
                 if isinstance(message, SystemMessage):
                     if message.subtype == "init":
                         self._note_session(message.data.get("session_id"), ctx, run)
@@ -489,6 +490,76 @@ class ClaudeCodeExecutor:
 
 class _SessionMissing(Exception):
     """The session to resume does not exist (never written, or another cwd / config dir)."""
+
+
+SESSION_SUMMARY_CHARS = 500
+"""Tool results in the run log are cut to this much: the session's own transcript has them whole."""
+
+
+def _summary(value: Any, limit: int = SESSION_SUMMARY_CHARS) -> str:
+    if isinstance(value, list):
+        value = " ".join(
+            str(part.get("text", part)) if isinstance(part, dict) else str(part) for part in value
+        )
+    text = " ".join(str(value if value is not None else "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _log_message(message: Any, ctx: TaskContext) -> None:
+    """The session's messages, summarised, in the task's run log: what the model said, each tool it
+    called with its input, each tool result (cut short), and how the session ended."""
+    from claude_agent_sdk import (
+        AssistantMessage,
+        ResultMessage,
+        SystemMessage,
+        TextBlock,
+        ToolResultBlock,
+        ToolUseBlock,
+        UserMessage,
+    )
+
+    data: dict[str, Any] = {"session_message": type(message).__name__}
+    if isinstance(message, SystemMessage):
+        if message.subtype == "init":
+            init = message.data
+            model = init.get("model")
+            data.update(session_id=init.get("session_id"), model=model, cwd=init.get("cwd"))
+            ctx.log("session_message", f"session started (model {model})", data)
+        return
+    if isinstance(message, AssistantMessage | UserMessage):
+        if message.parent_tool_use_id is not None:
+            data["parent_tool_use_id"] = message.parent_tool_use_id
+        content = message.content
+        if isinstance(content, str):
+            ctx.log("text", _summary(content), data)
+            return
+        for block in content:
+            if isinstance(block, TextBlock):
+                ctx.log("text", block.text, data)
+            elif isinstance(block, ToolUseBlock):
+                shown = _summary(block.input, 200)
+                ctx.log(
+                    "tool_use", f"{block.name} {shown}", {**data, "tool": block.name, "input": block.input}
+                )
+            elif isinstance(block, ToolResultBlock):
+                error = " (error)" if block.is_error else ""
+                ctx.log(
+                    "tool_result",
+                    f"result{error}: {_summary(block.content)}",
+                    {**data, "tool_use_id": block.tool_use_id, "is_error": bool(block.is_error)},
+                )
+        return
+    if isinstance(message, ResultMessage):
+        data.update(
+            subtype=message.subtype,
+            turns=message.num_turns,
+            is_error=message.is_error,
+            cost_usd=message.total_cost_usd,
+            duration_ms=message.duration_ms,
+        )
+        ctx.log(
+            "session_message", f"session ended: {message.subtype} after {message.num_turns} turn(s)", data
+        )
 
 
 def _result_text(result: ResultMessage) -> str:

@@ -82,6 +82,8 @@ PROGRESS_INTERVAL = 0.1
 PROGRESS_LINE_MAX = 4096
 """A longer stderr line cannot be a progress line, so it is not buffered whole."""
 READ_CHUNK = 65536
+STDERR_LOG_LINES = 500
+"""stderr lines an attempt writes to the task's run log (the end of stderr is also in the error)."""
 
 _PROGRESS_RE = re.compile(
     r"sidequest-progress:[ \t]*(?:(?P<percent>\d+(?:\.\d+)?)%?(?:[ \t]+|$))?(?P<message>.*)",
@@ -138,6 +140,7 @@ class _StderrWatch:
     skipping_long_line: bool = False
     pending: tuple[float | None, str | None] | None = None
     last_report: float = -math.inf
+    logged_lines: int = 0
 
     def feed(self, data: bytes) -> None:
         self.tail += data
@@ -164,11 +167,25 @@ class _StderrWatch:
 
     def _line(self, raw: bytes) -> None:
         if b"sidequest-progress:" not in raw:
+            self._log(raw)
             return
         parsed = parse_progress(raw.decode("utf-8", errors="replace"))
         if parsed is not None:
             self.pending = parsed
             self.flush()
+
+    def _log(self, raw: bytes) -> None:
+        """Each stderr line goes to the task's run log, up to STDERR_LOG_LINES per attempt (a program
+        printing in a loop would otherwise use up the whole log's cap on one attempt)."""
+        if self.logged_lines > STDERR_LOG_LINES:
+            return
+        self.logged_lines += 1
+        if self.logged_lines > STDERR_LOG_LINES:
+            self.ctx.log("stderr", f"[more stderr lines are not logged: {STDERR_LOG_LINES} per attempt]")
+            return
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if line.strip():
+            self.ctx.log("stderr", line)
 
     def flush(self, force: bool = False) -> None:
         if self.pending is None:

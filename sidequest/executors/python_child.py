@@ -216,6 +216,14 @@ class ChildContext:
             }
         )
 
+    def log(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        """An entry of the task's run log; data that is not JSON goes as its text."""
+        try:
+            json.dumps(data)
+        except (TypeError, ValueError):
+            data = {"value": repr(data)}
+        self._channel.send({"type": "log", "kind": str(kind), "message": str(message), "data": data})
+
     def save_state(self, session_id: str | None = None, batch_id: str | None = None) -> None:
         if session_id is not None:
             self.session_id = session_id

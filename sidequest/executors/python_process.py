@@ -245,6 +245,9 @@ def _apply(message: dict[str, Any], ctx: TaskContext) -> None:
         ctx.record_usage(_usage(message, ctx))
     elif kind == "state":
         ctx.save_state(_text(message.get("session_id")), _text(message.get("batch_id")))
+    elif kind == "log":
+        data = message.get("data")
+        ctx.log(_text(message.get("kind")) or "log", _text(message.get("message")) or "", data)
     else:
         raise ValueError(f"unknown message type {kind!r}")
 

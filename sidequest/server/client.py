@@ -52,6 +52,7 @@ from sidequest.models import (
     StatusReport,
     TaskCreate,
     TaskInfo,
+    TaskLogPage,
     TaskOptions,
     TaskSubmitted,
     WaitMode,
@@ -274,6 +275,14 @@ class DaemonClient:
             f"/tasks/{_segment(task_id)}/result",
             ResultPage,
             params={"offset": offset, "max_chars": max_chars},
+        )
+
+    async def get_task_log(self, task_id: str, offset: int = 0, limit: int = 100) -> TaskLogPage:
+        return await self._call(
+            "GET",
+            f"/tasks/{_segment(task_id)}/events",
+            TaskLogPage,
+            params={"offset": offset, "limit": limit},
         )
 
     async def cancel(self, task_id: str | None = None, workflow_id: str | None = None) -> CancelResult:

@@ -52,6 +52,7 @@ from sidequest.models import (
     ScheduleUpdate,
     StatusReport,
     TaskInfo,
+    TaskLogPage,
     TaskOptions,
     TaskSubmitted,
     WaitMode,
@@ -311,6 +312,7 @@ class Backend(Protocol):
     async def get_task(self, task_id: str) -> TaskInfo: ...
     async def get_workflow(self, workflow_id: str) -> WorkflowInfo: ...
     async def get_result(self, task_id: str, offset: int = 0, max_chars: int = 20_000) -> ResultPage: ...
+    async def get_task_log(self, task_id: str, offset: int = 0, limit: int = 100) -> TaskLogPage: ...
     async def cancel(self, task_id: str | None = None, workflow_id: str | None = None) -> CancelResult: ...
     async def list_active_workflows(
         self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0
@@ -560,6 +562,17 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
         return await _run_tool(
             "get_task_result", engine.get_result(task_id, offset=offset, max_chars=max_chars)
         )
+
+    @server.tool(
+        name="get_task_log",
+        description="A task's run log (attempts, turns, tool calls, errors, retries), oldest first; "
+        "page with offset=next_offset.",
+        annotations=_read_only("Get task log"),
+    )
+    async def get_task_log(
+        task_id: str, offset: Offset = 0, limit: Annotated[int, Field(ge=1, le=1000)] = 100
+    ) -> TaskLogPage:
+        return await _run_tool("get_task_log", engine.get_task_log(task_id, offset=offset, limit=limit))
 
     @server.tool(
         name="cancel_task",

@@ -62,6 +62,8 @@ from sidequest.models import (
     StatusReport,
     TaskCreate,
     TaskInfo,
+    TaskLogEvent,
+    TaskLogPage,
     TaskOptions,
     TaskSubmitted,
     WaitRequest,
@@ -71,7 +73,7 @@ from sidequest.models import (
     WorkflowStatus,
     as_utc,
 )
-from sidequest.storage.base import Committed
+from sidequest.storage.base import Committed, TaskEventRecord
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,9 @@ re-read instead of polling. Events (every scope; `data` is one JSON line):
 - `update`: one per durable commit:
   `{"task_ids": [...], "workflow_ids": [...], "notification_cursor": 42 | null}`
   (ids sorted; the cursor is the highest notification in the commit, null if none).
+- `task_log`: only on a stream opened with `?task_id=t_…`: one per new entry of that task's run
+  log, as soon as it is durable: `{"task_id": "t_…", "seq": 7, "at": "…", "attempt": 1, "kind": "stderr",
+  "message": "…", "data": {…} | null}`. Read /tasks/{id}/events after `hello` for the entries before.
 - `overflow`: the client fell more than 1000 commits behind and some updates were dropped:
   re-read everything you track.
 
@@ -377,6 +382,18 @@ def _update_data(committed: Committed) -> str:
     )
 
 
+def _log_data(entry: TaskEventRecord) -> str:
+    event = TaskLogEvent(
+        seq=entry.seq,
+        at=entry.logged_at,
+        attempt=entry.attempt,
+        kind=entry.kind,
+        message=entry.message,
+        data=entry.data,
+    )
+    return json.dumps({"task_id": entry.task_id, **event.model_dump(mode="json")})
+
+
 class _OpenStreams:
     """The shutdown events of the open event streams, so the server can end them all at once."""
 
@@ -400,9 +417,11 @@ class _EventStream:
     responses, so an endless one would hold it up.
     """
 
-    def __init__(self, engine: Engine, streams: _OpenStreams) -> None:
+    def __init__(self, engine: Engine, streams: _OpenStreams, task_id: str | None = None) -> None:
         self._engine = engine
         self._streams = streams
+        self._task_id = task_id
+        """Send this task's run-log entries as `task_log` events (None: no log entries)."""
         self._send: ObjectSendStream[object]
         self._receive: ObjectReceiveStream[object]
         self._send, self._receive = anyio.create_memory_object_stream[object](_SSE_BUFFER)
@@ -421,7 +440,8 @@ class _EventStream:
         )
 
     def _on_commit(self, committed: Committed) -> None:
-        if not (committed.task_ids or committed.workflow_ids or committed.notifications):
+        logged = self._task_id is not None and any(e.task_id == self._task_id for e in committed.task_events)
+        if not (committed.task_ids or committed.workflow_ids or committed.notifications or logged):
             return
         try:
             self._send.send_nowait(committed)
@@ -454,7 +474,11 @@ class _EventStream:
                         yield ServerSentEvent(event="overflow", data="{}")
                     else:
                         assert isinstance(item, Committed)
-                        yield ServerSentEvent(event="update", data=_update_data(item))
+                        for entry in item.task_events:
+                            if entry.task_id == self._task_id:
+                                yield ServerSentEvent(event="task_log", data=_log_data(entry))
+                        if item.task_ids or item.workflow_ids or item.notifications:
+                            yield ServerSentEvent(event="update", data=_update_data(item))
         finally:
             remove()
             self._send.close()
@@ -546,6 +570,21 @@ def build_rest_app(
         max_chars: Annotated[int, Query(ge=1, le=50_000)] = 20_000,
     ) -> ResultPage:
         return await engine.get_result(task_id, offset=offset, max_chars=max_chars)
+
+    @app.get(
+        "/tasks/{task_id}/events",
+        response_model=TaskLogPage,
+        summary="A page of a task's run log",
+        description="Oldest first: attempts, progress, agent turns, tool calls with their input, web "
+        "search URLs, stderr lines, retries with their reason. Follow next_offset; to follow a running "
+        "task live, listen to /events?task_id=… for `task_log` events.",
+    )
+    async def get_task_log(
+        task_id: TaskId,
+        offset: Offset = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> TaskLogPage:
+        return await engine.get_task_log(task_id, offset=offset, limit=limit)
 
     @app.post("/tasks/{task_id}/cancel", response_model=CancelResult, summary="Cancel a task")
     async def cancel_task(task_id: TaskId) -> CancelResult:
@@ -798,8 +837,12 @@ def build_rest_app(
         description=EVENTS_DESCRIPTION,
         responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
     )
-    async def stream_events() -> EventSourceResponse:
-        return _EventStream(engine, streams).response()
+    async def stream_events(
+        task_id: Annotated[
+            str | None, Query(max_length=200, description="also send this task's run-log entries (task_log)")
+        ] = None,
+    ) -> EventSourceResponse:
+        return _EventStream(engine, streams, task_id).response()
 
     return app
 

@@ -154,6 +154,19 @@ class UsageRecord:
 
 
 @dataclass(slots=True)
+class TaskEventRecord:
+    """One entry of a task's run log; `seq` counts from 0 per task with no gaps."""
+
+    task_id: str
+    seq: int
+    logged_at: datetime
+    attempt: int
+    kind: str
+    message: str
+    data: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
 class UsageTotals:
     """A task's usage summed over its attempts and turns."""
 
@@ -215,6 +228,8 @@ class Committed:
     task_ids: set[str] = field(default_factory=set)
     workflow_ids: set[str] = field(default_factory=set)
     notifications: list[NotificationRecord] = field(default_factory=list)
+    task_events: list[TaskEventRecord] = field(default_factory=list)
+    """Run-log entries made durable by this commit (the event stream carries them live)."""
 
 
 @dataclass(slots=True)
@@ -279,6 +294,10 @@ class Store(Protocol):
 
     def add_usage(self, usage: UsageRecord) -> None: ...
 
+    def add_task_event(self, event: TaskEventRecord) -> None:
+        """Enqueue a run-log entry for the next group commit (never a commit of its own)."""
+        ...
+
     def mark_delivered(self, reader: str, cursors: Sequence[int], at: datetime) -> None:
         """`reader` has had these notifications; every other reader still gets them."""
         ...
@@ -311,6 +330,12 @@ class Store(Protocol):
         self, task_id: str, offset: int, limit: int
     ) -> tuple[str, str, int, list[dict[str, Any]] | None] | None:
         """(content_type, content slice, total chars, cited sources), or None when there is no result."""
+        ...
+
+    async def get_task_events(
+        self, task_id: str, offset: int, limit: int
+    ) -> tuple[list[TaskEventRecord], int]:
+        """Up to `limit` run-log entries of a task from seq `offset` on, and how many it has in all."""
         ...
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None: ...
@@ -428,6 +453,7 @@ class PurgeCounts:
     schedule_fires: int = 0
     webhook_callbacks: int = 0
     workflows: int = 0
+    events: int = 0
 
     def add(self, other: PurgeCounts) -> None:
         for name in self.__dataclass_fields__:  # type: ignore[attr-defined]

@@ -44,6 +44,7 @@ from sidequest.storage.base import (
     ScheduleRecord,
     StoreError,
     StoreUnavailable,
+    TaskEventRecord,
     TaskRecord,
     UsageRecord,
     UsageTotals,
@@ -132,9 +133,10 @@ def _workflow_from_row(row: Sequence[Any]) -> WorkflowRecord:
 
 
 _CONVERT: dict[str, Callable[[Any], Any]] = {
-    **dict.fromkeys(_TIME_FIELDS | {"recorded_at"}, _naive),
+    **dict.fromkeys(_TIME_FIELDS | {"recorded_at", "logged_at"}, _naive),
     "options": json.dumps,
     "sources": lambda sources: json.dumps(sources) if sources else None,
+    "data": lambda value: None if value is None else json.dumps(value),
 }
 """Per-column conversion from a record's value to what the appender takes."""
 
@@ -212,6 +214,9 @@ _WRITES: dict[str, _Write] = {
             "recorded_at",
         ),
     ),
+    "task_events": _Write(
+        "task_events", ("task_id", "seq", "logged_at", "attempt", "kind", "message", "data")
+    ),
 }
 
 
@@ -239,6 +244,7 @@ class _Pending:
     results: list[ResultRecord] = field(default_factory=list)
     notifications: list[NotificationRecord] = field(default_factory=list)
     usage: list[UsageRecord] = field(default_factory=list)
+    task_events: list[TaskEventRecord] = field(default_factory=list)
     delivered: list[tuple[str, list[int], datetime]] = field(default_factory=list)
     """(reader, cursors it has had, when): see mark_delivered."""
     waiters: list[_Waiter] = field(default_factory=list)
@@ -262,6 +268,7 @@ class _Pending:
             self.results,
             self.notifications,
             self.usage,
+            self.task_events,
             self.delivered,
         )
 
@@ -283,6 +290,7 @@ class _Pending:
             ("results", self.results),
             ("notifications", self.notifications),
             ("usage", self.usage),
+            ("task_events", self.task_events),
         ]
         return [(name, items) for name, items in kinds if items]
 
@@ -297,6 +305,7 @@ class _Pending:
             results=self.results,
             notifications=self.notifications,
             usage=self.usage,
+            task_events=self.task_events,
             delivered=self.delivered,
             starts_upto=self.starts_upto,
         )
@@ -312,6 +321,7 @@ class _Pending:
         self.results += newer.results
         self.notifications += newer.notifications
         self.usage += newer.usage
+        self.task_events += newer.task_events
         self.delivered += newer.delivered
         self.waiters += newer.waiters
         self.flush_requested = self.flush_requested or newer.flush_requested
@@ -1050,6 +1060,12 @@ class DuckDBStore:
         self._pending.usage.append(usage)
         self._wake()
 
+    def add_task_event(self, event: TaskEventRecord) -> None:
+        if self._failure is not None:
+            return
+        self._pending.task_events.append(event)
+        self._wake()
+
     def mark_delivered(self, reader: str, cursors: Sequence[int], at: datetime) -> None:
         if cursors and self._failure is None:
             self._pending.delivered.append((reader, list(cursors), at))
@@ -1109,7 +1125,7 @@ class DuckDBStore:
                 with contextlib.suppress(duckdb.Error):
                     con.execute("ROLLBACK")
             raise
-        committed = Committed(notifications=list(batch.notifications))
+        committed = Committed(notifications=list(batch.notifications), task_events=list(batch.task_events))
         committed.task_ids.update(t.id for t in batch.tasks_new)
         committed.task_ids.update(batch.task_updates)
         committed.workflow_ids.update(w.id for w in batch.workflows_new)
@@ -1203,6 +1219,28 @@ class DuckDBStore:
         if row is None:
             return None
         return row[0], row[1] or "", int(row[2]), json.loads(row[3]) if row[3] else None
+
+    async def get_task_events(
+        self, task_id: str, offset: int, limit: int
+    ) -> tuple[list[TaskEventRecord], int]:
+        def run(cur: duckdb.DuckDBPyConnection) -> tuple[list[TaskEventRecord], int]:
+            rows = cur.execute(Q["task_events"], [task_id, offset, limit]).fetchall()
+            total = cur.execute(Q["task_event_count"], [task_id]).fetchone()
+            events = [
+                TaskEventRecord(
+                    task_id,
+                    seq,
+                    _aware(at),
+                    attempt,
+                    kind,
+                    message,
+                    None if data is None else json.loads(data),
+                )  # type: ignore[arg-type]
+                for seq, at, attempt, kind, message, data in rows
+            ]
+            return events, int(total[0]) if total else 0
+
+        return await self._read(run)
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
         row = await self._read(lambda cur: cur.execute(Q["get_workflow"], [workflow_id]).fetchone())
@@ -1457,6 +1495,7 @@ class DuckDBStore:
             "token_usage",
             "scheduled_tasks",
             "schedule_fires",
+            "task_events",
         ]
 
         def run(cur: duckdb.DuckDBPyConnection) -> dict[str, int]:
@@ -1559,6 +1598,7 @@ _GC_TASK_ROWS: tuple[tuple[str, str], ...] = (
     ("notifications", "gc_delete_task_notifications"),
     ("schedule_fires", "gc_delete_fires"),
     ("webhook_callbacks", "gc_delete_webhooks"),
+    ("events", "gc_delete_task_events"),
 )
 """Rows keyed by task id that retention deletes with their task: (PurgeCounts field, named query
 taking $1 = the batch's task ids). The hook for tables to come: a new table of per-task rows (e.g.
@@ -1579,6 +1619,6 @@ def _task_ids_in(batch: _Pending | None) -> set[str]:
         return set()
     ids = {t.id for t in batch.tasks_new}
     ids.update(batch.task_updates)
-    for rows in (batch.attempts, batch.results, batch.notifications, batch.usage):
+    for rows in (batch.attempts, batch.results, batch.notifications, batch.usage, batch.task_events):
         ids.update(r.task_id for r in rows if r.task_id is not None)
     return ids

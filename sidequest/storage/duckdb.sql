@@ -57,6 +57,15 @@ SELECT * FROM task_executions WHERE workflow_id = $1 ORDER BY seq;
 SELECT task_id, attempt, status, started_at, finished_at, error, worker_id
 FROM task_attempts WHERE task_id = $1 ORDER BY attempt, finished_at;
 
+-- task_events --
+-- A page of a task's run log: entries from seq $2 on, at most $3.
+SELECT seq, logged_at, attempt, kind, message, data::VARCHAR FROM task_events
+WHERE task_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3;
+
+-- task_event_count --
+-- How many run-log entries a task has (seq of the next one: they count from 0 without gaps).
+SELECT count(*) FROM task_events WHERE task_id = $1;
+
 -- result_sizes --
 -- Result sizes for some tasks.
 SELECT task_id, size_chars FROM task_results WHERE task_id IN (SELECT unnest($1::VARCHAR[]));
@@ -207,6 +216,10 @@ DELETE FROM schedule_fires WHERE task_id IN (SELECT unnest($1::VARCHAR[]));
 -- Retention: webhook deliveries of the tasks in $1.
 DELETE FROM webhook_callbacks WHERE task_id IN (SELECT unnest($1::VARCHAR[]));
 
+-- gc_delete_task_events --
+-- Retention: the run logs of the tasks in $1.
+DELETE FROM task_events WHERE task_id IN (SELECT unnest($1::VARCHAR[]));
+
 -- gc_delete_tasks --
 -- Retention: the tasks in $1 themselves (finished ones only, whatever the caller passed).
 DELETE FROM task_executions
@@ -244,7 +257,7 @@ WHERE cursor NOT IN (SELECT cursor FROM notifications);
 -- gc_count --
 -- Retention's dry run: what the gc_delete_* statements would delete for a cutoff $1 and kept ids $2,
 -- one column each, in the order of GcCounts (tasks, attempts, results, usage, notifications,
--- schedule_fires, webhook_callbacks, workflows).
+-- schedule_fires, webhook_callbacks, workflows, events).
 WITH doomed AS (
     SELECT id, workflow_id FROM task_executions
     WHERE status IN ('completed', 'failed', 'cancelled') AND finished_at < $1
@@ -270,7 +283,8 @@ SELECT
             OR (n.task_id IS NULL AND n.workflow_id = '' AND n.created_at < $1))),
     (SELECT count(*) FROM schedule_fires WHERE task_id IN (SELECT id FROM doomed)),
     (SELECT count(*) FROM webhook_callbacks WHERE task_id IN (SELECT id FROM doomed)),
-    (SELECT count(*) FROM emptied);
+    (SELECT count(*) FROM emptied),
+    (SELECT count(*) FROM task_events WHERE task_id IN (SELECT id FROM doomed));
 
 -- checkpoint --
 -- Write the WAL into the file: deleted rows' blocks become free for new rows (the file shrinks only

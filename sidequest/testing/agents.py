@@ -187,3 +187,33 @@ def retry_later(prompt: str, ctx: TaskContext) -> str:
     if ctx.attempt == 1:
         raise RetryableError("busy, come back later", retry_after=float(prompt))
     return f"succeeded on attempt {ctx.attempt}"
+
+
+def chatty(prompt: str, ctx: TaskContext) -> str:
+    """Writes N entries to the task's run log (prompt: N, default 3) from a child process (a sync
+    callable is isolated), every other one claiming a kind reserved for the engine, then returns
+    'logged N'."""
+    count = int(prompt or 3)
+    for i in range(count):
+        # a kind of the engine's own: it must not let an agent write past the cap
+        ctx.log("attempt_finished" if i % 2 else "log", f"entry {i + 1} of {count}", {"i": i})
+    return f"logged {count}"
+
+
+async def wait_for_file(prompt: str, ctx: TaskContext) -> str:
+    """Waits until the file named by the prompt exists (a test's gate), reporting progress while it
+    waits, then returns 'gate opened'."""
+    path = Path(prompt)
+    ctx.report_progress(0, f"waiting for {path.name}")
+    while not path.exists():
+        await anyio.sleep(0.05)
+    ctx.report_progress(100, "gate opened")
+    return "gate opened"
+
+
+async def logs_badly(prompt: str, ctx: TaskContext) -> str:
+    """Writes run-log entries the store could not hold as given: a long message ending in a lone
+    surrogate with NaN in its data, then data far too large. The engine must cut them, not fail."""
+    ctx.log("text", "x" * 50_000 + "\ud800", {"n": float("nan")})
+    ctx.log("text", "big data", {"blob": "y" * 50_000})
+    return "logged"

@@ -1,0 +1,153 @@
+"""Each task's run log: what its attempts did, in order, for a person (or a model) asking why.
+
+Entries ride the store's group commit (never a commit of their own) and are capped per task, so an
+agent looping on tool calls or a program flooding stderr costs a bounded number of rows. The few
+entries that say how an attempt went (started, finished, retry) are always kept: they are what a
+reader of a cut log needs most, and there are at most three per attempt.
+
+Entries come from agent code and from models, so every one is made safe to store here: text cut to
+`max_event_chars`, invalid UTF-8 replaced, data made plain JSON or replaced by a note. A bad entry
+costs itself, never the commit it rides (a failed commit stops the store).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sidequest.config import TaskLogConfig
+from sidequest.models import utcnow
+from sidequest.storage.base import Store, TaskEventRecord, TaskRecord
+
+ALWAYS_KEPT = frozenset({"attempt_started", "attempt_finished", "retry_scheduled", "cancelled"})
+"""Kinds written past the cap: a few per attempt, and the ones a reader of a cut log needs."""
+CUT = "log_cut"
+_KIND_CHARS = 40
+
+
+@dataclass(slots=True)
+class _Position:
+    next_seq: int
+    cut: bool = False
+    dropped: int = 0
+    last_progress: tuple[float | None, str | None] | None = None
+
+
+def _clean(text: str) -> str:
+    """Valid UTF-8 without NUL: what a VARCHAR column takes whatever an agent sent."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text.replace("\x00", "\ufffd")
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _plain(value: Any, limit: int) -> dict[str, Any] | None:
+    """JSON the store's JSON column accepts (no NaN, no lone surrogates), at most `limit` characters."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        value = {"value": value}
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=str)
+    except (ValueError, TypeError, RecursionError):
+        return {"unreadable": _cut(_clean(repr(value)), limit)}
+    text = _clean(text)
+    if len(text) > limit:
+        return {"cut": True, "json": text[:limit]}
+    loaded = json.loads(text)
+    return loaded if isinstance(loaded, dict) else {"value": loaded}
+
+
+class TaskLog:
+    """Positions of the logs of running tasks, and the one way entries are written.
+
+    A task's next seq is kept while the task is live; a task not seen yet in this process (loaded
+    at start, or retried after it finished) has its position read from the store before its
+    attempt runs (`resume`). Tasks created in this process start at 0 without a read.
+    """
+
+    def __init__(self, store: Store, config: TaskLogConfig, started: datetime) -> None:
+        self._store = store
+        self._config = config
+        self._started = started
+        self._positions: dict[str, _Position] = {}
+
+    async def resume(self, task: TaskRecord) -> None:
+        """Know where this task's log continues, before its attempt logs anything."""
+        if task.id in self._positions:
+            return
+        if task.attempts <= 1 and task.created_at >= self._started:
+            self._positions[task.id] = _Position(0)  # first attempt of a task made here: no log yet
+            return
+        await self._store.flush()
+        _, total = await self._store.get_task_events(task.id, 0, 1)
+        self._positions[task.id] = _Position(total, cut=total >= self._config.max_events)
+
+    def forget(self, task_id: str) -> None:
+        """The task finished: later entries for it (an abandoned thread still reporting) are dropped."""
+        self._positions.pop(task_id, None)
+
+    def add(
+        self,
+        task: TaskRecord,
+        kind: str,
+        message: str,
+        data: Any = None,
+        now: datetime | None = None,
+    ) -> None:
+        """Enqueue one entry; dropped past the cap (the first one dropped leaves a marker)."""
+        position = self._positions.get(task.id)
+        if position is None:
+            return
+        kind = _cut(_clean(str(kind)), _KIND_CHARS) or "log"
+        if kind == "attempt_started":
+            position.last_progress = None
+        limit = self._config.max_event_chars
+        at = now or utcnow()
+        if kind not in ALWAYS_KEPT:
+            if position.cut:
+                position.dropped += 1
+                return
+            if position.next_seq >= self._config.max_events - 1:
+                position.cut = True
+                position.dropped += 1
+                kind, data = CUT, {"max_events": self._config.max_events}
+                message = (
+                    f"log cut here: it reached {self._config.max_events} entries ([task_log] max_events); "
+                    "later entries are dropped, except attempt starts, finishes and retries"
+                )
+        text = _cut(_clean(message if isinstance(message, str) else str(message)), limit)
+        event = TaskEventRecord(
+            task.id, position.next_seq, at, task.attempts, kind, text, _plain(data, limit)
+        )
+        position.next_seq += 1
+        self._store.add_task_event(event)
+
+    def add_reported(self, task: TaskRecord, kind: str, message: str, data: Any = None) -> None:
+        """An entry an executor (agent code, a model's output) reported: the engine's own kinds are
+        not its to use, or an agent logging "attempt_finished" in a loop would pass the cap."""
+        if not isinstance(kind, str) or kind in ALWAYS_KEPT or kind == CUT:
+            kind = "log"
+        self.add(task, kind, message, data)
+
+    def add_progress(self, task: TaskRecord, percent: float | None, message: str | None) -> None:
+        """A progress report, unless it repeats the attempt's previous one: an agent saying "working"
+        in a loop would otherwise fill the cap with one line."""
+        position = self._positions.get(task.id)
+        if position is None or position.last_progress == (percent, message):
+            return
+        position.last_progress = (percent, message)
+        shown = " ".join(p for p in (f"{percent:g}%" if percent is not None else "", message or "") if p)
+        self.add(task, "progress", shown or "progress", {"percent": percent})
+
+    def dropped(self, task_id: str) -> int:
+        """Entries dropped past the cap in this process (0 for a task not held)."""
+        position = self._positions.get(task_id)
+        return position.dropped if position else 0
