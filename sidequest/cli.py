@@ -121,18 +121,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(EXIT_FAILED)
 
 
-_READ_DAEMON = ("status", "reload", "stop", "doctor")
-"""Commands that only need the data dir (set by the environment, never by the file): a broken
-config file must not stop them, since they are how a user sees and fixes what the daemon thinks."""
+def _runs_the_engine(args: argparse.Namespace) -> bool:
+    return args.command == "serve" or (args.command == "stdio" and args.embedded)
 
 
 def _load_settings(args: argparse.Namespace) -> Settings:
+    """Only a process that runs the engine needs its config file to be valid. Every other command
+    is a client of the daemon and needs only the data dir (set by the environment, never by the
+    file): a typo in sidequest.toml must not break new Claude Code sessions and the CLI while the
+    daemon keeps serving its last good configuration, nor the commands that show and fix it."""
     try:
         return load_settings(args.config)
     except ConfigError as exc:
-        if args.command not in _READ_DAEMON:
+        if _runs_the_engine(args):
             raise
-        print(f"sidequest: warning: configuration error: {exc}", file=sys.stderr)
+        print(
+            f"sidequest: warning: configuration error: {exc}\n"
+            "sidequest: a running daemon keeps its last good configuration; fix the file, then "
+            "`sidequest reload`",
+            file=sys.stderr,
+        )
         args.config_error = str(exc)
         return Settings(home=default_home(dict(os.environ)))
 

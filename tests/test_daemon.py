@@ -199,6 +199,19 @@ async def test_wait_and_retry_through_a_front(home: Path, tmp_path: Path) -> Non
         assert waited["tasks"][0]["status"] == "completed"
 
 
+async def test_a_typo_in_the_config_does_not_break_new_sessions(home: Path, tmp_path: Path) -> None:
+    """The daemon keeps its last good config; a front started after the file broke still serves."""
+    async with front(home, str(tmp_path)) as client:
+        await call(client, "list_agents")
+    config = home / "test.toml"
+    config.write_text(config.read_text() + "\nmax_concurrency = [\n", encoding="utf-8")
+    async with front(home, str(tmp_path)) as client:
+        task_id = (await call(client, "task_async", agent_definition="echo", prompt="still here"))["task_id"]
+        await wait_task(client, task_id)
+        page = await call(client, "get_task_result", task_id=task_id)
+        assert page["content"] == "still here"
+
+
 async def test_resource_updated_reaches_a_front_from_the_daemon(home: Path, tmp_path: Path) -> None:
     send, receive = anyio.create_memory_object_stream[str](100)
 
