@@ -231,10 +231,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "--start-at",
         type=_iso_time,
         metavar="ISO",
-        help="no runs before this time (in --tz if no zone given)",
+        help="no runs before this time (UTC if no zone given, as in the tools and REST; --tz does not apply)",
     )
     schedule.add_argument(
-        "--end-at", type=_iso_time, metavar="ISO", help="no runs after this time (in --tz if no zone given)"
+        "--end-at", type=_iso_time, metavar="ISO", help="no runs after this time (UTC if no zone given)"
     )
     schedule.add_argument("--max-runs", type=_positive_int, metavar="N", help="finish after N runs")
     schedule.add_argument(
@@ -316,7 +316,8 @@ def _age(text: str) -> float:
 
 
 def _iso_time(text: str) -> datetime:
-    """Parsed here so a typo is a usage error; a time without a zone is completed later, in --tz."""
+    """Parsed here so a typo is a usage error; a time without a zone is UTC, as every surface reads it
+    (the model does that), so a script moved from REST to the CLI means the same instant."""
     try:
         return datetime.fromisoformat(text)
     except ValueError:
@@ -839,19 +840,6 @@ def _print_agents(out: Output, listing: AgentList) -> None:
 # ---- schedules ------------------------------------------------------------------------------------
 
 
-def _in_zone(when: datetime | None, zone: str) -> datetime | None:
-    """A time typed without a zone means wall-clock time where the schedule runs, as its cron does.
-
-    An unknown zone is left for the daemon to report (with the message every surface gives).
-    """
-    if when is None or when.tzinfo is not None:
-        return when
-    try:
-        return when.replace(tzinfo=ZoneInfo(zone))
-    except (LookupError, ValueError, OSError):
-        return when
-
-
 async def _schedule(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     options = parse_options(args.option) if args.option else None
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -870,8 +858,8 @@ async def _schedule(args: argparse.Namespace, settings: Settings, out: Output) -
             options=options,
             overlap=args.overlap,
             misfire=args.misfire,
-            start_at=_in_zone(args.start_at, args.tz),
-            end_at=_in_zone(args.end_at, args.tz),
+            start_at=args.start_at,
+            end_at=args.end_at,
             max_runs=args.max_runs,
         )
     except ValidationError as exc:
