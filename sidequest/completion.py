@@ -251,8 +251,7 @@ def _fish(root: Command) -> str:
         f"complete -c {PROG} -f",
     ]
     for command in _walk(root):
-        path = shlex.quote(command.path) if command.path else "''"
-        here = f"__sidequest_path {path}" if command.path else "__sidequest_path ''"
+        here = f"__sidequest_path {command.path}".strip()
         for name, sub in command.subcommands.items():
             lines.append(
                 f"complete -c {PROG} -n {shlex.quote(here)} -a {shlex.quote(name)} -d {shlex.quote(sub.help)}"
