@@ -80,6 +80,7 @@ async def wait_for_task(client: DaemonClient, task_id: str, console: Console | N
     until then: the agent's percent (a spinner when it reports none), its message, status and attempt.
     The bar is transient: what stays on screen afterwards is the result."""
     changes = Changes(client, _about(task_id))
+    await client.connect()  # before the stream and the first read race to find (or start) the daemon
     async with anyio.create_task_group() as tg:
         tg.start_soon(changes.follow)
         if console is None:
@@ -146,6 +147,7 @@ async def watch(
     """Redraws `render()` on every change (any task or workflow the daemon commits) and at least
     every WATCH_REFRESH seconds, until cancelled (Ctrl-C). The last frame stays on screen."""
     changes = Changes(client, lambda data: bool(data.get("task_ids") or data.get("workflow_ids")))
+    await client.connect()  # before the stream and the first read race to find (or start) the daemon
     async with anyio.create_task_group() as tg:
         tg.start_soon(changes.follow)
         with Live(console=console, auto_refresh=False, transient=False) as live:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Protocol, TypeVar
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from mcp.server.context import ServerRequestContext
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated, SubscriptionBus
@@ -366,7 +366,7 @@ class _Server(MCPServer):
     _tool_names: frozenset[str] | None = None
 
     async def call_tool(
-        self, name: str, arguments: dict[str, Any], context: Any = None
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
         if self._tool_names is None:  # tools are registered once, at build; read them on first use
             self._tool_names = frozenset(tool.name for tool in await self.list_tools())
