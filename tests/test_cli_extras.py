@@ -13,6 +13,7 @@ import json
 import os
 import pty
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -122,6 +123,9 @@ class Terminal:
         return code
 
     def _read(self) -> bool:
+        ready, _, _ = select.select([self.master], [], [], COMMAND_TIMEOUT)
+        if not ready:  # a hung command fails the test instead of blocking it forever
+            raise AssertionError(f"no output for {COMMAND_TIMEOUT:g}s:\n{self.screen}")
         try:
             chunk = os.read(self.master, 65536)
         except OSError:  # EIO: every writer closed the terminal
