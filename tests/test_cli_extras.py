@@ -271,21 +271,62 @@ def test_zsh_and_fish_scripts_cover_every_command() -> None:
     assert "-l watch" in fish and "-x -a 'skip queue allow'" in fish
 
 
-@pytest.mark.parametrize("shell", ["zsh", "fish"])
-def test_zsh_and_fish_scripts_parse(shell: str) -> None:
-    found = shutil.which(shell)
-    if found is None:
-        pytest.skip(f"{shell} is not installed: its script's syntax is not checked")
-    script = subprocess.run(
+def _script(shell: str) -> str:
+    return subprocess.run(
         [sys.executable, "-m", "sidequest.cli", "completion", shell],
         capture_output=True,
         text=True,
         check=True,
+        timeout=COMMAND_TIMEOUT,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     ).stdout
+
+
+def _shell(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed: its script is not run")
+    return found
+
+
+@pytest.mark.parametrize("shell", ["zsh", "fish"])
+def test_zsh_and_fish_scripts_parse(shell: str) -> None:
+    found = _shell(shell)
     check = [found, "-n"] if shell == "zsh" else [found, "--no-execute"]
-    done = subprocess.run([*check], input=script, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    done = subprocess.run(
+        check, input=_script(shell), capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+    )
     assert done.returncode == 0, done.stderr
+
+
+def test_fish_completes_commands_and_choices(tmp_path: Path) -> None:
+    fish = _shell("fish")
+    script = tmp_path / "sidequest.fish"
+    script.write_text(_script("fish"))
+    program = (
+        f"source {script}; function sidequest; end; "  # completion asks for a command by that name
+        'complete -C "sidequest su"; complete -C "sidequest schedule echo x --overlap "'
+    )
+    done = subprocess.run([fish, "-c", program], capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    offered = [line.split("\t")[0] for line in done.stdout.splitlines()]
+    assert offered == ["submit", "allow", "queue", "skip"], done.stdout + done.stderr
+
+
+def test_zsh_driver_offers_the_words_of_its_position(tmp_path: Path) -> None:
+    """The zsh driver outside a completion widget: compadd and compdef stubbed to print what they get
+    (zsh's own completion system then filters by the prefix typed)."""
+    zsh = _shell("zsh")
+    script = tmp_path / "_sidequest"
+    script.write_text(_script("zsh"))
+    program = (
+        'compdef() { : }; compadd() { shift; print -r -- "$@" }; _files() { print FILES }\n'
+        f"source {script}\n"
+        'words=(sidequest env ""); CURRENT=3; _sidequest\n'
+        'words=(sidequest schedule echo x --overlap ""); CURRENT=6; _sidequest\n'
+        'words=(sidequest submit --config ""); CURRENT=4; _sidequest\n'
+    )
+    done = subprocess.run([zsh, "-f", "-c", program], capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    assert done.stdout.splitlines() == ["set unset list", "skip queue allow", "FILES"], done.stderr
 
 
 def test_unknown_shell_is_a_usage_error(cli: Cli) -> None:
