@@ -34,6 +34,7 @@ from sidequest.config import AgentConfig, ConfigError, Settings
 from sidequest.executors.base import Executor
 from sidequest.executors.sandbox import is_inside
 from sidequest.models import AgentInfo, AgentProblem, Duration
+from sidequest.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from sidequest.executors.anthropic import ClientPool
@@ -327,10 +328,12 @@ class AgentRegistry:
         for problem in catalog.problems:
             if Path(problem.file).stem == name_or_path:
                 raise AgentLookupError(f"agent {name_or_path!r} cannot be used: {problem.error}")
-        known = ", ".join(sorted({*self._config, *catalog.agents}))
+        names = {*self._config, *catalog.agents}
+        known = ", ".join(sorted(names))
         where = ", ".join(str(r) for r in self.roots(scope))
+        hint = did_you_mean(name_or_path, names)
         raise AgentLookupError(
-            f"unknown agent {name_or_path!r}; known agents: {known or 'none'} "
+            f"no agent named {name_or_path!r}; {hint + ' ' if hint else ''}known agents: {known or 'none'} "
             f"(agent files are read from {where}; config agents from [agents.NAME])"
         )
 

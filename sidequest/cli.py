@@ -19,7 +19,10 @@ import anyio
 from pydantic import ValidationError
 
 from sidequest import __version__
+from sidequest.cli_errors import CliParser, report
 from sidequest.commands import add_commands, run_command
+from sidequest.completion import add_completion_command
+from sidequest.completion import script as completion_script
 from sidequest.config import ConfigError, Settings, default_home, format_validation_error, load_settings
 
 log = logging.getLogger("sidequest")
@@ -28,10 +31,8 @@ EXIT_CONFIG = 2
 EXIT_FAILED = 1
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sidequest", description="Durable background agents for MCP clients."
-    )
+def _parser(parser_class: type[argparse.ArgumentParser] = CliParser) -> argparse.ArgumentParser:
+    parser = parser_class(prog="sidequest", description="Durable background agents for MCP clients.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the daemon: the engine plus MCP, REST and events over HTTP")
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     add_commands(sub)
+    add_completion_command(sub)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -77,11 +79,17 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(CliParser.for_run(argv))
+    args = parser.parse_args(argv)
+    as_json = bool(getattr(args, "json", False))
     if args.command == "version":
         print(f"sidequest {__version__}")
         return
-    _setup_logging()
+    if args.command == "completion":
+        sys.stdout.write(completion_script(parser, args.shell))
+        return
+    _setup_logging(quiet=as_json)
     if args.config:
         # Exported, so a daemon this process starts reads the same file.
         os.environ["SIDEQUEST_CONFIG"] = str(Path(args.config).expanduser().resolve())
@@ -110,14 +118,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             sys.exit(run_command(args, settings))
     except ConfigError as exc:
-        print(f"sidequest: configuration error: {exc}", file=sys.stderr)
+        report(f"configuration error: {exc}", code="config", as_json=as_json)
         sys.exit(EXIT_CONFIG)
     try:
         anyio.run(runner)
     except KeyboardInterrupt:  # a second Ctrl-C during the drain
         sys.exit(130)
     except run.Fatal as exc:
-        print(f"sidequest: {exc}", file=sys.stderr)
+        report(str(exc), code="failed", as_json=as_json)
         sys.exit(EXIT_FAILED)
 
 
@@ -145,9 +153,13 @@ def _load_settings(args: argparse.Namespace) -> Settings:
         return Settings(home=default_home(dict(os.environ)))
 
 
-def _setup_logging() -> None:
+def _setup_logging(quiet: bool = False) -> None:
+    """`quiet` (under --json): warnings and worse only, so a script reading stderr for the JSON error
+    is not handed "starting the daemon" lines on the way."""
     logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        stream=sys.stderr,
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     for noisy in ("httpx", "httpx2", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

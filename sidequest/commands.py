@@ -23,10 +23,12 @@ from zoneinfo import ZoneInfo
 
 import anyio
 from pydantic import BaseModel, Field, ValidationError
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from sidequest.cli_errors import report
+from sidequest.cli_watch import wait_for_task, watch
 from sidequest.config import Settings
 from sidequest.engine.errors import EngineError, NotFound
 from sidequest.engine.notifier import CLI_READER
@@ -106,7 +108,6 @@ PAGE_SIZE = 100
 RESULT_PAGE_CHARS = 50_000
 """Largest result page the REST API serves."""
 MAX_NOTIFICATIONS = 200
-WAIT_POLL_MAX = 1.0
 PARALLEL_FETCHES = 8
 """`tasks` reads each workflow's tasks separately; a few at a time keeps long lists quick."""
 MAX_RUNS_SHOWN = 100
@@ -176,6 +177,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     tasks.add_argument("--all", action="store_true", help="include tasks of finished workflows")
     tasks.add_argument("--all-scopes", action="store_true", help="every project, not only this one")
     tasks.add_argument("--limit", type=_positive_int, default=50, help="show at most N tasks (default 50)")
+    tasks.add_argument(
+        "--watch",
+        action="store_true",
+        help="redraw the table as tasks change (and every 2 s) until Ctrl-C; not with --json",
+    )
 
     show = add(
         "show", "show a task (and its result), a workflow (and its tasks) or a schedule (and its runs)"
@@ -237,10 +243,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "--start-at",
         type=_iso_time,
         metavar="ISO",
-        help="no runs before this time (in --tz if no zone given)",
+        help="no runs before this time (UTC if no zone given, as in the tools and REST; --tz does not apply)",
     )
     schedule.add_argument(
-        "--end-at", type=_iso_time, metavar="ISO", help="no runs after this time (in --tz if no zone given)"
+        "--end-at", type=_iso_time, metavar="ISO", help="no runs after this time (UTC if no zone given)"
     )
     schedule.add_argument("--max-runs", type=_positive_int, metavar="N", help="finish after N runs")
     schedule.add_argument(
@@ -326,7 +332,8 @@ def _age(text: str) -> float:
 
 
 def _iso_time(text: str) -> datetime:
-    """Parsed here so a typo is a usage error; a time without a zone is completed later, in --tz."""
+    """Parsed here so a typo is a usage error; a time without a zone is UTC, as every surface reads it
+    (the model does that), so a script moved from REST to the CLI means the same instant."""
     try:
         return datetime.fromisoformat(text)
     except ValueError:
@@ -454,14 +461,21 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         return anyio.run(handler, args, settings, out)
     except UsageError as exc:
-        out.error(str(exc))
+        out.error(str(exc), code="usage")
         return EXIT_USAGE
     except EngineError as exc:
-        out.error(str(exc) or type(exc).__name__)
+        out.error(str(exc) or type(exc).__name__, code=exc.code)
         return EXIT_FAILED
     except KeyboardInterrupt:
+        if out.watching:
+            return EXIT_OK  # Ctrl-C is how a watch ends
         if out.waiting_for:
-            out.error(f"stopped waiting; task {out.waiting_for} goes on (sidequest show {out.waiting_for})")
+            task = out.waiting_for
+            out.error(
+                f"stopped waiting; task {task} goes on: follow it with `sidequest show {task}` "
+                "or `sidequest tasks --watch`",
+                code="interrupted",
+            )
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `sidequest tasks | head`: the reader left; say nothing, and keep Python's exit-time
@@ -473,7 +487,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         import httpx2  # only reached on failure; the client imports it anyway
 
         if isinstance(exc, httpx2.HTTPError):
-            out.error(f"cannot talk to the sidequest daemon: {exc!r}")
+            out.error(f"cannot talk to the sidequest daemon: {exc!r}", code="unavailable")
             return EXIT_FAILED
         raise
 
@@ -501,6 +515,8 @@ class Output:
         self.as_json = as_json
         self.waiting_for: str | None = None
         """A task `submit --wait` submitted: on Ctrl-C the user learns its id, not just that it exists."""
+        self.watching = False
+        """`tasks --watch` is running: Ctrl-C is its normal end, not an error."""
         width = None
         if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
             width = 200  # piped: don't cut ids at rich's default 80 columns
@@ -526,10 +542,10 @@ class Output:
     def note(self, message: str) -> None:
         self.stderr.print(Text(message, style="dim"), soft_wrap=True)
 
-    def error(self, message: str) -> None:
-        sys.stdout.flush()
-        line = " ".join(message.split())  # one line, whatever the message holds
-        print(f"sidequest: {line}", file=sys.stderr, flush=True)
+    def error(self, message: str, code: str = "failed") -> None:
+        """One line on stderr; under --json one JSON object (`code`: usage, not_found, invalid_request,
+        unavailable, interrupted, failed, …) that a script can parse."""
+        report(message, code=code, as_json=self.as_json)
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -556,7 +572,8 @@ async def _submit(args: argparse.Namespace, settings: Settings, out: Output) -> 
         if not out.as_json:
             out.note(f"submitted {submitted.task_id} (workflow {submitted.workflow_id}); waiting for it…")
         out.waiting_for = submitted.task_id
-        task = await _wait(client, submitted.task_id)
+        live = out.console.is_terminal and not out.as_json
+        task = await wait_for_task(client, submitted.task_id, out.console if live else None)
         out.waiting_for = None
         detail = await _detail(client, task)
     if out.as_json:
@@ -584,17 +601,6 @@ def _print_submitted(out: Output, submitted: TaskSubmitted) -> None:
     out.note(f"follow it with: sidequest show {submitted.task_id}")
 
 
-async def _wait(client: DaemonClient, task_id: str) -> TaskInfo:
-    """Polls: a CLI call is short-lived, and polling survives a daemon restart mid-wait."""
-    delay = 0.1
-    while True:
-        report = await client.status(task_id=task_id)
-        if report.task is not None and report.task.status.finished:
-            return report.task
-        await anyio.sleep(delay)
-        delay = min(delay * 1.5, WAIT_POLL_MAX)
-
-
 async def _detail(client: DaemonClient, task: TaskInfo) -> TaskDetail:
     if not task.status.finished:
         return TaskDetail(task=task)
@@ -613,20 +619,45 @@ async def _full_result(client: DaemonClient, task_id: str) -> ResultPage:
 
 
 async def _tasks(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    if args.watch:
+        if out.as_json:
+            raise UsageError(
+                "--watch redraws a table for a person and has no JSON form; a program can follow "
+                "GET /api/v1/events (docs/rest.md) and run `sidequest tasks --json` on each update"
+            )
+        return await _watch_tasks(args, settings, out)
     async with _connect(settings, args.config) as client:
         listing = await _collect_tasks(client, args.all, args.all_scopes, args.limit)
     if out.as_json:
         out.emit(listing)
         return EXIT_OK
+    out.print(_listing_view(listing, args))
+    if listing.truncated:
+        out.note(f"showing the newest {len(listing.tasks)}; --limit N shows more")
+    return EXIT_OK
+
+
+def _listing_view(listing: TaskListing, args: argparse.Namespace) -> RenderableType:
     if not listing.tasks:
         where = "any project" if args.all_scopes else _project()
         hint = "" if args.all else " (--all includes finished ones)"
-        out.print(Text(f"no {'' if args.all else 'active '}tasks in {where}{hint}", style="dim"))
-        return EXIT_OK
+        return Text(f"no {'' if args.all else 'active '}tasks in {where}{hint}", style="dim")
     schedule = any(t.schedule_id for t in listing.tasks)
-    out.print(_task_table(listing.tasks, workflow=True, scope=args.all_scopes, schedule=schedule))
-    if listing.truncated:
-        out.note(f"showing the newest {len(listing.tasks)}; --limit N shows more")
+    return _task_table(listing.tasks, workflow=True, scope=args.all_scopes, schedule=schedule)
+
+
+async def _watch_tasks(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    async def render() -> RenderableType:
+        listing = await _collect_tasks(client, args.all, args.all_scopes, args.limit)
+        view = _listing_view(listing, args)
+        if listing.truncated:
+            note = Text(f"showing the newest {len(listing.tasks)}; --limit N shows more", style="dim")
+            return Group(view, note)
+        return view
+
+    out.watching = True
+    async with _connect(settings, args.config) as client:
+        await watch(client, out.console, render)
     return EXIT_OK
 
 
@@ -856,19 +887,6 @@ def _print_agents(out: Output, listing: AgentList) -> None:
 # ---- schedules ------------------------------------------------------------------------------------
 
 
-def _in_zone(when: datetime | None, zone: str) -> datetime | None:
-    """A time typed without a zone means wall-clock time where the schedule runs, as its cron does.
-
-    An unknown zone is left for the daemon to report (with the message every surface gives).
-    """
-    if when is None or when.tzinfo is not None:
-        return when
-    try:
-        return when.replace(tzinfo=ZoneInfo(zone))
-    except (LookupError, ValueError, OSError):
-        return when
-
-
 async def _schedule(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     options = parse_options(args.option) if args.option else None
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -887,8 +905,8 @@ async def _schedule(args: argparse.Namespace, settings: Settings, out: Output) -
             options=options,
             overlap=args.overlap,
             misfire=args.misfire,
-            start_at=_in_zone(args.start_at, args.tz),
-            end_at=_in_zone(args.end_at, args.tz),
+            start_at=args.start_at,
+            end_at=args.end_at,
             max_runs=args.max_runs,
         )
     except ValidationError as exc:

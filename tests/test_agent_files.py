@@ -163,7 +163,7 @@ async def test_agent_by_path_only_inside_the_agent_folders(
 
 async def test_unknown_agent_names_the_folders_searched(client: Client, project: Path) -> None:
     message = await call_error(client, "task_async", agent_definition="nobody", prompt="hi")
-    assert "unknown agent 'nobody'" in message
+    assert "no agent named 'nobody'" in message
     assert str(project / ".claude" / "agents") in message
     assert "echo" in message
 

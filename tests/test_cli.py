@@ -316,7 +316,7 @@ def test_bad_option_is_a_usage_error_and_submits_nothing(cli: Cli) -> None:
     )
     assert bad.stdout == "" and unknown.stdout == ""
     assert "max_retries" in only_line(bad.stderr)
-    assert "unknown option 'colour'" in only_line(unknown.stderr)
+    assert "unknown option 'colour'" in json.loads(unknown.stderr)["error"]["message"]  # --json: JSON error
 
     listing = TaskListing.model_validate_json(cli(project, "tasks", "--all", "--json").stdout)
     assert listing.tasks == []
@@ -328,7 +328,7 @@ def test_unknown_ids_fail_with_one_line(cli: Cli) -> None:
         project, ["show", "t_nosuchtask", "--json"], ["cancel", "wf_nosuchworkflow"], code=1
     )
     assert missing.stdout == "" and missing_workflow.stdout == ""
-    assert "t_nosuchtask" in only_line(missing.stderr)
+    assert "t_nosuchtask" in json.loads(missing.stderr)["error"]["message"]  # --json: one JSON object
     assert "wf_nosuchworkflow" in only_line(missing_workflow.stderr)
 
 

@@ -210,7 +210,7 @@ async def test_cancel_needs_exactly_one_id(client: Client) -> None:
 
 async def test_unknown_agent_lists_known_agents(client: Client) -> None:
     message = await call_error(client, "task_async", agent_definition="nope", prompt="x")
-    assert "unknown agent 'nope'" in message
+    assert "no agent named 'nope'" in message
     assert "echo" in message and "sleep" in message
 
 

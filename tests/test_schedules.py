@@ -127,7 +127,7 @@ async def test_unknown_agent_and_short_interval_are_refused(tmp_path: Path, cloc
     async with eng.running():
         with pytest.raises(InvalidRequest, match="fires every 60s; the shortest interval allowed is 300s"):
             await eng.schedule_task(spec("* * * * *"), SCOPE)
-        with pytest.raises(InvalidRequest, match="unknown agent"):
+        with pytest.raises(InvalidRequest, match="no agent named"):
             await eng.schedule_task(spec("0 9 * * *", agent="nobody"), SCOPE)
 
 

@@ -461,6 +461,13 @@ class DaemonClient:
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    async def events(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """The daemon's event stream as (kind, data) pairs, for a watcher that re-reads on each.
+
+        Unlike `relay_events` it ends when the stream does (the caller decides whether to reopen)."""
+        async for item in self._events(await self.connect()):
+            yield item
+
     async def _events(self, endpoint: Endpoint) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         headers = self._headers(endpoint)
         timeout = httpx2.Timeout(None, connect=5.0)  # the stream idles between changes; pings keep it open

@@ -18,13 +18,14 @@ from typing import Annotated, Any, Protocol, TypeVar
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from mcp.server.context import ServerRequestContext
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated, SubscriptionBus
 from mcp_types import (
     CallToolResult,
     EmptyResult,
+    InputRequiredResult,
     SubscribeRequestParams,
     TextContent,
     ToolAnnotations,
@@ -65,6 +66,7 @@ from sidequest.models import (
     options_error,
 )
 from sidequest.storage.base import Committed
+from sidequest.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +364,26 @@ class Backend(Protocol):
     async def schedule_runs(self, schedule_id: str, limit: int = 20, offset: int = 0) -> ScheduleRuns: ...
 
 
+class _Server(MCPServer):
+    """MCPServer whose refusal of an unknown tool name suggests the close one, as an unknown agent does:
+    a model that typed `task_asnyc` should not have to call tools/list to find its typo."""
+
+    _tool_names: frozenset[str] | None = None
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        if self._tool_names is None:  # tools are registered once, at build; read them on first use
+            self._tool_names = frozenset(tool.name for tool in await self.list_tools())
+        if name not in self._tool_names:
+            hint = did_you_mean(name, self._tool_names)
+            raise ToolError(
+                f"Unknown tool: {name[:100]}; {hint + ' ' if hint else ''}"
+                f"tools: {', '.join(sorted(self._tool_names))}"
+            )
+        return await super().call_tool(name, arguments, context)
+
+
 def build_server(
     engine: Backend, default_scope: str, *, trusted: bool = True, notice: str | None = None
 ) -> MCPServer:
@@ -379,7 +401,7 @@ def build_server(
         async with pusher.pumping():
             yield
 
-    server = MCPServer(
+    server = _Server(
         "sidequest",
         version=__version__,
         instructions=INSTRUCTIONS + (f"\nNOTE: {notice}\n" if notice else ""),

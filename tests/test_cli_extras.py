@@ -1,0 +1,420 @@
+"""The command line's conveniences as a user meets them: `submit --wait` progress on a terminal,
+`tasks --watch`, shell completion, "did you mean" for a typo, `--json` errors, and `schedule
+--start-at` read as UTC.
+
+Commands run as real processes (in a pseudo-terminal where a terminal is what matters) against one
+real daemon for the module; the MCP checks call a real engine through the SDK's client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from conftest import agents_toml
+from mcp import Client
+from test_cli import COMMAND_TIMEOUT, REPO, Cli, _alive, _daemon_pid
+from tools import call_error
+
+from sidequest.cli_errors import ErrorDocument
+from sidequest.commands import TaskDetail
+from sidequest.completion import SHELLS, describe
+from sidequest.engine.engine import Engine
+from sidequest.models import ScheduleCreated, ScheduleInfo, TaskStatus, TaskSubmitted
+from sidequest.server.mcp import build_server
+
+pytestmark = pytest.mark.slow
+
+_DROPPED_ENV = ("SIDEQUEST_", "ANTHROPIC_", "CLAUDE_", "FORCE_COLOR", "FORCE_TERMINAL", "COLUMNS", "TERM")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    base = tmp_path_factory.mktemp("cli-extras")
+    home = base / "home"
+    home.mkdir()
+    config = base / "test.toml"
+    config.write_text("shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml(), encoding="utf-8")
+    user_agents = base / "user-agents"
+    user_agents.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROPPED_ENV)}
+    env.update(
+        SIDEQUEST_HOME=str(home),
+        SIDEQUEST_CONFIG=str(config),
+        SIDEQUEST_USER_AGENT_DIR=str(user_agents),
+        PYTHONPATH=str(REPO),
+        NO_COLOR="1",
+        # The completion scripts call `sidequest` by name: this checkout's, first on PATH.
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
+    runner = Cli(home=home, env=env, projects=base / "projects")
+    try:
+        yield runner
+    finally:
+        pid = _daemon_pid(home)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(
+                [sys.executable, "-m", "sidequest.cli", "stop"],
+                env=env,
+                cwd=base,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=COMMAND_TIMEOUT,
+            )
+        for found in {pid, _daemon_pid(home)} - {None}:
+            assert found is not None
+            if _alive(found):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(found, signal.SIGKILL)
+
+
+class Terminal:
+    """`sidequest …` with stdout and stderr on a pseudo-terminal, as in an interactive shell."""
+
+    def __init__(self, cli: Cli, project: Path, *args: str) -> None:
+        self.master, slave = pty.openpty()
+        env = {**cli.env, "CLAUDE_PROJECT_DIR": str(project), "COLUMNS": "160", "TERM": "xterm"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sidequest.cli", *args],
+            env=env,
+            cwd=project,
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=slave,
+        )
+        os.close(slave)
+        self.raw = b""
+
+    @property
+    def screen(self) -> str:
+        """What was written so far, without cursor movement and colour codes."""
+        return _ANSI.sub("", self.raw.decode("utf-8", "replace"))
+
+    def read_until(self, found: Callable[[str], bool], what: str) -> str:
+        """Reads until `found(screen)`; fails if the process ends (or goes quiet long) without it."""
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while not found(self.screen):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} on the terminal:\n{self.screen}")
+            if not self._read():
+                raise AssertionError(f"the command ended without {what}:\n{self.screen}")
+        return self.screen
+
+    def finish(self) -> int:
+        """Reads to the end of the output, then reaps the process."""
+        while self._read():
+            pass
+        code = self.process.wait(timeout=COMMAND_TIMEOUT)
+        os.close(self.master)
+        return code
+
+    def _read(self) -> bool:
+        ready, _, _ = select.select([self.master], [], [], COMMAND_TIMEOUT)
+        if not ready:  # a hung command fails the test instead of blocking it forever
+            raise AssertionError(f"no output for {COMMAND_TIMEOUT:g}s:\n{self.screen}")
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            return False
+        self.raw += chunk
+        return bool(chunk)
+
+
+def _json_error(stderr: str) -> ErrorDocument:
+    """stderr under --json must be exactly one JSON object (nothing else on it)."""
+    return ErrorDocument.model_validate_json(stderr.strip())
+
+
+# ---- submit --wait --------------------------------------------------------------------------------
+
+
+def test_submit_wait_on_a_terminal_shows_progress_then_the_result(cli: Cli) -> None:
+    project = cli.project("wait-terminal")
+    cli(project, "agents")  # the daemon is up before the clock of the sleep starts
+    term = Terminal(cli, project, "submit", "sleep", "3", "--wait")
+    assert term.finish() == 0
+    screen = term.screen
+    assert "attempt 1 of 4" in screen  # the status and attempt, drawn while it ran
+    assert re.search(r"step \d+ of 10", screen), screen  # the agent's own progress message
+    assert re.search(r"\b\d+%", screen), screen  # its percent
+    assert screen.rstrip().endswith("slept 3")  # the bar is gone; the result is what stays
+
+
+def test_submit_wait_piped_prints_only_the_result(cli: Cli) -> None:
+    project = cli.project("wait-piped")
+    waited = cli(project, "submit", "sleep", "1", "--wait")
+    assert waited.stdout == "slept 1\n"
+    assert "attempt" not in waited.stderr and "%" not in waited.stderr
+
+
+def test_ctrl_c_while_waiting_leaves_the_task_running(cli: Cli) -> None:
+    project = cli.project("wait-interrupt")
+    term = Terminal(cli, project, "submit", "sleep", "60", "--wait")
+    screen = term.read_until(lambda s: "running · attempt 1" in s, "running task's progress bar")
+    task_id = re.search(r"submitted (t_\S+)", screen)
+    assert task_id is not None, screen
+    term.process.send_signal(signal.SIGINT)
+    assert term.finish() == 130
+    assert f"stopped waiting; task {task_id[1]} goes on" in term.screen
+    assert "Traceback" not in term.screen
+    detail = TaskDetail.model_validate_json(cli(project, "show", task_id[1], "--json").stdout)
+    assert detail.task.status == TaskStatus.running
+    cli(project, "cancel", task_id[1])
+
+
+# ---- tasks --watch --------------------------------------------------------------------------------
+
+
+def test_tasks_watch_draws_the_table_and_ends_cleanly_on_ctrl_c(cli: Cli) -> None:
+    project = cli.project("watch")
+    sleeping = TaskSubmitted.model_validate_json(cli(project, "submit", "sleep", "60", "--json").stdout)
+    try:
+        term = Terminal(cli, project, "tasks", "--watch")
+        term.read_until(lambda s: sleeping.task_id in s and "Ctrl-C to stop" in s, "the task table")
+        # A task submitted while watching shows up without restarting the watch.
+        later = TaskSubmitted.model_validate_json(cli(project, "submit", "sleep", "60", "--json").stdout)
+        screen = term.read_until(lambda s: later.task_id in s, "the task submitted while watching")
+        assert "TASK" in screen and "STATUS" in screen
+        term.process.send_signal(signal.SIGINT)
+        assert term.finish() == 0
+        assert "Traceback" not in term.screen and "sidequest:" not in term.screen
+    finally:
+        cli(project, "cancel", sleeping.workflow_id)
+    cli(project, "cancel", later.workflow_id)
+
+
+def test_tasks_watch_refuses_json(cli: Cli) -> None:
+    project = cli.project("watch-json")
+    refused = cli(project, "tasks", "--watch", "--json", code=2)
+    assert refused.stdout == ""
+    error = _json_error(refused.stderr)
+    assert error.error.code == "usage"
+    assert "--watch" in error.error.message and "/api/v1/events" in error.error.message
+
+
+# ---- completion -----------------------------------------------------------------------------------
+
+
+def _bash_complete(cli: Cli, project: Path, *words: str) -> list[str]:
+    """What bash offers for the last word, with the script sourced as a user's .bashrc would."""
+    script = cli(project, "completion", "bash").stdout
+    quoted = " ".join("'" + w.replace("'", "'\\''") + "'" for w in ["sidequest", *words])
+    program = (
+        f"{script}\n"
+        f"COMP_WORDS=({quoted}); COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 )); COMPREPLY=()\n"
+        "_sidequest\n"
+        'printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    done = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", program],
+        env={**cli.env, "CLAUDE_PROJECT_DIR": str(project)},
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+def test_bash_completion_completes_commands_options_choices_and_agents(cli: Cli) -> None:
+    project = cli.project("completion")
+    assert _bash_complete(cli, project, "sub") == ["submit"]
+    assert sorted(_bash_complete(cli, project, "sched")) == ["schedule", "schedule-show", "schedules"]
+    assert _bash_complete(cli, project, "tasks", "--w") == ["--watch"]
+    assert _bash_complete(cli, project, "schedule", "echo", "x", "--overlap", "") == [
+        "skip",
+        "queue",
+        "allow",
+    ]
+    assert _bash_complete(cli, project, "env", "") == ["set", "unset", "list"]
+    assert _bash_complete(cli, project, "completion", "") == list(SHELLS)
+    # AGENT comes from `sidequest agents --json`, in this project, past options given first.
+    assert _bash_complete(cli, project, "submit", "--wait", "echo") == ["echo", "echo_sync"]
+
+
+def test_zsh_and_fish_scripts_cover_every_command() -> None:
+    """Produced without the shells: what can be checked whether or not zsh and fish are installed."""
+    from sidequest.cli import _parser
+
+    commands = sorted(describe(_parser()).subcommands)
+    for shell in ("zsh", "fish"):
+        done = subprocess.run(
+            [sys.executable, "-m", "sidequest.cli", "completion", shell],
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        for command in commands:
+            assert command in done.stdout, f"{shell} script lacks {command}"
+    fish = subprocess.run(
+        [sys.executable, "-m", "sidequest.cli", "completion", "fish"], capture_output=True, text=True
+    ).stdout
+    assert "complete -c sidequest -n __sidequest_path -a submit" in fish
+    assert "complete -c sidequest -n '__sidequest_path env' -a set" in fish
+    assert "-l watch" in fish and "-x -a 'skip queue allow'" in fish
+
+
+def _script(shell: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "sidequest.cli", "completion", shell],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=COMMAND_TIMEOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    ).stdout
+
+
+def _shell(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed: its script is not run")
+    return found
+
+
+@pytest.mark.parametrize("shell", ["zsh", "fish"])
+def test_zsh_and_fish_scripts_parse(shell: str) -> None:
+    found = _shell(shell)
+    check = [found, "-n"] if shell == "zsh" else [found, "--no-execute"]
+    done = subprocess.run(
+        check, input=_script(shell), capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_fish_completes_commands_and_choices(tmp_path: Path) -> None:
+    fish = _shell("fish")
+    script = tmp_path / "sidequest.fish"
+    script.write_text(_script("fish"))
+    program = (
+        f"source {script}; function sidequest; end; "  # completion asks for a command by that name
+        'complete -C "sidequest su"; complete -C "sidequest schedule echo x --overlap "'
+    )
+    done = subprocess.run([fish, "-c", program], capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    offered = [line.split("\t")[0] for line in done.stdout.splitlines()]
+    assert offered == ["submit", "allow", "queue", "skip"], done.stdout + done.stderr
+
+
+def test_zsh_driver_offers_the_words_of_its_position(tmp_path: Path) -> None:
+    """The zsh driver outside a completion widget: compadd and compdef stubbed to print what they get
+    (zsh's own completion system then filters by the prefix typed)."""
+    zsh = _shell("zsh")
+    script = tmp_path / "_sidequest"
+    script.write_text(_script("zsh"))
+    program = (
+        'compdef() { : }; compadd() { shift; print -r -- "$@" }; _files() { print FILES }\n'
+        f"source {script}\n"
+        'words=(sidequest env ""); CURRENT=3; _sidequest\n'
+        'words=(sidequest schedule echo x --overlap ""); CURRENT=6; _sidequest\n'
+        'words=(sidequest submit --config ""); CURRENT=4; _sidequest\n'
+    )
+    done = subprocess.run([zsh, "-f", "-c", program], capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    assert done.stdout.splitlines() == ["set unset list", "skip queue allow", "FILES"], done.stderr
+
+
+def test_unknown_shell_is_a_usage_error(cli: Cli) -> None:
+    refused = cli(cli.project("completion-bad"), "completion", "bsh", code=2)
+    assert "invalid choice: 'bsh'; did you mean 'bash'" in refused.stderr
+
+
+# ---- did you mean ---------------------------------------------------------------------------------
+
+
+def test_mistyped_agent_and_command_get_a_suggestion(cli: Cli) -> None:
+    project = cli.project("typo")
+    agent = cli(project, "submit", "ecoh", "hi", code=1)
+    line = [x for x in agent.stderr.splitlines() if x.startswith("sidequest: ")][-1]
+    assert line.startswith("sidequest: no agent named 'ecoh'; did you mean 'echo'")
+    assert "known agents: bad_unicode, big_result, echo," in line
+    command = cli(project, "sumbit", "echo", "hi", code=2)
+    assert "invalid choice: 'sumbit'; did you mean 'submit'?" in command.stderr
+    assert cli(project, "tasks", "--json").stdout.count('"task_id"') == 0  # nothing was submitted
+
+
+@pytest.mark.anyio
+async def test_mistyped_agent_and_tool_get_a_suggestion_over_mcp(engine: Engine) -> None:
+    async with Client(build_server(engine, "/projects/typo")) as client:
+        agent = await call_error(client, "task_async", agent_definition="ecoh", prompt="hi")
+        assert "no agent named 'ecoh'; did you mean 'echo'" in agent
+        tool = await client.call_tool("task_asnyc", {"agent_definition": "echo", "prompt": "hi"})
+        assert tool.is_error
+        text = tool.content[0].text  # type: ignore[union-attr]
+        assert "Unknown tool: task_asnyc; did you mean 'task_async'?" in text
+        assert "list_agents" in text  # the tools it does have
+        unrelated = await client.call_tool("zzzz", {})
+        assert "did you mean" not in unrelated.content[0].text  # type: ignore[union-attr]
+
+
+# ---- --json errors ----------------------------------------------------------------------------------
+
+
+def test_json_errors_are_one_object_on_stderr(cli: Cli) -> None:
+    project = cli.project("json-errors")
+    cli(project, "agents")  # the daemon runs: no start-up lines on stderr below
+    missing = cli(project, "show", "t_nope", "--json", code=1)
+    assert missing.stdout == ""
+    error = _json_error(missing.stderr)
+    assert error.error.code == "not_found" and "t_nope" in error.error.message
+
+    agent = cli(project, "submit", "ecoh", "hi", "--json", code=1)
+    assert agent.stdout == "" and _json_error(agent.stderr).error.code == "invalid_request"
+
+    option = cli(project, "submit", "echo", "hi", "--option", "priorty=high", "--json", code=2)
+    assert option.stdout == ""
+    assert _json_error(option.stderr).error.code == "usage"
+
+    for usage in (["tasks", "--limit", "0", "--json"], ["sumbit", "--json"], ["show", "--json"]):
+        refused = cli(project, *usage, code=2)
+        assert refused.stdout == ""
+        error = _json_error(refused.stderr)
+        assert error.error.code == "usage"
+    assert (
+        "did you mean 'submit'" in _json_error(cli(project, "sumbit", "--json", code=2).stderr).error.message
+    )
+
+
+# ---- schedule --start-at --------------------------------------------------------------------------
+
+
+def test_schedule_start_at_without_a_zone_is_utc(cli: Cli) -> None:
+    project = cli.project("start-at")
+    created = ScheduleCreated.model_validate_json(
+        cli(
+            project,
+            "schedule",
+            "echo",
+            "x",
+            "--cron",
+            "0 9 * * *",
+            "--tz",
+            "Europe/Berlin",
+            "--start-at",
+            "2030-01-31T09:00",
+            "--end-at",
+            "2030-02-28T09:00:00+01:00",
+            "--json",
+        ).stdout
+    )
+    shown = cli(project, "schedule-show", created.schedule_id, "--json").stdout
+    schedule = ScheduleInfo.model_validate(json.loads(shown)["schedule"])
+    assert schedule.start_at == datetime(2030, 1, 31, 9, 0, tzinfo=UTC)  # not 09:00 in Berlin
+    assert schedule.end_at == datetime(2030, 2, 28, 8, 0, tzinfo=UTC)  # a zone given is kept
+    assert created.next_runs[0] == datetime(2030, 2, 1, 8, 0, tzinfo=UTC)  # 09:00 Berlin, after 09:00Z
+    cli(project, "unschedule", created.schedule_id)
