@@ -68,7 +68,7 @@ def test_a_new_config_agent_is_usable_after_sidequest_reload_without_a_restart(c
     pid = _daemon_pid(cli.home)
     _write_config(cli, tables=GREETER)
     refused = cli(cli.project("p"), "submit", "greeter", "hi", code=1)
-    assert "unknown agent 'greeter'" in refused.stderr  # watch_config = false: not read yet
+    assert "no agent named 'greeter'" in refused.stderr  # watch_config = false: not read yet
 
     done = cli(cli.project("p"), "reload")
     assert "changed: agents.greeter" in done.stdout
