@@ -284,8 +284,7 @@ def _script(shell: str) -> str:
 
 def _shell(name: str) -> str:
     found = shutil.which(name)
-    if found is None:
-        pytest.skip(f"{name} is not installed: its script is not run")
+    assert found is not None, f"{name} is not installed: `make shells` installs it (make test does)"
     return found
 
 
