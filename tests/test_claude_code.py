@@ -198,6 +198,16 @@ async def test_tools_from_the_agent_file_run_in_the_project(
     assert len(results) == 2 and not any(block.get("is_error") for blocks in results for block in blocks)
     report = await status(client, task_id)
     assert report["progress"]["message"] == "turn 3: Both files written."
+    # the session's messages are in the run log, in order: start, each tool call and its result, end
+    log = await call(client, "get_task_log", task_id=task_id, limit=200)
+    kinds = [(e["kind"], e["message"]) for e in log["events"]]
+    session = [k for k, _ in kinds if k in ("session_message", "tool_use", "tool_result", "text")]
+    assert session[0] == "session_message" and session[-1] == "session_message"
+    tools = [m for k, m in kinds if k == "tool_use"]
+    assert [m.split()[0] for m in tools] == ["Write", "Bash"] and "hello.txt" in tools[0]
+    assert sum(k == "tool_result" for k, _ in kinds) == 2
+    assert ("text", "Both files written.") in kinds
+    assert kinds[-1][0] == "attempt_finished"
 
 
 async def test_resume_task_id_continues_the_first_tasks_conversation(
