@@ -41,7 +41,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(sidequest.__file__).resolve().parent.parent
 COMMAND_TIMEOUT = 60.0
-_DROPPED_ENV = ("SIDEQUEST_", "ANTHROPIC_", "CLAUDE_", "FORCE_COLOR", "COLUMNS")
+_DROPPED_ENV = ("SIDEQUEST_", "ANTHROPIC_", "CLAUDE_", "FORCE_COLOR", "FORCE_TERMINAL", "COLUMNS", "TERM")
+"""What a developer's shell may set that would change what the commands print or which daemon they use."""
 
 
 @dataclass
@@ -115,15 +116,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    base = tmp_path_factory.mktemp("cli")
+@contextlib.contextmanager
+def cli_session(base: Path, config_text: str, extra_env: dict[str, str] | None = None) -> Iterator[Cli]:
+    """A data dir, a config and an environment of our own for `sidequest …` subprocesses; the daemon
+    they start outlives every command by design, and must not outlive the tests."""
     home = base / "home"
     home.mkdir()
     config = base / "test.toml"
-    settings = "shutdown_grace = 1\nlease_seconds = 5\n\n"
-    every_second = "[schedules]\nallow_seconds = true\nmin_interval = 1\n\n"  # a schedule fires within a test
-    config.write_text(settings + every_second + agents_toml(), encoding="utf-8")
+    config.write_text(config_text, encoding="utf-8")
     user_agents = base / "user-agents"  # not the real ~/.claude/agents
     user_agents.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(_DROPPED_ENV)}
@@ -133,12 +133,12 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
         SIDEQUEST_USER_AGENT_DIR=str(user_agents),
         PYTHONPATH=str(REPO),
         NO_COLOR="1",
+        **(extra_env or {}),
     )
     runner = Cli(home=home, env=env, projects=base / "projects")
     try:
         yield runner
     finally:
-        # The daemon outlives every command by design; it must not outlive the tests.
         pid = _daemon_pid(home)
         with contextlib.suppress(subprocess.TimeoutExpired):
             subprocess.run(
@@ -154,6 +154,14 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
             if _alive(found):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(found, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    settings = "shutdown_grace = 1\nlease_seconds = 5\n\n"
+    every_second = "[schedules]\nallow_seconds = true\nmin_interval = 1\n\n"  # a schedule fires within a test
+    with cli_session(tmp_path_factory.mktemp("cli"), settings + every_second + agents_toml()) as runner:
+        yield runner
 
 
 def wait_until(check: Callable[[], object], what: str, timeout: float = 30.0) -> object:

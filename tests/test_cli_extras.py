@@ -8,7 +8,6 @@ real daemon for the module; the MCP checks call a real engine through the SDK's 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pty
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import agents_toml
 from mcp import Client
-from test_cli import COMMAND_TIMEOUT, REPO, Cli, _alive, _daemon_pid
+from test_cli import COMMAND_TIMEOUT, REPO, Cli, cli_session
 from tools import call_error
 
 from sidequest.cli_errors import ErrorDocument
@@ -38,48 +37,16 @@ from sidequest.server.mcp import build_server
 
 pytestmark = pytest.mark.slow
 
-_DROPPED_ENV = ("SIDEQUEST_", "ANTHROPIC_", "CLAUDE_", "FORCE_COLOR", "FORCE_TERMINAL", "COLUMNS", "TERM")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
 
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    base = tmp_path_factory.mktemp("cli-extras")
-    home = base / "home"
-    home.mkdir()
-    config = base / "test.toml"
-    config.write_text("shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml(), encoding="utf-8")
-    user_agents = base / "user-agents"
-    user_agents.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROPPED_ENV)}
-    env.update(
-        SIDEQUEST_HOME=str(home),
-        SIDEQUEST_CONFIG=str(config),
-        SIDEQUEST_USER_AGENT_DIR=str(user_agents),
-        PYTHONPATH=str(REPO),
-        NO_COLOR="1",
-        # The completion scripts call `sidequest` by name: this checkout's, first on PATH.
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-    )
-    runner = Cli(home=home, env=env, projects=base / "projects")
-    try:
+    # The completion scripts call `sidequest` by name: this checkout's, first on PATH.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    config = "shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml()
+    with cli_session(tmp_path_factory.mktemp("cli-extras"), config, {"PATH": path}) as runner:
         yield runner
-    finally:
-        pid = _daemon_pid(home)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(
-                [sys.executable, "-m", "sidequest.cli", "stop"],
-                env=env,
-                cwd=base,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=COMMAND_TIMEOUT,
-            )
-        for found in {pid, _daemon_pid(home)} - {None}:
-            assert found is not None
-            if _alive(found):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(found, signal.SIGKILL)
 
 
 class Terminal:
