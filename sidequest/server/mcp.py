@@ -456,13 +456,12 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
     @server.tool(
         name="task_async",
         description=(
-            "Start a task in a durable background agent and return at once with task_id and workflow_id. "
-            "Use it for work likely to take more than ~30 seconds; do short things yourself. "
-            "agent_definition is a name from list_agents. The prompt must stand alone: the agent does not "
-            "see this conversation. options are optional (see their schema): workflow_name starts a named "
-            "workflow, workflow_id adds to one; idempotency_key returns the earlier task instead of a "
-            "duplicate. Read `warnings` in the reply. Then keep working: check "
-            "get_workflow_notifications between steps, or call wait_for_tasks; then get_task_result."
+            "Start a task in a durable background agent; returns at once with task_id and workflow_id. "
+            "For work likely to take over ~30 s. agent_definition: a name from list_agents. The prompt "
+            "must stand alone (the agent does not see this conversation). options: workflow_name starts "
+            "a named workflow, workflow_id adds to one, idempotency_key returns the earlier task instead "
+            "of a duplicate. Read `warnings`. Then keep working: get_workflow_notifications between "
+            "steps, or wait_for_tasks; then get_task_result."
         ),
         annotations=ToolAnnotations(
             title="Start background task",
@@ -530,11 +529,9 @@ def _register_tools(server: MCPServer, engine: Backend, default_scope: str, proj
     @server.tool(
         name="get_workflow_notifications",
         description=(
-            "What finished since you last asked (task and workflow events of this project, oldest "
-            "first). Each event is returned once to this project's sessions (the user reading them in "
-            "a terminal does not take them from you) unless include_delivered=true; since=N returns "
-            "everything after cursor N again, so if a reply was lost, repeat the call with the same "
-            "since. Cheap: call it between your other steps instead of polling status."
+            "What finished since you last asked (this project's events, oldest first), each once "
+            "unless include_delivered=true; since=N returns everything after cursor N again (repeat a "
+            "lost reply). Cheap: call it between steps instead of polling status."
         ),
         annotations=ToolAnnotations(
             title="Get notifications",
