@@ -224,8 +224,10 @@ class Reloader:
                 os.environ[name] = env[name]
             else:
                 os.environ.pop(name, None)
-        if self._engine is not None:
+        if self._engine is not None and (changed or env_changed):
             self._engine.apply_settings(settings, registry)
+        else:  # an editor's save or a touch: nothing to apply, and no registry to keep until shutdown
+            await registry.aclose()
         self._settings = settings
         self._raw, self._env, self.environment = raw, env, sources
         self._files = self._watched(settings)
@@ -261,7 +263,8 @@ class Reloader:
 
         raw = load_settings(self._config_path, self._environ)
         # The socket and the store stay as they are, and `serve --host/--port` keep holding.
-        settings = raw.model_copy(update={"http": current.http, "database": current.database})
+        pinned = {"http": current.http, "database": current.database, "lease_seconds": current.lease_seconds}
+        settings = raw.model_copy(update=pinned)
         env, sources = self._environment(settings)
         registry = AgentRegistry.from_settings(settings)
         return raw, settings, env, sources, registry

@@ -33,6 +33,8 @@ TEST_AGENTS = (
     "exits",
     "reports_usage",
     "environment",
+    "logs_deeply",
+    "cites_badly",
 )
 
 

@@ -265,3 +265,10 @@ async def test_a_lost_attempt_does_not_use_up_max_retries(home: Path, tmp_path: 
         assert done.status == "completed", done.error
         assert [a.status for a in done.attempt_history or []] == ["lost", "completed"]
         assert (await client.get_result(task_id)).content == "ok on attempt 2"
+        # the run log says so too, where the first attempt's entries end
+        log = await client.get_task_log(task_id)
+        finished = [
+            (e.attempt, e.data and e.data.get("status")) for e in log.events if e.kind == "attempt_finished"
+        ]
+        assert finished == [(1, "lost"), (2, "completed")]
+        assert [e.seq for e in log.events] == list(range(log.total))

@@ -513,3 +513,20 @@ async def test_retry_after_a_restart_reopens_the_finished_workflow(tmp_path: Pat
             await engine.retry(task.task_id)
         await engine.cancel(task_id=task.task_id)
         assert (await engine.get_workflow(task.workflow_id)).status == "cancelled"
+
+
+async def test_bad_sources_from_agent_code_are_dropped_not_fatal(tmp_path: Path) -> None:
+    """Sources ride the group commit with other tasks' writes: a value JSON cannot hold must not
+    stop the store, and a page without a url must not make the result unreadable."""
+    async with running_engine(tmp_path) as engine:
+        cited = await engine.submit("cites_badly", "go")
+        other = await engine.submit("echo", "beside it")
+        waited = await engine.wait_for_tasks([cited.task_id, other.task_id], mode="all", timeout=10)
+        assert {t.status for t in waited.tasks} == {TaskStatus.completed}
+        assert engine.failure is None
+        page = await engine.get_result(cited.task_id)
+        assert [s.model_dump() for s in page.sources] == [
+            {"n": 1, "title": None, "url": "https://a.example/"},
+            {"n": 3, "title": "T?", "url": "https://b.example/"},
+        ]
+        assert (await engine.get_result(other.task_id)).content == "beside it"

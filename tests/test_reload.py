@@ -249,3 +249,35 @@ async def test_a_raised_max_concurrency_starts_queued_tasks_at_once(tmp_path: Pa
                 await anyio.sleep(0.05)
         for task in (first, second):
             await engine.cancel(task.task_id)
+
+
+async def test_reload_applies_task_log_keeps_the_lease_and_skips_a_touch(tmp_path: Path) -> None:
+    """[task_log] takes effect for new entries; lease_seconds waits for a restart (the renewal period
+    is fixed at start); a save that changes nothing applies nothing (no new agent registry kept)."""
+    from sidequest.config import load_settings
+    from sidequest.engine.engine import Engine
+    from sidequest.reload import Reloader
+
+    config = tmp_path / "sidequest.toml"
+    agents = '[agents.noisy]\nexecutor = "python"\ncallable = "sidequest.testing.agents:logs_badly"\n'
+    config.write_text(f"watch_config = false\nlease_seconds = 30\n{agents}")
+    (tmp_path / "home").mkdir()
+    settings = load_settings(config, {"SIDEQUEST_HOME": str(tmp_path / "home")})
+    reloader = Reloader(settings, config)
+    engine = Engine(settings)
+    reloader.attach(engine)
+    async with engine.running():
+        registry = engine.agents
+        config.write_text(f"watch_config = false\nlease_seconds = 30\n{agents}")  # saved, unchanged
+        touched = await reloader.reload()
+        assert touched.applied and touched.changed == [] and engine.agents is registry
+
+        changed = f"watch_config = false\nlease_seconds = 3\n[task_log]\nmax_event_chars = 100\n{agents}"
+        config.write_text(changed)
+        result = await reloader.reload()
+        assert result.applied and result.changed == ["task_log"]
+        assert result.needs_restart == ["lease_seconds"] and engine.settings.lease_seconds == 30
+        task = await engine.submit("noisy", "go", project=str(tmp_path))
+        await engine.wait_for_tasks([task.task_id], timeout=10)
+        texts = [e.message for e in (await engine.get_task_log(task.task_id)).events if e.kind == "text"]
+        assert [len(t) for t in texts] == [100, len("big data")]  # 4000 before the reload

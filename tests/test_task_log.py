@@ -267,6 +267,59 @@ async def test_a_task_run_again_after_a_restart_continues_its_log(
     ]
 
 
+async def test_deeply_nested_data_is_kept_as_text_and_the_log_stays_readable(client: Client) -> None:
+    task_id = (await submit(client, "logs_deeply", "go"))["task_id"]
+    await wait_status(client, task_id, "completed")
+    page = await call(client, "get_task_log", task_id=task_id)  # what the MCP tool and REST serialise
+    deep = next(e for e in page["events"] if e["message"] == "deep input")
+    assert deep["data"]["cut"] is True and deep["data"]["json"].startswith('{"input": [[[[')
+    assert any(e["message"] == "after the deep one" for e in page["events"])
+    TaskLogPage.model_validate_json(json.dumps(page))  # and what a client (CLI, stdio front) reads
+
+
+async def test_cancels_are_logged_whether_the_task_ran_or_not(
+    settings: Settings, project: Path, tmp_path: Path
+) -> None:
+    options = TaskOptions(scope=str(project))
+    engine = Engine(settings)
+    async with engine.running():
+        queued = (
+            await engine.submit(
+                "sleep", "30", TaskOptions(scope=str(project), delay=60), project=str(project)
+            )
+        ).task_id
+        running = (await engine.submit("sleep", "30", options, project=str(project))).task_id
+        await wait_for(lambda: _kinds(engine, running, "attempt_started"), what="the sleeper to start")
+        await engine.cancel(task_id=running)
+        await engine.cancel(task_id=queued)
+        await engine.wait_for_tasks([running, queued], mode="all", timeout=10)
+
+        async def ended() -> bool:
+            return bool(await _kinds(engine, running, "attempt_finished"))
+
+        await wait_for(ended, what="the cancelled attempt to end")
+        ran = [(e.kind, e.data and e.data.get("status")) for e in (await engine.get_task_log(running)).events]
+        assert ran[0] == ("attempt_started", None)
+        assert ran[-2:] == [("cancelled", None), ("attempt_finished", "cancelled")]
+        assert [e.kind for e in (await engine.get_task_log(queued)).events] == ["cancelled"]
+    # a task loaded at start that never ran here: its cancel continues its log, it does not restart it
+    engine = Engine(settings)
+    async with engine.running():
+        again = (
+            await engine.submit(
+                "sleep", "30", TaskOptions(scope=str(project), delay=60), project=str(project)
+            )
+        ).task_id
+    engine = Engine(settings)
+    async with engine.running():
+        await engine.cancel(task_id=again)
+        assert [e.kind for e in (await engine.get_task_log(again)).events] == ["cancelled"]
+
+
+async def _kinds(engine: Engine, task_id: str, kind: str) -> list[str]:
+    return [e.kind for e in (await engine.get_task_log(task_id)).events if e.kind == kind]
+
+
 async def test_unknown_task_and_bad_paging_are_refused(client: Client) -> None:
     assert "unknown task_id 't_nope'" in await call_error(client, "get_task_log", task_id="t_nope")
     task_id = (await submit(client, "echo", "x"))["task_id"]

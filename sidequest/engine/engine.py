@@ -140,6 +140,11 @@ def _payload_size(prompt: str, options: dict[str, Any]) -> int:
 
 
 MAX_LOG_PAGE = 1000
+LOG_PAGE_CHARS = 40_000
+"""A page of the run log stops once its entries hold this much text (the first entry always comes):
+a model reads a page whole, and 100 entries of tool input could be most of a megabyte."""
+MAX_SOURCES = 200
+"""Cited pages kept with a result; a research answer cites tens."""
 """Most run-log entries one read returns."""
 MAX_OFFSET = 2**31 - 1
 """Offsets and cursors beyond this are typos (and overflow the store's integer types)."""
@@ -176,6 +181,36 @@ def _preview(prompt: str | None) -> str | None:
     if len(line) > PROMPT_PREVIEW_CHARS or (len(head) < len(prompt) and prompt[len(head) :].strip()):
         return line[: PROMPT_PREVIEW_CHARS - 1] + "…"
     return line or None
+
+
+def _plain_sources(sources: object) -> list[dict[str, Any]] | None:
+    """The cited pages an executor returned, as rows the store can always write: agent code may hand
+    back anything (a datetime, NaN, a missing url), and one bad value must not fail the commit that
+    carries other tasks' results. Entries that are not a page are dropped."""
+    if not isinstance(sources, list):
+        return None
+    kept = []
+    for raw in sources[:MAX_SOURCES]:
+        if not isinstance(raw, dict):
+            continue
+        try:
+            source = Source.model_validate({k: raw.get(k) for k in ("n", "title", "url")}, strict=False)
+        except ValueError:
+            continue
+        title = _clean(source.title)[:500] if source.title else None
+        kept.append({"n": source.n, "title": title, "url": _clean(source.url)[:4000]})
+    return kept or None
+
+
+def _read_sources(stored: object) -> list[Source]:
+    """Stored sources, skipping any a reader could not take (rows from before they were checked)."""
+    found = []
+    for raw in stored if isinstance(stored, list) else ():
+        try:
+            found.append(Source.model_validate(raw))
+        except ValueError:
+            continue
+    return found
 
 
 def _not_finished(task: TaskRecord) -> str:
@@ -310,7 +345,7 @@ class Engine:
         self.failed = anyio.Event()
         """Set when the store failed: the process must stop (fail-stop) and recover at its next start."""
         self.scheduler = Scheduler(self, clock)
-        self.tasklog = TaskLog(store, settings.task_log, utcnow())
+        self.tasklog = TaskLog(store, settings.task_log)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -363,6 +398,7 @@ class Engine:
         self.dispatcher.wake()
         self.scheduler.config = settings.schedules
         self.retention.reconfigure(settings)
+        self.tasklog.reconfigure(settings.task_log)
 
     def _load(self, state: LoadedState) -> None:
         self._seq = state.max_seq
@@ -410,6 +446,7 @@ class Engine:
             AttemptRecord(task.id, task.attempts, "lost", task.started_at, now, error, task.worker_id)
         )
         log.warning("task %s: %s", task.id, error)
+        self.tasklog.lost(task.id, task.attempts, now)
         task.lost_attempts += 1
         task.worker_id = None
         task.lease_expires_at = None
@@ -730,6 +767,7 @@ class Engine:
             inserted.set()
 
         self._live[task.id] = task
+        self.tasklog.created(task.id)
         self._hold(task, payload)
         if new_workflow is not None:
             self._workflows[new_workflow.id] = new_workflow
@@ -996,6 +1034,8 @@ class Engine:
         error = None if isinstance(detail, ExecutionResult) else _clean(detail)
         history_status = {"failed_permanently": "failed", "shutdown": "interrupted"}.get(outcome, outcome)
         self._log_attempt_end(task, history_status, error, now)
+        if task.status == TaskStatus.cancelled:
+            self.tasklog.forget(task.id)  # cancelled while it ran: that finish was its last entry
         self.store.add_attempt(
             AttemptRecord(task.id, task.attempts, history_status, started, now, error, self.worker_id)
         )
@@ -1023,14 +1063,15 @@ class Engine:
     def _log_attempt_end(self, task: TaskRecord, status: str, error: str | None, now: datetime) -> None:
         """One line in the daemon's log and one entry in the task's run log per finished attempt."""
         seconds = (now - task.started_at).total_seconds() if task.started_at else 0.0
+        # The error stays out of the daemon's log: it is agent text (a program's stderr may hold a
+        # token, or lines made to look like ours); the run log and the task's status have it.
         log.info(
-            "task %s finished: %s after %s (agent %s, attempt %d)%s",
+            "task %s finished: %s after %s (agent %s, attempt %d)",
             task.id,
             status,
             _took(seconds),
             task.agent,
             task.attempts,
-            f": {_short(error, 300)}" if error else "",
         )
         message = f"attempt {task.attempts} {status} after {_took(seconds)}"
         if error:
@@ -1049,7 +1090,7 @@ class Engine:
         task.progress_percent = 100.0
         task.result_preview = result.content[: self.settings.result_preview_chars]
         self.store.add_result(
-            ResultRecord(task.id, result.content_type, result.content, now, result.sources or None)
+            ResultRecord(task.id, result.content_type, result.content, now, _plain_sources(result.sources))
         )
         self.store.update_task(task)
         self.notifier.emit(
@@ -1110,7 +1151,8 @@ class Engine:
 
     def _task_finished(self, task: TaskRecord, now: datetime) -> None:
         self._live.pop(task.id, None)
-        self.tasklog.forget(task.id)
+        if task.id not in self.dispatcher.running:  # else its attempt's finish is still to be logged
+            self.tasklog.forget(task.id)
         self._release(task.id)
         if task.schedule_id:
             self.scheduler.wake()  # a run queued behind this one (overlap=queue) may start now
@@ -1160,6 +1202,8 @@ class Engine:
             raise InvalidRequest("give exactly one of task_id or workflow_id")
         if task_id:
             if task_id in self._live:
+                await self._resume_logs([self._live[task_id]])
+            if task_id in self._live:
                 self._cancel_live(self._live[task_id])
                 return CancelResult(cancelled=[task_id])
             await self.store.flush()
@@ -1171,11 +1215,21 @@ class Engine:
         await self.store.flush()
         if workflow_id not in self._workflows and await self.store.get_workflow(workflow_id) is None:
             raise NotFound(f"unknown workflow_id {workflow_id!r}")
+        await self._resume_logs([t for t in list(self._live.values()) if t.workflow_id == workflow_id])
         live = [t for t in list(self._live.values()) if t.workflow_id == workflow_id]
         finished = [t.id for t in await self.store.get_tasks(workflow_id) if t.id not in self._live]
         for task in live:
             self._cancel_live(task)
         return CancelResult(cancelled=[t.id for t in live], already_finished=finished)
+
+    async def _resume_logs(self, tasks: list[TaskRecord]) -> None:
+        """Where these tasks' logs continue, so that a cancel of a task that never ran in this
+        process (loaded at start, still queued) is logged too. A task that finished meanwhile is
+        forgotten again."""
+        for task in tasks:
+            await self.tasklog.resume(task)
+            if task.id not in self._live and task.id not in self.dispatcher.running:
+                self.tasklog.forget(task.id)
 
     def _cancel_live(self, task: TaskRecord) -> None:
         now = utcnow()
@@ -1642,6 +1696,7 @@ class Engine:
         if not await self.store.record_fire(fire, after, workflow, task, expected):
             return None
         self._live[task.id] = task
+        self.tasklog.created(task.id)
         self._hold(task, _payload_size(schedule.prompt, task.options or {}))
         self._workflows[workflow.id] = workflow
         self._wf_counts[workflow.id] = Counter()
@@ -1704,7 +1759,7 @@ class Engine:
             total_chars=total,
             content=content,
             next_offset=end if end < total else None,
-            sources=[Source.model_validate(s) for s in sources or ()],
+            sources=_read_sources(sources),
         )
 
     async def get_task_log(self, task_id: str, offset: int = 0, limit: int = 100) -> TaskLogPage:
@@ -1715,6 +1770,13 @@ class Engine:
         if task is None:
             raise NotFound(f"unknown task_id {task_id!r}")
         events, total = await self.store.get_task_events(task_id, offset, limit)
+        size, kept = 0, 0
+        for event in events:
+            size += len(event.message) + (len(json.dumps(event.data)) if event.data is not None else 0)
+            if kept and size > LOG_PAGE_CHARS:
+                break
+            kept += 1
+        events = events[:kept]
         end = offset + len(events)
         return TaskLogPage(
             task_id=task_id,

@@ -25,6 +25,9 @@ ALWAYS_KEPT = frozenset({"attempt_started", "attempt_finished", "retry_scheduled
 """Kinds written past the cap: a few per attempt, and the ones a reader of a cut log needs."""
 CUT = "log_cut"
 _KIND_CHARS = 40
+MAX_DEPTH = 32
+"""Nesting kept as JSON. Deeper data is stored as its text: readers (pydantic, other JSON parsers)
+refuse a few hundred levels, and one such entry would make the whole log unreadable."""
 
 
 @dataclass(slots=True)
@@ -48,6 +51,14 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _depth(value: Any, bound: int) -> int:
+    """How deeply `value` nests, counting no further than `bound`."""
+    if bound <= 0 or not isinstance(value, dict | list):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(child, bound - 1) for child in children), default=0)
+
+
 def _plain(value: Any, limit: int) -> dict[str, Any] | None:
     """JSON the store's JSON column accepts (no NaN, no lone surrogates), at most `limit` characters."""
     if value is None:
@@ -59,7 +70,7 @@ def _plain(value: Any, limit: int) -> dict[str, Any] | None:
     except (ValueError, TypeError, RecursionError):
         return {"unreadable": _cut(_clean(repr(value)), limit)}
     text = _clean(text)
-    if len(text) > limit:
+    if len(text) > limit or _depth(value, MAX_DEPTH + 1) > MAX_DEPTH:
         return {"cut": True, "json": text[:limit]}
     loaded = json.loads(text)
     return loaded if isinstance(loaded, dict) else {"value": loaded}
@@ -69,30 +80,53 @@ class TaskLog:
     """Positions of the logs of running tasks, and the one way entries are written.
 
     A task's next seq is kept while the task is live; a task not seen yet in this process (loaded
-    at start, or retried after it finished) has its position read from the store before its
-    attempt runs (`resume`). Tasks created in this process start at 0 without a read.
+    at start, or retried after it finished) has its position read from the store before anything is
+    logged for it (`resume`). Tasks created in this process (`created`) start at 0 without a read:
+    which ones they are is remembered, not guessed from clocks.
     """
 
-    def __init__(self, store: Store, config: TaskLogConfig, started: datetime) -> None:
+    def __init__(self, store: Store, config: TaskLogConfig) -> None:
         self._store = store
         self._config = config
-        self._started = started
         self._positions: dict[str, _Position] = {}
+        self._new: set[str] = set()
+        self._lost: dict[str, list[tuple[int, datetime]]] = {}
+
+    def reconfigure(self, config: TaskLogConfig) -> None:
+        """A reloaded [task_log]: applies to entries written from now on."""
+        self._config = config
+
+    def created(self, task_id: str) -> None:
+        """A task inserted by this process: its log is empty, so it starts at 0."""
+        self._new.add(task_id)
+
+    def lost(self, task_id: str, attempt: int, at: datetime) -> None:
+        """An attempt found running at start (the process died): logged when the task is next resumed,
+        since where its log continues is not known before the store is read."""
+        self._lost.setdefault(task_id, []).append((attempt, at))
 
     async def resume(self, task: TaskRecord) -> None:
-        """Know where this task's log continues, before its attempt logs anything."""
+        """Know where this task's log continues, before anything is logged for it."""
         if task.id in self._positions:
             return
-        if task.attempts <= 1 and task.created_at >= self._started:
-            self._positions[task.id] = _Position(0)  # first attempt of a task made here: no log yet
+        if task.id in self._new:
+            self._new.discard(task.id)
+            self._positions[task.id] = _Position(0)
             return
         await self._store.flush()
         _, total = await self._store.get_task_events(task.id, 0, 1)
+        if task.id in self._positions:  # resumed by another caller while this one read
+            return
         self._positions[task.id] = _Position(total, cut=total >= self._config.max_events)
+        for attempt, at in self._lost.pop(task.id, ()):
+            message = f"attempt {attempt} lost: the process running it died"
+            self.add(task, "attempt_finished", message, {"status": "lost"}, at, attempt)
 
     def forget(self, task_id: str) -> None:
         """The task finished: later entries for it (an abandoned thread still reporting) are dropped."""
         self._positions.pop(task_id, None)
+        self._new.discard(task_id)
+        self._lost.pop(task_id, None)
 
     def add(
         self,
@@ -101,6 +135,7 @@ class TaskLog:
         message: str,
         data: Any = None,
         now: datetime | None = None,
+        attempt: int | None = None,
     ) -> None:
         """Enqueue one entry; dropped past the cap (the first one dropped leaves a marker)."""
         position = self._positions.get(task.id)
@@ -125,7 +160,7 @@ class TaskLog:
                 )
         text = _cut(_clean(message if isinstance(message, str) else str(message)), limit)
         event = TaskEventRecord(
-            task.id, position.next_seq, at, task.attempts, kind, text, _plain(data, limit)
+            task.id, position.next_seq, at, attempt or task.attempts, kind, text, _plain(data, limit)
         )
         position.next_seq += 1
         self._store.add_task_event(event)

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from sidequest.executors.base import PermanentError, RetryableError, TaskContext
+from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
 
 
 async def echo(prompt: str, ctx: TaskContext) -> str:
@@ -209,6 +209,31 @@ async def wait_for_file(prompt: str, ctx: TaskContext) -> str:
         await anyio.sleep(0.05)
     ctx.report_progress(100, "gate opened")
     return "gate opened"
+
+
+async def logs_deeply(prompt: str, ctx: TaskContext) -> str:
+    """One short entry nested 300 deep (a model's tool input can be): readers refuse such JSON, so
+    the engine must store it as text, or the whole log becomes unreadable."""
+    deep: Any = "bottom"
+    for _ in range(300):
+        deep = [deep]
+    ctx.log("tool_use", "deep input", {"input": deep})
+    ctx.log("text", "after the deep one")
+    return "logged"
+
+
+async def cites_badly(prompt: str, ctx: TaskContext) -> ExecutionResult:
+    """Sources as agent code may hand them back: a value JSON cannot hold, a page without a url, not
+    a page at all, a lone surrogate. The good ones are kept; none may fail the store."""
+    from datetime import UTC, datetime
+
+    sources: Any = [
+        {"n": 1, "url": "https://a.example/", "when": datetime.now(UTC)},
+        {"n": 2, "url": None},
+        "junk",
+        {"n": 3, "title": "T\ud800", "url": "https://b.example/", "score": float("nan")},
+    ]
+    return ExecutionResult("cited [1][3]", sources=sources)
 
 
 async def logs_badly(prompt: str, ctx: TaskContext) -> str:
