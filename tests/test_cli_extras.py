@@ -308,7 +308,7 @@ def test_mistyped_agent_and_command_get_a_suggestion(cli: Cli) -> None:
     agent = cli(project, "submit", "ecoh", "hi", code=1)
     line = [x for x in agent.stderr.splitlines() if x.startswith("sidequest: ")][-1]
     assert line.startswith("sidequest: no agent named 'ecoh'; did you mean 'echo'")
-    assert "known agents: bad_unicode, big_result, echo," in line
+    assert "known agents: bad_unicode, big_result, cites_badly, echo," in line
     command = cli(project, "sumbit", "echo", "hi", code=2)
     assert "invalid choice: 'sumbit'; did you mean 'submit'?" in command.stderr
     assert cli(project, "tasks", "--json").stdout.count('"task_id"') == 0  # nothing was submitted
