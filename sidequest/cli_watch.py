@@ -27,6 +27,7 @@ from rich.progress import (
 from rich.text import Text
 
 from sidequest.models import TaskInfo, TaskStatus
+from sidequest.terminal import printable
 
 if TYPE_CHECKING:
     from sidequest.server.client import DaemonClient
@@ -132,7 +133,7 @@ def _show(bar: Progress, row: Any, task: TaskInfo) -> None:
     attempt = max(task.attempts, 1)
     state = f"{task.status.value} · attempt {attempt} of {task.max_retries + 1}"
     # One line: a long or multi-line agent message must not push the bar around.
-    line = " ".join(message.split())
+    line = printable(" ".join(message.split()))  # agent text: no escape sequence reaches the terminal
     if percent is None:
         bar.update(row, total=None, description=Text(line), state=state)
     else:

@@ -40,11 +40,24 @@ pytestmark = pytest.mark.slow
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
 
 
+ESCAPING_AGENT = (
+    '[agents.escapes]\nexecutor = "command"\nargv = ["sh", "-c", "'
+    "printf 'ok\\\\033[1A\\\\033[2K\\\\033]52;c;SGVsbG8=\\\\007' >&2; printf 'res\\\\033[2Jult'"
+    '"]\n'
+)
+"""A command agent whose stderr erases the line above and writes the clipboard (OSC 52), and whose
+result clears the screen."""
+STDERR_ESCAPES = "ok\x1b[1A\x1b[2K\x1b]52;c;SGVsbG8=\x07"
+RESULT_ESCAPES = "res\x1b[2Jult"
+PROMPT_ESCAPES = "see \x1b]8;;https://evil.example\x07the docs\x1b]8;;\x07"
+"""A prompt (a model writes those) with a disguised OSC 8 link."""
+
+
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
     # The completion scripts call `sidequest` by name: this checkout's, first on PATH.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    config = "shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml()
+    config = "shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml() + ESCAPING_AGENT
     with cli_session(tmp_path_factory.mktemp("cli-extras"), config, {"PATH": path}) as runner:
         yield runner
 
@@ -141,6 +154,33 @@ def test_ctrl_c_while_waiting_leaves_the_task_running(cli: Cli) -> None:
     detail = TaskDetail.model_validate_json(cli(project, "show", task_id[1], "--json").stdout)
     assert detail.task.status == TaskStatus.running
     cli(project, "cancel", task_id[1])
+
+
+# ---- agent text on the terminal -------------------------------------------------------------------
+
+
+def test_escape_sequences_from_an_agent_reach_the_terminal_only_as_visible_text(cli: Cli) -> None:
+    project = cli.project("escapes")
+    waited = cli(project, "submit", "escapes", PROMPT_ESCAPES, "--wait")
+    assert waited.stdout == "res␛[2Jult\n"
+    exact = TaskDetail.model_validate_json(
+        cli(project, "submit", "escapes", PROMPT_ESCAPES, "--wait", "--json").stdout
+    )
+    task_id = exact.task.task_id
+    assert exact.result is not None and exact.result.content == RESULT_ESCAPES  # --json stays exact
+
+    shown = cli(project, "show", task_id).stdout
+    logs = cli(project, "logs", task_id).stdout
+    for out in (waited.stdout, shown, logs):
+        assert "\x1b" not in out and "\x07" not in out, repr(out)
+    assert "res␛[2Jult" in shown
+    assert "see ␛]8;;https://evil.example\\athe docs" in shown  # the prompt row
+    assert "ok␛[1A␛[2K␛]52;c;SGVsbG8=\\a" in logs
+
+    shown_json = TaskDetail.model_validate_json(cli(project, "show", task_id, "--json").stdout)
+    assert shown_json.task.prompt == PROMPT_ESCAPES
+    log_json = json.loads(cli(project, "logs", task_id, "--json").stdout)
+    assert any(STDERR_ESCAPES in event["message"] for event in log_json["events"]), log_json
 
 
 # ---- tasks --watch --------------------------------------------------------------------------------
