@@ -25,10 +25,11 @@ from pathlib import Path
 import pytest
 from conftest import agents_toml
 from mcp import Client
-from test_cli import COMMAND_TIMEOUT, REPO, Cli, cli_session
+from test_cli import COMMAND_TIMEOUT, REPO, Cli, _alive, _daemon_pid, cli_session
 from tools import call_error
 
 from sidequest.cli_errors import ErrorDocument
+from sidequest.cli_watch import FALLBACK_ENV
 from sidequest.commands import TaskDetail
 from sidequest.completion import SHELLS, describe
 from sidequest.engine.engine import Engine
@@ -65,9 +66,15 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
 class Terminal:
     """`sidequest …` with stdout and stderr on a pseudo-terminal, as in an interactive shell."""
 
-    def __init__(self, cli: Cli, project: Path, *args: str) -> None:
+    def __init__(self, cli: Cli, project: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.master, slave = pty.openpty()
-        env = {**cli.env, "CLAUDE_PROJECT_DIR": str(project), "COLUMNS": "160", "TERM": "xterm"}
+        env = {
+            **cli.env,
+            "CLAUDE_PROJECT_DIR": str(project),
+            "COLUMNS": "160",
+            "TERM": "xterm",
+            **(env or {}),
+        }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sidequest.cli", *args],
             env=env,
@@ -114,6 +121,14 @@ class Terminal:
         return bool(chunk)
 
 
+NO_FALLBACK = {FALLBACK_ENV: "3600"}
+"""The watchers' fallback re-reads an hour apart: what they show within a test came by the event stream."""
+
+
+def _no_fallback(cli: Cli) -> Cli:
+    return Cli(home=cli.home, env={**cli.env, **NO_FALLBACK}, projects=cli.projects)
+
+
 def _json_error(stderr: str) -> ErrorDocument:
     """stderr under --json must be exactly one JSON object (nothing else on it)."""
     return ErrorDocument.model_validate_json(stderr.strip())
@@ -135,8 +150,10 @@ def test_submit_wait_on_a_terminal_shows_progress_then_the_result(cli: Cli) -> N
 
 
 def test_submit_wait_piped_prints_only_the_result(cli: Cli) -> None:
+    """With the fallback re-reads an hour apart, finishing within the command's patience shows that
+    the event stream woke the wait."""
     project = cli.project("wait-piped")
-    waited = cli(project, "submit", "sleep", "1", "--wait")
+    waited = _no_fallback(cli)(project, "submit", "sleep", "1", "--wait")
     assert waited.stdout == "slept 1\n"
     assert "attempt" not in waited.stderr and "%" not in waited.stderr
 
@@ -190,9 +207,10 @@ def test_tasks_watch_draws_the_table_and_ends_cleanly_on_ctrl_c(cli: Cli) -> Non
     project = cli.project("watch")
     sleeping = TaskSubmitted.model_validate_json(cli(project, "submit", "sleep", "60", "--json").stdout)
     try:
-        term = Terminal(cli, project, "tasks", "--watch")
+        term = Terminal(cli, project, "tasks", "--watch", env=NO_FALLBACK)
         term.read_until(lambda s: sleeping.task_id in s and "Ctrl-C to stop" in s, "the task table")
-        # A task submitted while watching shows up without restarting the watch.
+        # A task submitted while watching shows up without restarting the watch, and (no fallback
+        # redraw for an hour) because the event stream said so.
         later = TaskSubmitted.model_validate_json(cli(project, "submit", "sleep", "60", "--json").stdout)
         screen = term.read_until(lambda s: later.task_id in s, "the task submitted while watching")
         assert "TASK" in screen and "STATUS" in screen
@@ -202,6 +220,28 @@ def test_tasks_watch_draws_the_table_and_ends_cleanly_on_ctrl_c(cli: Cli) -> Non
     finally:
         cli(project, "cancel", sleeping.workflow_id)
     cli(project, "cancel", later.workflow_id)
+
+
+def test_tasks_watch_ends_when_the_daemon_is_stopped_and_starts_none(tmp_path: Path) -> None:
+    config = "shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml()
+    with cli_session(tmp_path, config) as cli:
+        project = cli.project("watch-stop")
+        cli(project, "agents")  # the daemon the watch attaches to
+        first = _daemon_pid(cli.home)
+        term = Terminal(cli, project, "tasks", "--watch", env=NO_FALLBACK)
+        try:
+            term.read_until(lambda s: "Ctrl-C to stop" in s, "the watch's first table")
+            cli(project, "stop")
+            screen = term.read_until(lambda s: "daemon stopped" in s, "the watch saying the daemon stopped")
+            assert term.finish() == 1
+        finally:
+            if term.process.poll() is None:
+                term.process.kill()
+                term.process.wait()
+        assert "sidequest: the sidequest daemon stopped, and the watch does not start it" in screen, screen
+        assert "Traceback" not in term.screen
+        now = _daemon_pid(cli.home)
+        assert now is None or not _alive(now), f"a daemon (pid {now}) was started; the first was {first}"
 
 
 def test_tasks_watch_refuses_json(cli: Cli) -> None:
