@@ -35,6 +35,7 @@ from sidequest.completion import SHELLS, describe
 from sidequest.engine.engine import Engine
 from sidequest.models import ScheduleCreated, ScheduleInfo, TaskStatus, TaskSubmitted
 from sidequest.server.mcp import build_server
+from sidequest.terminal import printable
 
 pytestmark = pytest.mark.slow
 
@@ -188,9 +189,10 @@ def test_escape_sequences_from_an_agent_reach_the_terminal_only_as_visible_text(
 
     shown = cli(project, "show", task_id).stdout
     logs = cli(project, "logs", task_id).stdout
-    for out in (waited.stdout, shown, logs):
+    notes = cli(project, "notifications", "--peek").stdout  # "completed: <the result's start>"
+    for out in (waited.stdout, shown, logs, notes):
         assert "\x1b" not in out and "\x07" not in out, repr(out)
-    assert "res␛[2Jult" in shown
+    assert "res␛[2Jult" in shown and "res␛[2Jult" in notes
     assert "see ␛]8;;https://evil.example\\athe docs" in shown  # the prompt row
     assert "ok␛[1A␛[2K␛]52;c;SGVsbG8=\\a" in logs
 
@@ -198,6 +200,11 @@ def test_escape_sequences_from_an_agent_reach_the_terminal_only_as_visible_text(
     assert shown_json.task.prompt == PROMPT_ESCAPES
     log_json = json.loads(cli(project, "logs", task_id, "--json").stdout)
     assert any(STDERR_ESCAPES in event["message"] for event in log_json["events"]), log_json
+
+
+def test_printable_shows_every_control_but_newline_and_tab() -> None:
+    assert printable("a\tb\nc") == "a\tb\nc"
+    assert printable("\x1b[2J\x07\r\x00\x7f\x9b\x85é␛") == "␛[2J\\a\\r\\x00\\x7f\\x9b\\x85é␛"
 
 
 # ---- tasks --watch --------------------------------------------------------------------------------
