@@ -8,6 +8,7 @@ real daemon for the module; the MCP checks call a real engine through the SDK's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -249,6 +250,62 @@ def test_tasks_watch_ends_when_the_daemon_is_stopped_and_starts_none(tmp_path: P
         assert "Traceback" not in term.screen
         now = _daemon_pid(cli.home)
         assert now is None or not _alive(now), f"a daemon (pid {now}) was started; the first was {first}"
+
+
+@pytest.mark.anyio
+async def test_a_watchers_event_stream_finds_the_daemon_that_replaced_a_stopped_one(tmp_path: Path) -> None:
+    """The client the watchers use, against real daemons: a stream lost with its daemon forgets that
+    daemon's address, and the next stream reaches the new daemon (another port and token)."""
+    import anyio
+
+    from sidequest.config import load_settings
+    from sidequest.server.daemon import open_client
+
+    config = "shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml()
+    with cli_session(tmp_path, config) as cli:
+        project = cli.project("restart")
+
+        async def run(*args: str) -> None:
+            await anyio.to_thread.run_sync(lambda: cli(project, *args))
+
+        await run("agents")
+        first = _daemon_pid(cli.home)
+        settings = load_settings(Path(cli.env["SIDEQUEST_CONFIG"]), {"SIDEQUEST_HOME": str(cli.home)})
+        async with open_client(settings, project=str(project)) as client:
+            client.may_start = False
+
+            async def drain() -> None:
+                """Reopens the stream as a watcher does, until the client has given up the address
+                (a stopping daemon closes its streams a moment before it stops answering)."""
+                while client.endpoint is not None:
+                    with contextlib.suppress(Exception):
+                        async for _ in client.events():
+                            pass
+                    await anyio.sleep(0.1)
+
+            with anyio.fail_after(COMMAND_TIMEOUT):  # a deadline for a hang, not a timing claim
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(drain)
+                    await run("stop")
+            assert client.endpoint is None  # the dead daemon's address is forgotten
+
+            await run("agents")  # another command starts a new daemon
+            second = _daemon_pid(cli.home)
+            assert second is not None and second != first
+            updates: list[dict[str, object]] = []
+
+            async def follow() -> None:
+                async for kind, data in client.events():
+                    if kind == "update":
+                        updates.append(data)
+                        return
+
+            with anyio.fail_after(COMMAND_TIMEOUT):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(follow)
+                    while not updates:  # submit until the stream, opened meanwhile, reports one
+                        await run("submit", "echo", "x")
+            assert client.endpoint is not None and client.endpoint.pid == second
 
 
 def test_tasks_watch_refuses_json(cli: Cli) -> None:
