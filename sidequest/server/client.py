@@ -6,7 +6,8 @@ Why the same names: the stdio front registers the very tools the daemon's own MC
 exception types, so a model reads the same message whichever way it connected.
 
 The daemon may die between two calls (kill -9, a crash, `sidequest stop`). A call that cannot
-reach it asks the locator for a live daemon (which starts one) and is sent once more. Every call
+reach it asks the locator for a live daemon (which starts one, unless a watcher cleared
+`may_start`) and is sent once more. Every call
 is safe to send twice: reads are reads, cancel is idempotent, and `submit` always carries an
 idempotency key (one is made here when the caller gave none), so a retry returns the task the
 first attempt created instead of a second one.
