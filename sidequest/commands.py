@@ -55,6 +55,7 @@ from sidequest.models import (
     WorkflowInfo,
     parse_age,
 )
+from sidequest.terminal import printable
 
 if TYPE_CHECKING:
     from sidequest.server.client import DaemonClient
@@ -498,13 +499,16 @@ def _project() -> str:
 
 
 @asynccontextmanager
-async def _connect(settings: Settings, config_path: str | None) -> AsyncIterator[DaemonClient]:
-    """A daemon started from here must read the same config file this command read."""
+async def _connect(
+    settings: Settings, config_path: str | None, *, quiet: bool = False
+) -> AsyncIterator[DaemonClient]:
+    """A daemon started from here must read the same config file this command read. `quiet` (under
+    --json) skips the key notice: stderr then holds nothing but an error's JSON object."""
     from sidequest.keynotice import notice_missing_keys
     from sidequest.server.daemon import open_client  # imported late: `serve` needs none of it
 
     async with open_client(settings, project=_project(), config_path=config_path) as client:
-        await notice_missing_keys(client, settings)
+        await notice_missing_keys(client, settings, quiet=quiet)
         yield client
 
 
@@ -531,8 +535,11 @@ class Output:
         self.console.print(*objects, **kwargs)
 
     def text(self, content: str) -> None:
-        """Agent output byte for byte (no markup, wrapping or colour), ending in one newline."""
+        """Agent output as it is (no markup, wrapping or colour), ending in one newline, except that
+        control characters are shown as visible stand-ins (`sidequest.terminal.printable`): an
+        escape sequence from an agent or model must not act on the user's terminal."""
         self.console.file.flush()
+        content = printable(content)
         sys.stdout.write(content if content.endswith("\n") else content + "\n")
         sys.stdout.flush()
 
@@ -559,7 +566,7 @@ async def _submit(args: argparse.Namespace, settings: Settings, out: Output) -> 
             "the prompt is empty; say what the agent should do"
             + (" (stdin was empty)" if args.prompt == "-" else "")
         )
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         submitted = await client.submit(args.agent, prompt, options)
         if not args.wait:
             if out.as_json:
@@ -581,7 +588,8 @@ async def _submit(args: argparse.Namespace, settings: Settings, out: Output) -> 
     elif task.status == TaskStatus.completed:
         _print_result(out, detail.result, rule=False)
     else:
-        out.error(f"task {task.task_id} {task.status.value}" + (f": {task.error}" if task.error else ""))
+        error = f": {printable(task.error)}" if task.error else ""
+        out.error(f"task {task.task_id} {task.status.value}{error}")
     return EXIT_OK if task.status == TaskStatus.completed else EXIT_FAILED
 
 
@@ -626,7 +634,7 @@ async def _tasks(args: argparse.Namespace, settings: Settings, out: Output) -> i
                 "GET /api/v1/events (docs/rest.md) and run `sidequest tasks --json` on each update"
             )
         return await _watch_tasks(args, settings, out)
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         listing = await _collect_tasks(client, args.all, args.all_scopes, args.limit)
     if out.as_json:
         out.emit(listing)
@@ -656,7 +664,7 @@ async def _watch_tasks(args: argparse.Namespace, settings: Settings, out: Output
         return view
 
     out.watching = True
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         await watch(client, out.console, render)
     return EXIT_OK
 
@@ -719,7 +727,7 @@ async def _tasks_of(client: DaemonClient, workflows: list[WorkflowInfo]) -> list
 async def _show(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     if args.id.startswith("sch_"):
         return await _schedule_show(args, settings, out)
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         found = await _lookup(client, args.id)
         if isinstance(found, WorkflowInfo):
             if out.as_json:
@@ -755,7 +763,7 @@ async def _lookup(client: DaemonClient, ident: str) -> TaskInfo | WorkflowInfo:
 
 async def _cancel(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     ident: str = args.id
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         if ident.startswith("wf_"):
             result = await client.cancel(workflow_id=ident)
         elif ident.startswith("t_"):
@@ -785,7 +793,7 @@ def _print_cancel(out: Output, result: CancelResult) -> None:
 
 
 async def _retry(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         task = await client.retry(args.id)
     if out.as_json:
         out.emit(task)
@@ -801,7 +809,7 @@ async def _retry(args: argparse.Namespace, settings: Settings, out: Output) -> i
 
 
 async def _notifications(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         page = await client.notifications(
             all_scopes=args.all_scopes,
             since=args.since,
@@ -833,7 +841,7 @@ def _print_notifications(out: Output, page: NotificationPage, scope: bool) -> No
             str(n.cursor),
             Text(n.kind.value, style=KIND_STYLE.get(n.kind.value, "")),
             n.task_id or n.workflow_id,
-            Text(n.message),
+            Text(printable(n.message)),
             _ago(n.created_at),
         ]
         if scope:
@@ -844,7 +852,7 @@ def _print_notifications(out: Output, page: NotificationPage, scope: bool) -> No
 
 
 async def _agents(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         agents = await client.agent_list()
     if out.as_json:
         out.emit(agents)
@@ -866,7 +874,7 @@ def _print_agents(out: Output, listing: AgentList) -> None:
                 Text(agent.name, style="bold"),
                 agent.executor,
                 agent.model or "-",
-                Text(agent.description),
+                Text(printable(agent.description)),
                 Text(agent.source, style="dim"),
             )
         out.print(table)
@@ -879,9 +887,10 @@ def _print_agents(out: Output, listing: AgentList) -> None:
         )
     for agent in listing.agents:
         for warning in agent.warnings:
-            out.print(Text(f"{agent.name}: {warning}", style="yellow"), soft_wrap=True)
+            out.print(Text(printable(f"{agent.name}: {warning}"), style="yellow"), soft_wrap=True)
     for problem in listing.problems:
-        out.print(Text(f"broken agent file {problem.file}: {problem.error}", style="red"), soft_wrap=True)
+        line = printable(f"broken agent file {problem.file}: {problem.error}")
+        out.print(Text(line, style="red"), soft_wrap=True)
 
 
 # ---- schedules ------------------------------------------------------------------------------------
@@ -911,7 +920,7 @@ async def _schedule(args: argparse.Namespace, settings: Settings, out: Output) -
         )
     except ValidationError as exc:
         raise UsageError(_spec_errors(exc)) from None
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         created = await client.schedule_task(spec)
     if out.as_json:
         out.emit(created)
@@ -945,7 +954,7 @@ def _print_created(out: Output, created: ScheduleCreated, zone: str) -> None:
 
 
 async def _schedules(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         schedules: list[ScheduleInfo] = []
         offset: int | None = 0
         while offset is not None:
@@ -998,7 +1007,7 @@ def _schedule_table(schedules: list[ScheduleInfo], scope: bool) -> Table:
 
 
 async def _schedule_show(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         detail = await _schedule_detail(client, args.id, getattr(args, "runs", 20))
     if out.as_json:
         out.emit(detail)
@@ -1016,7 +1025,7 @@ def _print_schedule(out: Output, detail: ScheduleDetail) -> None:
     s = detail.schedule
     grid = _Fields()
     grid.add_row("schedule", s.schedule_id)
-    grid.add_row("name", Text(s.name))
+    grid.add_row("name", Text(printable(s.name)))
     grid.add_row("agent", s.agent)
     grid.add_row("cron", Text(f"{s.cron}  ({s.timezone})"))
     grid.add_row("state", Text(s.state, style=SCHEDULE_STYLE.get(s.state, "")))
@@ -1036,11 +1045,11 @@ def _print_schedule(out: Output, detail: ScheduleDetail) -> None:
     if s.queued_run_at is not None:
         grid.add_row("queued", _zoned(s.queued_run_at, s.timezone))
     if s.last_error:
-        grid.add_row("last error", Text(s.last_error, style="red"))
+        grid.add_row("last error", Text(printable(s.last_error), style="red"))
     if s.options:
         grid.add_row("options", Text(json.dumps(s.options, ensure_ascii=False)))
     grid.add_row("created", _when(s.created_at))
-    grid.add_row("prompt", Text(s.prompt))
+    grid.add_row("prompt", Text(printable(s.prompt)))
     grid.render(out)
     if s.next_runs:
         out.print()
@@ -1066,7 +1075,7 @@ async def _resume(args: argparse.Namespace, settings: Settings, out: Output) -> 
 
 
 async def _set_paused(args: argparse.Namespace, settings: Settings, out: Output, paused: bool) -> int:
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         info = await client.update_schedule(args.id, ScheduleUpdate(paused=paused))
     if out.as_json:
         out.emit(info)
@@ -1084,7 +1093,7 @@ async def _set_paused(args: argparse.Namespace, settings: Settings, out: Output,
 
 
 async def _unschedule(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         deleted = await client.delete_schedule(args.id)
     if out.as_json:
         out.emit(deleted)
@@ -1094,7 +1103,7 @@ async def _unschedule(args: argparse.Namespace, settings: Settings, out: Output)
 
 
 async def _gc(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=out.as_json) as client:
         report = await client.gc(args.older_than, dry_run=args.dry_run)
     if out.as_json:
         out.emit(report)
@@ -1195,7 +1204,8 @@ def _task_table(tasks: list[TaskInfo], workflow: bool, scope: bool, schedule: bo
     if scope:
         table.add_column("SCOPE", overflow="fold")
     for task in tasks:
-        row: list[Any] = [task.task_id, task.agent, _status(task.status.value), Text(_progress(task))]
+        progress = Text(printable(_progress(task)))
+        row: list[Any] = [task.task_id, task.agent, _status(task.status.value), progress]
         if workflow:
             row.append(task.workflow_id)
         if schedule:
@@ -1233,7 +1243,7 @@ def _print_task(out: Output, detail: TaskDetail) -> None:
     grid.add_row("scope", task.scope)
     grid.add_row("created", _when(task.created_at))
     if task.prompt or task.prompt_preview:
-        grid.add_row("prompt", Text(task.prompt or task.prompt_preview or ""))
+        grid.add_row("prompt", Text(printable(task.prompt or task.prompt_preview or "")))
     if task.not_before is not None and not task.status.finished:
         grid.add_row("not before", _when(task.not_before))
     if task.started_at is not None:
@@ -1246,9 +1256,9 @@ def _print_task(out: Output, detail: TaskDetail) -> None:
     if task.timeout is not None:
         grid.add_row("timeout", f"{task.timeout:g}s per attempt")
     if progress := _progress(task):
-        grid.add_row("progress", Text(progress))
+        grid.add_row("progress", Text(printable(progress)))
     if task.tags:
-        grid.add_row("tags", Text(", ".join(task.tags)))
+        grid.add_row("tags", Text(printable(", ".join(task.tags))))
     if task.metadata:
         grid.add_row("metadata", Text(json.dumps(task.metadata, ensure_ascii=False)))
     if task.session_id:
@@ -1256,7 +1266,7 @@ def _print_task(out: Output, detail: TaskDetail) -> None:
     if task.usage is not None:
         grid.add_row("usage", _usage(task))
     if task.error:
-        grid.add_row("error", Text(task.error, style="red"))
+        grid.add_row("error", Text(printable(task.error), style="red"))
     grid.render(out)
 
     if task.attempt_history and (len(task.attempt_history) > 1 or task.attempt_history[0].error):
@@ -1269,7 +1279,7 @@ def _print_task(out: Output, detail: TaskDetail) -> None:
                 _status(attempt.status),
                 _ago(attempt.started_at),
                 _ago(attempt.finished_at),
-                Text(attempt.error or "", style="red"),
+                Text(printable(attempt.error or ""), style="red"),
             )
         out.print()
         out.print(history)
@@ -1309,7 +1319,7 @@ def _print_result(out: Output, page: ResultPage | None, rule: bool) -> None:
 def _print_workflow(out: Output, workflow: WorkflowInfo) -> None:
     grid = _Fields()
     grid.add_row("workflow", workflow.workflow_id)
-    grid.add_row("name", Text(workflow.name))
+    grid.add_row("name", Text(printable(workflow.name)))
     grid.add_row("status", _status(workflow.status.value))
     grid.add_row("scope", workflow.scope)
     grid.add_row("created", _when(workflow.created_at))

@@ -221,7 +221,7 @@ async def _doctor(args: argparse.Namespace, settings: Settings, out: Output) -> 
             )
         )
     try:
-        async with _connect(settings, args.config) as client:
+        async with _connect(settings, args.config, quiet=out.as_json) as client:
             status = await client.daemon_status()
             agents = await client.agent_list()
     except EngineError as exc:

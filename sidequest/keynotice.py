@@ -81,9 +81,16 @@ async def notice_missing_keys(
     settings: Settings,
     environ: Mapping[str, str] | None = None,
     stream: TextIO | None = None,
+    *,
+    quiet: bool = False,
 ) -> list[str]:
     """Warn on `stream` (stderr: stdout may be the MCP protocol) about each key this process has and
-    the daemon lacks, once per daemon start; the names warned about. Never fails the command."""
+    the daemon lacks, once per daemon start; the names warned about. Never fails the command.
+
+    `quiet` (a `--json` command, whose stderr holds nothing but one JSON error object): say nothing
+    and remember nothing, so the next plain command still says it."""
+    if quiet:
+        return []
     environ = os.environ if environ is None else environ
     have = [name for name in keys_that_matter(settings) if environ.get(name)]
     if not have:

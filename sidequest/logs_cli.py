@@ -55,7 +55,7 @@ def format_event(event: TaskLogEvent) -> str:
 async def _logs(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     from sidequest.commands import _connect
 
-    async with _connect(settings, args.config) as client:
+    async with _connect(settings, args.config, quiet=args.json) as client:
         if args.follow:
             await _follow(client, args.task_id, out, as_json=args.json)
             return 0

@@ -8,6 +8,7 @@ real daemon for the module; the MCP checks call a real engine through the SDK's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -25,26 +26,41 @@ from pathlib import Path
 import pytest
 from conftest import agents_toml
 from mcp import Client
-from test_cli import COMMAND_TIMEOUT, REPO, Cli, cli_session
+from test_cli import COMMAND_TIMEOUT, REPO, Cli, _alive, _daemon_pid, cli_session
 from tools import call_error
 
 from sidequest.cli_errors import ErrorDocument
+from sidequest.cli_watch import FALLBACK_ENV
 from sidequest.commands import TaskDetail
 from sidequest.completion import SHELLS, describe
 from sidequest.engine.engine import Engine
 from sidequest.models import ScheduleCreated, ScheduleInfo, TaskStatus, TaskSubmitted
 from sidequest.server.mcp import build_server
+from sidequest.terminal import printable
 
 pytestmark = pytest.mark.slow
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
 
 
+ESCAPING_AGENT = (
+    '[agents.escapes]\nexecutor = "command"\nargv = ["sh", "-c", "'
+    "printf 'ok\\\\033[1A\\\\033[2K\\\\033]52;c;SGVsbG8=\\\\007' >&2; printf 'res\\\\033[2Jult'"
+    '"]\n'
+)
+"""A command agent whose stderr erases the line above and writes the clipboard (OSC 52), and whose
+result clears the screen."""
+STDERR_ESCAPES = "ok\x1b[1A\x1b[2K\x1b]52;c;SGVsbG8=\x07"
+RESULT_ESCAPES = "res\x1b[2Jult"
+PROMPT_ESCAPES = "see \x1b]8;;https://evil.example\x07the docs\x1b]8;;\x07"
+"""A prompt (a model writes those) with a disguised OSC 8 link."""
+
+
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
     # The completion scripts call `sidequest` by name: this checkout's, first on PATH.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    config = "shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml()
+    config = "shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml() + ESCAPING_AGENT
     with cli_session(tmp_path_factory.mktemp("cli-extras"), config, {"PATH": path}) as runner:
         yield runner
 
@@ -52,9 +68,15 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
 class Terminal:
     """`sidequest …` with stdout and stderr on a pseudo-terminal, as in an interactive shell."""
 
-    def __init__(self, cli: Cli, project: Path, *args: str) -> None:
+    def __init__(self, cli: Cli, project: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.master, slave = pty.openpty()
-        env = {**cli.env, "CLAUDE_PROJECT_DIR": str(project), "COLUMNS": "160", "TERM": "xterm"}
+        env = {
+            **cli.env,
+            "CLAUDE_PROJECT_DIR": str(project),
+            "COLUMNS": "160",
+            "TERM": "xterm",
+            **(env or {}),
+        }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sidequest.cli", *args],
             env=env,
@@ -101,6 +123,14 @@ class Terminal:
         return bool(chunk)
 
 
+NO_FALLBACK = {FALLBACK_ENV: "3600"}
+"""The watchers' fallback re-reads an hour apart: what they show within a test came by the event stream."""
+
+
+def _no_fallback(cli: Cli) -> Cli:
+    return Cli(home=cli.home, env={**cli.env, **NO_FALLBACK}, projects=cli.projects)
+
+
 def _json_error(stderr: str) -> ErrorDocument:
     """stderr under --json must be exactly one JSON object (nothing else on it)."""
     return ErrorDocument.model_validate_json(stderr.strip())
@@ -122,8 +152,10 @@ def test_submit_wait_on_a_terminal_shows_progress_then_the_result(cli: Cli) -> N
 
 
 def test_submit_wait_piped_prints_only_the_result(cli: Cli) -> None:
+    """With the fallback re-reads an hour apart, finishing within the command's patience shows that
+    the event stream woke the wait."""
     project = cli.project("wait-piped")
-    waited = cli(project, "submit", "sleep", "1", "--wait")
+    waited = _no_fallback(cli)(project, "submit", "sleep", "1", "--wait")
     assert waited.stdout == "slept 1\n"
     assert "attempt" not in waited.stderr and "%" not in waited.stderr
 
@@ -143,6 +175,39 @@ def test_ctrl_c_while_waiting_leaves_the_task_running(cli: Cli) -> None:
     cli(project, "cancel", task_id[1])
 
 
+# ---- agent text on the terminal -------------------------------------------------------------------
+
+
+def test_escape_sequences_from_an_agent_reach_the_terminal_only_as_visible_text(cli: Cli) -> None:
+    project = cli.project("escapes")
+    waited = cli(project, "submit", "escapes", PROMPT_ESCAPES, "--wait")
+    assert waited.stdout == "res␛[2Jult\n"
+    exact = TaskDetail.model_validate_json(
+        cli(project, "submit", "escapes", PROMPT_ESCAPES, "--wait", "--json").stdout
+    )
+    task_id = exact.task.task_id
+    assert exact.result is not None and exact.result.content == RESULT_ESCAPES  # --json stays exact
+
+    shown = cli(project, "show", task_id).stdout
+    logs = cli(project, "logs", task_id).stdout
+    notes = cli(project, "notifications", "--peek").stdout  # "completed: <the result's start>"
+    for out in (waited.stdout, shown, logs, notes):
+        assert "\x1b" not in out and "\x07" not in out, repr(out)
+    assert "res␛[2Jult" in shown and "res␛[2Jult" in notes
+    assert "see ␛]8;;https://evil.example\\athe docs" in shown  # the prompt row
+    assert "ok␛[1A␛[2K␛]52;c;SGVsbG8=\\a" in logs
+
+    shown_json = TaskDetail.model_validate_json(cli(project, "show", task_id, "--json").stdout)
+    assert shown_json.task.prompt == PROMPT_ESCAPES
+    log_json = json.loads(cli(project, "logs", task_id, "--json").stdout)
+    assert any(STDERR_ESCAPES in event["message"] for event in log_json["events"]), log_json
+
+
+def test_printable_shows_every_control_but_newline_and_tab() -> None:
+    assert printable("a\tb\nc") == "a\tb\nc"
+    assert printable("\x1b[2J\x07\r\x00\x7f\x9b\x85é␛") == "␛[2J\\a\\r\\x00\\x7f\\x9b\\x85é␛"
+
+
 # ---- tasks --watch --------------------------------------------------------------------------------
 
 
@@ -150,9 +215,10 @@ def test_tasks_watch_draws_the_table_and_ends_cleanly_on_ctrl_c(cli: Cli) -> Non
     project = cli.project("watch")
     sleeping = TaskSubmitted.model_validate_json(cli(project, "submit", "sleep", "60", "--json").stdout)
     try:
-        term = Terminal(cli, project, "tasks", "--watch")
+        term = Terminal(cli, project, "tasks", "--watch", env=NO_FALLBACK)
         term.read_until(lambda s: sleeping.task_id in s and "Ctrl-C to stop" in s, "the task table")
-        # A task submitted while watching shows up without restarting the watch.
+        # A task submitted while watching shows up without restarting the watch, and (no fallback
+        # redraw for an hour) because the event stream said so.
         later = TaskSubmitted.model_validate_json(cli(project, "submit", "sleep", "60", "--json").stdout)
         screen = term.read_until(lambda s: later.task_id in s, "the task submitted while watching")
         assert "TASK" in screen and "STATUS" in screen
@@ -162,6 +228,84 @@ def test_tasks_watch_draws_the_table_and_ends_cleanly_on_ctrl_c(cli: Cli) -> Non
     finally:
         cli(project, "cancel", sleeping.workflow_id)
     cli(project, "cancel", later.workflow_id)
+
+
+def test_tasks_watch_ends_when_the_daemon_is_stopped_and_starts_none(tmp_path: Path) -> None:
+    config = "shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml()
+    with cli_session(tmp_path, config) as cli:
+        project = cli.project("watch-stop")
+        cli(project, "agents")  # the daemon the watch attaches to
+        first = _daemon_pid(cli.home)
+        term = Terminal(cli, project, "tasks", "--watch", env=NO_FALLBACK)
+        try:
+            term.read_until(lambda s: "Ctrl-C to stop" in s, "the watch's first table")
+            cli(project, "stop")
+            screen = term.read_until(lambda s: "daemon stopped" in s, "the watch saying the daemon stopped")
+            assert term.finish() == 1
+        finally:
+            if term.process.poll() is None:
+                term.process.kill()
+                term.process.wait()
+        assert "sidequest: the sidequest daemon stopped, and the watch does not start it" in screen, screen
+        assert "Traceback" not in term.screen
+        now = _daemon_pid(cli.home)
+        assert now is None or not _alive(now), f"a daemon (pid {now}) was started; the first was {first}"
+
+
+@pytest.mark.anyio
+async def test_a_watchers_event_stream_finds_the_daemon_that_replaced_a_stopped_one(tmp_path: Path) -> None:
+    """The client the watchers use, against real daemons: a stream lost with its daemon forgets that
+    daemon's address, and the next stream reaches the new daemon (another port and token)."""
+    import anyio
+
+    from sidequest.config import load_settings
+    from sidequest.server.daemon import open_client
+
+    config = "shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml()
+    with cli_session(tmp_path, config) as cli:
+        project = cli.project("restart")
+
+        async def run(*args: str) -> None:
+            await anyio.to_thread.run_sync(lambda: cli(project, *args))
+
+        await run("agents")
+        first = _daemon_pid(cli.home)
+        settings = load_settings(Path(cli.env["SIDEQUEST_CONFIG"]), {"SIDEQUEST_HOME": str(cli.home)})
+        async with open_client(settings, project=str(project)) as client:
+            client.may_start = False
+
+            async def drain() -> None:
+                """Reopens the stream as a watcher does, until the client has given up the address
+                (a stopping daemon closes its streams a moment before it stops answering)."""
+                while client.endpoint is not None:
+                    with contextlib.suppress(Exception):
+                        async for _ in client.events():
+                            pass
+                    await anyio.sleep(0.1)
+
+            with anyio.fail_after(COMMAND_TIMEOUT):  # a deadline for a hang, not a timing claim
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(drain)
+                    await run("stop")
+            assert client.endpoint is None  # the dead daemon's address is forgotten
+
+            await run("agents")  # another command starts a new daemon
+            second = _daemon_pid(cli.home)
+            assert second is not None and second != first
+            updates: list[dict[str, object]] = []
+
+            async def follow() -> None:
+                async for kind, data in client.events():
+                    if kind == "update":
+                        updates.append(data)
+                        return
+
+            with anyio.fail_after(COMMAND_TIMEOUT):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(follow)
+                    while not updates:  # submit until the stream, opened meanwhile, reports one
+                        await run("submit", "echo", "x")
+            assert client.endpoint is not None and client.endpoint.pid == second
 
 
 def test_tasks_watch_refuses_json(cli: Cli) -> None:

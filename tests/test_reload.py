@@ -189,6 +189,20 @@ def test_a_client_with_a_key_the_daemon_lacks_says_so_once_with_the_fix(cli: Cli
     assert "ANTHROPIC_API_KEY" not in second.stderr  # once per daemon start
 
 
+def test_under_json_the_key_notice_waits_for_the_next_plain_command(cli: Cli) -> None:
+    """--json keeps stderr for one JSON error object: the notice is not said there, and not
+    remembered as said either."""
+    cli(cli.project("p"), "agents")  # the daemon starts from a shell without the key
+    keyed = _with_key(cli)
+    quiet = keyed(cli.project("p"), "agents", "--json")
+    assert quiet.stderr == ""
+    json.loads(quiet.stdout)
+    failed = keyed(cli.project("p"), "show", "t_nope", "--json", code=1)
+    assert len(failed.stderr.splitlines()) == 1 and "ANTHROPIC_API_KEY" not in failed.stderr
+    plain = keyed(cli.project("p"), "agents")
+    assert "`sidequest env set ANTHROPIC_API_KEY`" in plain.stderr
+
+
 def test_a_client_whose_key_the_daemon_has_says_nothing(cli: Cli) -> None:
     cli(cli.project("p"), "env", "set", "ANTHROPIC_API_KEY", stdin=SECRET)
     done = _with_key(cli)(cli.project("p"), "agents")

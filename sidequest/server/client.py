@@ -6,7 +6,8 @@ Why the same names: the stdio front registers the very tools the daemon's own MC
 exception types, so a model reads the same message whichever way it connected.
 
 The daemon may die between two calls (kill -9, a crash, `sidequest stop`). A call that cannot
-reach it asks the locator for a live daemon (which starts one) and is sent once more. Every call
+reach it asks the locator for a live daemon (which starts one, unless a watcher cleared
+`may_start`) and is sent once more. Every call
 is safe to send twice: reads are reads, cancel is idempotent, and `submit` always carries an
 idempotency key (one is made here when the caller gave none), so a retry returns the task the
 first attempt created instead of a second one.
@@ -139,6 +140,9 @@ class DaemonClient:
         self._http = httpx2.AsyncClient(timeout=httpx2.Timeout(timeout, connect=5.0), trust_env=False)
         self._listeners: list[Callable[[Committed], None]] = []
         self._relocating = anyio.Lock()
+        self.may_start = True
+        """Whether a call that finds no daemon starts one. A watcher (`submit --wait`, `tasks --watch`)
+        clears it once connected: it follows a daemon, and must not bring back one the user stopped."""
 
     async def __aenter__(self) -> DaemonClient:
         return self
@@ -154,9 +158,9 @@ class DaemonClient:
         return self._endpoint
 
     async def connect(self) -> Endpoint:
-        """Find the daemon (starting one if needed) before the first call."""
+        """Find the daemon (starting one if needed, and if `may_start`) before the first call."""
         if self._endpoint is None:
-            self._endpoint = await self._locate(True)
+            self._endpoint = await self._locate(self.may_start)
         return self._endpoint
 
     async def _relocate(self, failed: Endpoint | None) -> Endpoint:
@@ -164,7 +168,7 @@ class DaemonClient:
             if self._endpoint is not None and self._endpoint != failed:
                 return self._endpoint  # someone else already found the new one
             self._endpoint = None
-            self._endpoint = await self._locate(True)
+            self._endpoint = await self._locate(self.may_start)
             return self._endpoint
 
     def _headers(self, endpoint: Endpoint) -> dict[str, str]:
@@ -464,9 +468,23 @@ class DaemonClient:
     async def events(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """The daemon's event stream as (kind, data) pairs, for a watcher that re-reads on each.
 
-        Unlike `relay_events` it ends when the stream does (the caller decides whether to reopen)."""
-        async for item in self._events(await self.connect()):
-            yield item
+        Unlike `relay_events` it ends when the stream does (the caller decides whether to reopen).
+        Like it, it never starts a daemon, and when the stream ends or fails it checks that the
+        daemon still answers: if not, the endpoint is forgotten, so the next call or stream looks
+        the daemon up again (a restarted one has a new port and token) instead of using a dead one."""
+        endpoint = self._endpoint or await self._locate(False)
+        self._endpoint = self._endpoint or endpoint
+        try:
+            async for item in self._events(endpoint):
+                yield item
+        except Exception:
+            await self._forget_if_gone(endpoint)
+            raise
+        await self._forget_if_gone(endpoint)
+
+    async def _forget_if_gone(self, endpoint: Endpoint) -> None:
+        if self._endpoint == endpoint and not await _answers(self._http, endpoint):
+            self._endpoint = None
 
     async def _events(self, endpoint: Endpoint) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         headers = self._headers(endpoint)
