@@ -364,7 +364,8 @@ async def test_rejected_submissions_write_nothing(tmp_path: Path) -> None:
     async with running_engine(tmp_path, max_prompt_bytes=100, max_timeout=3600) as engine:
         before = await engine.store.count_rows()
         with pytest.raises(
-            InvalidRequest, match="no agent named 'xyzzy'; known agents: bad_unicode, big_result, cites_badly, echo, "
+            InvalidRequest,
+            match="no agent named 'xyzzy'; known agents: bad_unicode, big_result, cites_badly, echo, ",
         ):
             await engine.submit("xyzzy", "x")
         with pytest.raises(InvalidRequest, match="over the 100-byte limit"):
