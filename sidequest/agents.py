@@ -30,10 +30,13 @@ import frontmatter
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sidequest.agent_definition import AgentDefinition, SidequestKeys
 from sidequest.config import AgentConfig, ConfigError, Settings
 from sidequest.executors.base import Executor
+from sidequest.executors.command import CommandExecutor
+from sidequest.executors.python import build_python_executor
 from sidequest.executors.sandbox import is_inside
-from sidequest.models import AgentInfo, AgentProblem, Duration
+from sidequest.models import AgentInfo, AgentProblem
 from sidequest.suggest import did_you_mean
 
 if TYPE_CHECKING:
@@ -57,21 +60,6 @@ class AgentLookupError(Exception):
 
 class AgentFileError(Exception):
     """An agent file cannot be used; the message starts with the file's path."""
-
-
-class SidequestKeys(BaseModel):
-    """The `sidequest:` mapping in an agent file: our keys, out of Claude Code's way."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    executor: Literal["anthropic", "claude-code"] | None = None
-    max_concurrency: int | None = Field(default=None, ge=1, le=1000)
-    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    server_tools: list[Literal["web_search", "web_fetch"]] = Field(default_factory=list)
-    web_search_max_uses: int | None = Field(default=None, ge=1, le=100)
-    batch: bool = False
-    max_budget_usd: float | None = Field(default=None, gt=0)
-    timeout: Duration | None = None
 
 
 def _tool_list(value: Any) -> list[str] | None:
@@ -111,23 +99,6 @@ class AgentFrontMatter(BaseModel):
         if not _NAME_RE.match(value):
             raise ValueError(f"{value!r} is not a usable agent name (letters, digits, '-', '_', '.'; max 64)")
         return value
-
-
-@dataclass(frozen=True)
-class AgentDefinition:
-    """One agent file, parsed and checked."""
-
-    name: str
-    description: str
-    executor: str
-    model: str | None
-    tools: list[str] | None
-    disallowed_tools: list[str] | None
-    permission_mode: str | None
-    max_turns: int | None
-    system_prompt: str
-    source: Path
-    keys: SidequestKeys
 
 
 def load_agent_file(path: Path) -> AgentDefinition:
@@ -220,12 +191,8 @@ def _plugin_factories() -> dict[str, Callable[..., Executor]]:
 def _build_config_executor(name: str, config: AgentConfig, settings: Settings) -> Executor:
     match config.executor:
         case "python":
-            from sidequest.executors.python import build_python_executor
-
             return build_python_executor(name, config)
         case "command":
-            from sidequest.executors.command import CommandExecutor
-
             return CommandExecutor(name, config, settings)
     plugins = _plugin_factories()
     entry = plugins.get(config.executor)
@@ -432,6 +399,8 @@ class AgentRegistry:
         return cached.agent
 
     def _build_file_executor(self, definition: AgentDefinition) -> tuple[Executor, list[str]]:
+        # Imported here, not above, only because they load the anthropic SDK (slow to import, and
+        # unneeded by a process that runs no agent file); they import nothing from this module.
         if definition.executor == "claude-code":
             from sidequest.executors.claude_code import ClaudeCodeExecutor
 

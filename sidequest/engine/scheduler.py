@@ -18,14 +18,15 @@ import re
 import secrets
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 from croniter import croniter
 from croniter.croniter import CroniterError
 
-from sidequest.config import ScheduleConfig
+from sidequest.agents import Agent
+from sidequest.config import ScheduleConfig, Settings
 from sidequest.engine.errors import EngineError, InvalidRequest, NotFound
 from sidequest.models import (
     NotificationKind,
@@ -36,14 +37,12 @@ from sidequest.models import (
     ScheduleRuns,
     ScheduleSpec,
     ScheduleUpdate,
+    TaskInfo,
     TaskOptions,
     TaskStatus,
     utcnow,
 )
-from sidequest.storage.base import ScheduleRecord
-
-if TYPE_CHECKING:
-    from sidequest.engine.engine import Engine
+from sidequest.storage.base import ScheduleRecord, Store, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +199,36 @@ def _new_id() -> str:
     return f"sch_{secrets.token_urlsafe(16)}"
 
 
+class ScheduleHost(Protocol):
+    """What the scheduler needs of the engine that runs it: the engine implements this, and this
+    module does not import the engine (the engine builds its scheduler)."""
+
+    store: Store
+    settings: Settings
+
+    def is_unfinished(self, task_id: str) -> bool: ...
+
+    def admit_scope(self, requested: str | None, project: str | None) -> tuple[str, str | None]: ...
+
+    def check_task(self, agent: str, prompt: str, options: TaskOptions, project: str | None) -> Agent: ...
+
+    async def task_statuses(self, task_ids: list[str]) -> dict[str, str]: ...
+
+    def task_info(self, task: TaskRecord) -> TaskInfo: ...
+
+    def notify_schedule(
+        self, kind: NotificationKind, schedule: ScheduleRecord, message: str, task_id: str | None
+    ) -> None: ...
+
+    async def fire_scheduled(
+        self, schedule: ScheduleRecord, due: datetime, after: ScheduleRecord, expected: datetime
+    ) -> str | None: ...
+
+
 class Scheduler:
     """Schedules' API (create, list, update, delete, runs) and the loop that fires them."""
 
-    def __init__(self, engine: Engine, clock: Clock | None = None) -> None:
+    def __init__(self, engine: ScheduleHost, clock: Clock | None = None) -> None:
         self.engine = engine
         self.store = engine.store
         self.config = engine.settings.schedules

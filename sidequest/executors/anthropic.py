@@ -28,7 +28,7 @@ import anthropic
 import anyio
 from anthropic import AsyncAnthropic
 
-from sidequest.agents import AgentDefinition
+from sidequest.agent_definition import AgentDefinition
 from sidequest.config import Settings
 from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
 from sidequest.models import TaskOptions, utcnow

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from sidequest.agents import AgentDefinition
+from sidequest.agent_definition import AgentDefinition
 from sidequest.config import Settings
 from sidequest.executors.anthropic import RETRYABLE_STATUS, missing_key_warning, require_api_key
 from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
