@@ -28,7 +28,8 @@ from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidequest import __version__
-from sidequest.engine.engine import MAX_OFFSET, Engine, default_scope
+from sidequest.engine.admission import default_scope
+from sidequest.engine.engine import Engine
 from sidequest.engine.errors import (
     EngineError,
     InvalidRequest,
@@ -39,6 +40,7 @@ from sidequest.engine.errors import (
     Unavailable,
 )
 from sidequest.engine.notifier import DEFAULT_READER
+from sidequest.engine.reads import MAX_OFFSET
 from sidequest.models import (
     AckRequest,
     AckResult,

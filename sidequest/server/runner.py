@@ -49,7 +49,7 @@ class Fatal(Exception):
 
 
 def _default_scope() -> str:
-    from sidequest.engine.engine import default_scope
+    from sidequest.engine.admission import default_scope
 
     return default_scope()
 
