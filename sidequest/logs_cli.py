@@ -84,6 +84,7 @@ async def _follow(client: DaemonClient, task_id: str, out: Output, as_json: bool
     out.waiting_for = task_id
     while True:
         page = await client.get_task_log(task_id, offset, PAGE)
+        client.may_start = False  # following a daemon, not bringing back one the user stopped
         for event in page.events:
             if as_json:
                 sys.stdout.write(json.dumps(event.model_dump(mode="json")) + "\n")

@@ -252,6 +252,35 @@ def test_tasks_watch_ends_when_the_daemon_is_stopped_and_starts_none(tmp_path: P
         assert now is None or not _alive(now), f"a daemon (pid {now}) was started; the first was {first}"
 
 
+def test_logs_follow_ends_when_the_daemon_is_stopped_and_starts_none(tmp_path: Path) -> None:
+    config = "shutdown_grace = 1\nlease_seconds = 5\n\n" + agents_toml()
+    with cli_session(tmp_path, config) as cli:
+        project = cli.project("logs-stop")
+        submitted = TaskSubmitted.model_validate_json(cli(project, "submit", "sleep", "30", "--json").stdout)
+        first = _daemon_pid(cli.home)
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "sidequest.cli", "logs", submitted.task_id, "--follow"],
+            env={**cli.env, "CLAUDE_PROJECT_DIR": str(project)},
+            cwd=project,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert follow.stdout is not None
+            assert "attempt_started" in follow.stdout.readline()  # following the running task
+            cli(project, "stop")
+            _, err = follow.communicate(timeout=COMMAND_TIMEOUT)
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait()
+        assert follow.returncode != 0 and "Traceback" not in err, err
+        now = _daemon_pid(cli.home)
+        assert now is None or not _alive(now), f"a daemon (pid {now}) was started; the first was {first}"
+
+
 @pytest.mark.anyio
 async def test_a_watchers_event_stream_finds_the_daemon_that_replaced_a_stopped_one(tmp_path: Path) -> None:
     """The client the watchers use, against real daemons: a stream lost with its daemon forgets that
