@@ -330,7 +330,7 @@ async def test_unknown_task_and_bad_paging_are_refused(client: Client) -> None:
 async def test_the_daemon_log_has_one_line_per_attempt_start_and_finish(
     client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="sidequest.engine.engine")
+    caplog.set_level(logging.INFO, logger="sidequest.engine.attempts")
     task_id = (await submit(client, "echo", "hello"))["task_id"]
     await wait_status(client, task_id, "completed")
     lines = [r.getMessage() for r in caplog.records if task_id in r.getMessage()]

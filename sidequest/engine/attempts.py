@@ -38,8 +38,7 @@ from sidequest.storage.base import (
     UsageRecord,
 )
 
-log = logging.getLogger("sidequest.engine.engine")
-"""The engine's logger, as before the engine was split: log filters and tests name it."""
+log = logging.getLogger(__name__)
 
 _NOTIFY_PREVIEW = 200
 _INT64_MAX = 2**63 - 1
