@@ -8,7 +8,6 @@ store; only task statuses are answered from the live tasks, which are ahead of t
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from datetime import datetime
 
@@ -436,7 +435,7 @@ class Reads:
         events, total = await self.store.get_task_events(task_id, offset, limit)
         size, kept = 0, 0
         for event in events:
-            size += len(event.message) + (len(json.dumps(event.data)) if event.data is not None else 0)
+            size += len(event.message) + len(event.data_json or "")
             if kept and size > LOG_PAGE_CHARS:
                 break
             kept += 1

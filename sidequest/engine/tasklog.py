@@ -59,21 +59,26 @@ def _depth(value: Any, bound: int) -> int:
     return 1 + max((_depth(child, bound - 1) for child in children), default=0)
 
 
-def _plain(value: Any, limit: int) -> dict[str, Any] | None:
-    """JSON the store's JSON column accepts (no NaN, no lone surrogates), at most `limit` characters."""
+def _plain(value: Any, limit: int) -> tuple[dict[str, Any] | None, str | None]:
+    """JSON the store's JSON column accepts (no NaN, no lone surrogates), at most `limit` characters:
+    the value as readers get it, and the text the store writes."""
     if value is None:
-        return None
+        return None, None
     if not isinstance(value, dict):
         value = {"value": value}
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=str)
     except (ValueError, TypeError, RecursionError):
-        return {"unreadable": _cut(_clean(repr(value)), limit)}
+        return _as_text({"unreadable": _cut(_clean(repr(value)), limit)})
     text = _clean(text)
     if len(text) > limit or _depth(value, MAX_DEPTH + 1) > MAX_DEPTH:
-        return {"cut": True, "json": text[:limit]}
-    loaded = json.loads(text)
-    return loaded if isinstance(loaded, dict) else {"value": loaded}
+        return _as_text({"cut": True, "json": text[:limit]})
+    loaded = json.loads(text)  # what default=str and the cleaning made of it, as readers will see it
+    return (loaded, text) if isinstance(loaded, dict) else _as_text({"value": loaded})
+
+
+def _as_text(value: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    return value, json.dumps(value, ensure_ascii=False)
 
 
 class TaskLog:
@@ -159,8 +164,9 @@ class TaskLog:
                     "later entries are dropped, except attempt starts, finishes and retries"
                 )
         text = _cut(_clean(message if isinstance(message, str) else str(message)), limit)
+        plain, plain_json = _plain(data, limit)
         event = TaskEventRecord(
-            task.id, position.next_seq, at, attempt or task.attempts, kind, text, _plain(data, limit)
+            task.id, position.next_seq, at, attempt or task.attempts, kind, text, plain, plain_json
         )
         position.next_seq += 1
         self._store.add_task_event(event)

@@ -164,6 +164,9 @@ class TaskEventRecord:
     kind: str
     message: str
     data: dict[str, Any] | None = None
+    data_json: str | None = None
+    """`data` as the JSON text that is (or was) stored: made once, when the entry is checked, so the
+    writer and the readers that size a page do not serialise it again."""
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence, Sized
+from collections.abc import Callable, Collection, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -136,7 +136,6 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     **dict.fromkeys(_TIME_FIELDS | {"recorded_at", "logged_at"}, _naive),
     "options": json.dumps,
     "sources": lambda sources: json.dumps(sources) if sources else None,
-    "data": lambda value: None if value is None else json.dumps(value),
 }
 """Per-column conversion from a record's value to what the appender takes."""
 
@@ -144,9 +143,17 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
 class _Write:
     """One kind of write: its table, columns and appender action, and how a record becomes a row."""
 
-    def __init__(self, table: str, columns: Sequence[str], action: str = "insert", key: str | None = None):
+    def __init__(
+        self,
+        table: str,
+        columns: Sequence[str],
+        action: str = "insert",
+        key: str | None = None,
+        source: Mapping[str, str] | None = None,
+    ):
+        """`source`: the record attribute a column is read from, where the names differ."""
         self.table, self.columns, self.action, self.key = table, tuple(columns), action, key
-        self._get = attrgetter(*self.columns)
+        self._get = attrgetter(*((source or {}).get(c, c) for c in self.columns))
         self._convert = [(i, _CONVERT[c]) for i, c in enumerate(self.columns) if c in _CONVERT]
 
     def rows(self, items: Sequence[Any], are_tuples: bool = False) -> list[tuple[Any, ...]]:
@@ -215,7 +222,10 @@ _WRITES: dict[str, _Write] = {
         ),
     ),
     "task_events": _Write(
-        "task_events", ("task_id", "seq", "logged_at", "attempt", "kind", "message", "data")
+        "task_events",
+        ("task_id", "seq", "logged_at", "attempt", "kind", "message", "data"),
+        # the text TaskLog made when it checked the entry, not serialised again
+        source={"data": "data_json"},
     ),
 }
 
@@ -1235,6 +1245,7 @@ class DuckDBStore:
                     kind,
                     message,
                     None if data is None else json.loads(data),
+                    data,
                 )  # type: ignore[arg-type]
                 for seq, at, attempt, kind, message, data in rows
             ]
