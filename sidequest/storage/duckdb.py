@@ -1235,7 +1235,7 @@ class DuckDBStore:
     ) -> tuple[list[TaskEventRecord], int]:
         def run(cur: duckdb.DuckDBPyConnection) -> tuple[list[TaskEventRecord], int]:
             rows = cur.execute(Q["task_events"], [task_id, offset, limit]).fetchall()
-            total = cur.execute(Q["task_event_count"], [task_id]).fetchone()
+            total = rows[0][0] if rows else 0
             events = [
                 TaskEventRecord(
                     task_id,
@@ -1247,9 +1247,10 @@ class DuckDBStore:
                     None if data is None else json.loads(data),
                     data,
                 )  # type: ignore[arg-type]
-                for seq, at, attempt, kind, message, data in rows
+                for _, seq, at, attempt, kind, message, data in rows
+                if seq is not None
             ]
-            return events, int(total[0]) if total else 0
+            return events, int(total)
 
         return await self._read(run)
 

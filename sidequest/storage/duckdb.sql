@@ -58,13 +58,14 @@ SELECT task_id, attempt, status, started_at, finished_at, error, worker_id
 FROM task_attempts WHERE task_id = $1 ORDER BY attempt, finished_at;
 
 -- task_events --
--- A page of a task's run log: entries from seq $2 on, at most $3.
-SELECT seq, logged_at, attempt, kind, message, data::VARCHAR FROM task_events
-WHERE task_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3;
-
--- task_event_count --
--- How many run-log entries a task has (seq of the next one: they count from 0 without gaps).
-SELECT count(*) FROM task_events WHERE task_id = $1;
+-- A page of a task's run log (entries from seq $2 on, at most $3) and, on every row, how many
+-- entries it has: one statement, with one all-null row carrying the count when the page is empty.
+WITH total AS (SELECT count(*) AS n FROM task_events WHERE task_id = $1),
+page AS (
+    SELECT seq, logged_at, attempt, kind, message, data::VARCHAR AS data FROM task_events
+    WHERE task_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3
+)
+SELECT total.n, page.* FROM total LEFT JOIN page ON true ORDER BY page.seq;
 
 -- result_sizes --
 -- Result sizes for some tasks.
