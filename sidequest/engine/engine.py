@@ -224,7 +224,7 @@ class Engine:
                 except OSError:  # an unreadable agent folder: the attempt will say so, not the start
                     found = None
                 self._limits[task.agent] = found.max_concurrency if found else None
-        exclusive = getattr(self.store, "exclusive", True)
+        exclusive = not self.store.shared
         now = utcnow()
         for task in state.live_tasks:
             if task.status == TaskStatus.running:

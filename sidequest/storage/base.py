@@ -63,6 +63,11 @@ class TaskRecord:
     lost_attempts: int = 0
     project: str | None = None
     """The caller's trusted project (never model-typed); None: only allowed_roots are trusted."""
+    queue: str = "default"
+    """Which workers may take it (`options.queue`, or the agent file's `sidequest: {queue: …}`)."""
+    agent_snapshot: dict[str, Any] | None = None
+    """The agent file resolved at submit (front matter, body, source path, content hash), so a
+    worker on another machine runs exactly what was submitted; None for config agents."""
 
     def mutable_state(self) -> tuple[Any, ...]:
         """Snapshot of the columns that change after insert, in TASK_MUTABLE_COLUMNS order."""
@@ -261,6 +266,10 @@ class WorkflowQuery:
 
 
 class Store(Protocol):
+    shared: bool
+    """False: this process owns the store (DuckDB), so its memory is ahead of the rows and it decides
+    every transition itself. True: other processes write it too (see SharedStore)."""
+
     def open(self) -> LoadedState: ...
 
     def close(self) -> None: ...
@@ -339,6 +348,10 @@ class Store(Protocol):
         self, task_id: str, offset: int, limit: int
     ) -> tuple[list[TaskEventRecord], int]:
         """Up to `limit` run-log entries of a task from seq `offset` on, and how many it has in all."""
+        ...
+
+    async def get_usage(self, task_ids: Sequence[str]) -> dict[str, UsageTotals]:
+        """Usage summed per task (tasks without usage are absent)."""
         ...
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None: ...
@@ -471,3 +484,153 @@ class DiskUsage:
     """Its write-ahead log: commits not yet checkpointed into the file."""
     free_bytes: int
     """Blocks inside the file that hold no data and will be reused for new rows."""
+
+
+# ---- shared stores (PostgreSQL): awaited state transitions, each decided in one transaction -------
+#
+# A store several processes use at once (`Store.shared` is True) cannot be written behind a
+# process's memory: "was this task cancelled while it ran", "did another worker take it", "is this
+# workflow finished" are answered inside the transaction that changes the row. Every transition is
+# guarded by compare-and-set on (worker id, attempt number, status), so a late completion never
+# overwrites a cancel or a re-claim by another worker. The embedded DuckDB store (one owner) keeps
+# its memory-first queue and group commit and does not offer these.
+
+
+@dataclass(slots=True)
+class ClaimRequest:
+    """What one worker asks for when it has free slots."""
+
+    worker_id: str
+    limit: int
+    """Free slots: at most this many tasks are claimed."""
+    lease_seconds: float
+    queues: Sequence[str] = ("default",)
+    agents: Collection[str] | None = None
+    """Agents this worker can run; None: any (config agents are code on the worker's machine)."""
+    agent_limits: dict[str, int] = field(default_factory=dict)
+    """Per-agent `max_concurrency`, counted over every worker (running rows in the store)."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How an attempt ended, decided by the worker that ran it; the store applies it only if the
+    attempt is still the task's current one (status running, same worker, same attempt number)."""
+
+    task: TaskRecord
+    """The task's new state (status completed | failed | retrying | queued, counters, error, times)."""
+    worker_id: str
+    attempt: AttemptRecord
+    result: ResultRecord | None = None
+    notification: tuple[str, str] | None = None
+    """(kind, message) of the notification this outcome writes (the store assigns the cursor)."""
+
+
+@dataclass(slots=True)
+class WorkflowFinished:
+    workflow_id: str
+    status: str  # completed | failed | cancelled
+
+
+@dataclass(slots=True)
+class Effects:
+    """What one transition changed, for the caller (push events, waking waiters)."""
+
+    applied: bool = True
+    """False: the guard failed (cancelled or taken by another worker meanwhile); nothing was
+    changed except the attempt's own history row."""
+    status: str | None = None
+    """The task's status in the store after the transition."""
+    tasks: list[TaskRecord] = field(default_factory=list)
+    """Rows the transition changed, as they are now."""
+    workflows_finished: list[WorkflowFinished] = field(default_factory=list)
+    notifications: list[NotificationRecord] = field(default_factory=list)
+    stop: list[tuple[str, str]] = field(default_factory=list)
+    """(task id, worker id) of running attempts the owning workers must stop (a cancel)."""
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    """A process that runs attempts on a shared store, as its heartbeat last said."""
+
+    id: str
+    host: str
+    pid: int
+    queues: list[str]
+    agents: list[str] | None
+    concurrency: int
+    running: int
+    started_at: datetime
+    heartbeat_at: datetime
+    kind: str = "worker"  # worker | serve
+
+
+class SharedStore(Store, Protocol):
+    """A store several processes share (PostgreSQL). Besides the Store calls (reads, schedules,
+    retention, and the write-behind run-log/usage/progress writes, which it guards by worker and
+    attempt), it offers the transitions below."""
+
+    async def enqueue(self, workflows: Sequence[WorkflowRecord], tasks: Sequence[TaskRecord]) -> dict[str, str]:
+        """Insert in one transaction and wake the workers; returns {new task id: existing task id}
+        for tasks whose (scope, idempotency_key) was already taken within its window (those are
+        not inserted; their workflow is not created if it would be empty). `seq` is issued by the
+        database."""
+        ...
+
+    async def claim(self, request: ClaimRequest) -> list[TaskRecord]:
+        """Take up to `limit` ready tasks (queued, or retrying/delayed whose time has come) in
+        priority then submission order, skipping rows other workers hold (SKIP LOCKED) and agents
+        at their limit over all workers; each comes back running under this worker with
+        `attempts` counted and its lease set."""
+        ...
+
+    async def renew_leases(self, worker_id: str, attempts: dict[str, int], lease_seconds: float) -> list[str]:
+        """Extend the leases of {task id: attempt} this worker runs; returns the ids it must stop
+        (cancelled, re-claimed after a lapse, or gone)."""
+        ...
+
+    async def finish_attempt(self, outcome: Outcome) -> Effects:
+        """Apply an attempt's outcome if the attempt is still current; writes its attempt row,
+        result, notification and, when it was the workflow's last open task, the workflow's one
+        workflow_completed notification."""
+        ...
+
+    async def cancel(
+        self, task_ids: Sequence[str] | None, workflow_id: str | None, now: datetime
+    ) -> tuple[Effects, list[str]]:
+        """Cancel unfinished tasks (queued, waiting, retrying, running): running ones are marked
+        cancelled at once and listed in `stop` for their workers. Returns the effects and the ids
+        that were already finished."""
+        ...
+
+    async def requeue(self, task_id: str, now: datetime) -> TaskRecord | None:
+        """Put a failed or cancelled task back in the queue (failures and lost attempts reset);
+        None if it is not failed or cancelled (any more)."""
+        ...
+
+    async def reap_lapsed(self, now: datetime, max_lost_attempts: int, limit: int) -> Effects:
+        """Tasks whose lease lapsed (their process died): each gets a 'lost' attempt row and its
+        lost attempt counted, and is queued again, or failed as poisonous at `max_lost_attempts`."""
+        ...
+
+    async def unfinished_count(self) -> int:
+        """Tasks not yet finished, every scope (the queue limit)."""
+        ...
+
+    async def heartbeat(self, worker: WorkerRecord) -> None:
+        """Insert or refresh this worker's row."""
+        ...
+
+    async def remove_worker(self, worker_id: str) -> None: ...
+
+    async def list_workers(self, alive_within: float) -> list[WorkerRecord]:
+        """Workers whose heartbeat is newer than `alive_within` seconds ago."""
+        ...
+
+    def on_remote_commit(self, handler: Callable[[Committed], None]) -> None:
+        """Call `handler` (on the event loop) for changes other processes committed, as they are
+        announced (LISTEN/NOTIFY), so pushes and waiters see a remote worker's finish."""
+        ...
+
+    def on_work(self, handler: Callable[[], None]) -> None:
+        """Call `handler` when another process enqueued or released work (a wake-up hint)."""
+        ...

@@ -114,7 +114,7 @@ def _task_from_row(columns: Sequence[str], row: Sequence[Any]) -> TaskRecord:
         value = values[name]
         if name in _TIME_FIELDS:
             value = _aware(value)
-        elif name == "options" and value is not None:  # None: not held in memory (live_tasks)
+        elif name in ("options", "agent_snapshot") and value is not None:  # None: not held in memory (live_tasks)
             value = json.loads(value) if isinstance(value, str) else value
         kwargs[name] = value
     return TaskRecord(**kwargs)
@@ -136,6 +136,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     **dict.fromkeys(_TIME_FIELDS | {"recorded_at", "logged_at"}, _naive),
     "options": json.dumps,
     "sources": lambda sources: json.dumps(sources) if sources else None,
+    "agent_snapshot": lambda snapshot: json.dumps(snapshot) if snapshot is not None else None,
 }
 """Per-column conversion from a record's value to what the appender takes."""
 
@@ -192,6 +193,8 @@ _WRITES: dict[str, _Write] = {
             "updated_at",
             "not_before",
             "project",
+            "queue",
+            "agent_snapshot",
         ),
     ),
     "task_updates": _Write("task_executions", TASK_MUTABLE_COLUMNS, "update", "id"),
@@ -636,6 +639,8 @@ def _schema_differences(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 class DuckDBStore:
     """The store for one DuckDB file, owned by this process alone."""
+
+    shared = False
 
     def __init__(self, path: Path | str, *, attempt_journal: bool = True) -> None:
         """`attempt_journal=False` only to measure what the journal costs (bench.engine_bench):
