@@ -16,7 +16,7 @@ import math
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol, cast
 
 import anyio
 
@@ -31,8 +31,11 @@ from sidequest.executors.base import ExecutionResult, PermanentError, RetryableE
 from sidequest.models import NotificationKind, RetryBackoff, Source, TaskStatus, utcnow
 from sidequest.storage.base import (
     AttemptRecord,
+    Outcome,
     ResultRecord,
+    SharedStore,
     Store,
+    StoreError,
     StoreUnavailable,
     TaskRecord,
     UsageRecord,
@@ -63,6 +66,82 @@ def _plain_sources(sources: object) -> list[dict[str, Any]] | None:
         title = clean(source.title)[:500] if source.title else None
         kept.append({"n": source.n, "title": title, "url": clean(source.url)[:4000]})
     return kept or None
+
+
+SHARED_RENEW_SECONDS = 1.0
+"""On a shared store leases are renewed at least this often: the renewal carries cancels."""
+
+
+class _Sink(Protocol):
+    """Where an attempt's end goes: written behind memory (owned store) or collected into one
+    guarded transition (shared store). The decision code is the same for both."""
+
+    def attempt_row(self, attempt: AttemptRecord) -> None: ...
+
+    def save(self, task: TaskRecord) -> None: ...
+
+    def result(self, result: ResultRecord) -> None: ...
+
+    def notify(self, task: TaskRecord, kind: NotificationKind, message: str) -> None: ...
+
+    def requeue(self, task: TaskRecord) -> None: ...
+
+    def finished(self, task: TaskRecord, now: datetime) -> None: ...
+
+
+class _Apply:
+    """The owned store: each effect is applied at once; the group commit makes them durable."""
+
+    def __init__(self, attempts: Attempts) -> None:
+        self._a = attempts
+
+    def attempt_row(self, attempt: AttemptRecord) -> None:
+        self._a.store.add_attempt(attempt)
+
+    def save(self, task: TaskRecord) -> None:
+        self._a.store.update_task(task)
+
+    def result(self, result: ResultRecord) -> None:
+        self._a.store.add_result(result)
+
+    def notify(self, task: TaskRecord, kind: NotificationKind, message: str) -> None:
+        self._a.notifier.emit(kind, task.workflow_id, task.scope, message, task_id=task.id)
+
+    def requeue(self, task: TaskRecord) -> None:
+        self._a.dispatcher.enqueue(task)
+
+    def finished(self, task: TaskRecord, now: datetime) -> None:
+        self._a._task_finished(task, now)
+
+
+class _Collect:
+    """The shared store: effects are gathered for `finish_attempt`, which applies them together
+    only if the attempt is still the task's current one."""
+
+    def __init__(self) -> None:
+        self.attempt: AttemptRecord | None = None
+        self.task: TaskRecord | None = None
+        self.result_record: ResultRecord | None = None
+        self.notification: tuple[str, str] | None = None
+        self.requeued = False
+
+    def attempt_row(self, attempt: AttemptRecord) -> None:
+        self.attempt = attempt
+
+    def save(self, task: TaskRecord) -> None:
+        self.task = task
+
+    def result(self, result: ResultRecord) -> None:
+        self.result_record = result
+
+    def notify(self, task: TaskRecord, kind: NotificationKind, message: str) -> None:
+        self.notification = (kind.value, message)
+
+    def requeue(self, task: TaskRecord) -> None:
+        self.requeued = True
+
+    def finished(self, task: TaskRecord, now: datetime) -> None:
+        pass  # the engine holds nothing for a task on a shared store once its attempt ends
 
 
 class Attempts:
@@ -97,17 +176,20 @@ class Attempts:
         self._workdir_roots = workdir_roots
         self.failure: StoreUnavailable | None = None
         self.loop_thread: int | None = None
+        self.wake_source: Callable[[], None] | None = None
+        """Shared store: wakes the claiming queue when an attempt's end put work back."""
 
     def start(self, task: TaskRecord) -> RunningAttempt:
-        now = utcnow()
-        task.status = TaskStatus.running.value
-        task.attempts += 1
-        task.started_at = now
-        task.updated_at = now
-        task.next_attempt_at = None
-        task.worker_id = self.worker_id
-        task.lease_expires_at = now + timedelta(seconds=self.settings.lease_seconds)
-        self.store.attempt_started(task)  # a crash from here on is counted against this task
+        if not self.store.shared:  # a shared store's claim already made it running, counted, leased
+            now = utcnow()
+            task.status = TaskStatus.running.value
+            task.attempts += 1
+            task.started_at = now
+            task.updated_at = now
+            task.next_attempt_at = None
+            task.worker_id = self.worker_id
+            task.lease_expires_at = now + timedelta(seconds=self.settings.lease_seconds)
+            self.store.attempt_started(task)  # a crash from here on is counted against this task
         ctx = TaskContext(
             task_id=task.id,
             workflow_id=task.workflow_id,
@@ -127,6 +209,10 @@ class Attempts:
             _workdir_roots=lambda: self._workdir_roots(task.scope, task.project),
         )
         return RunningAttempt(task=task, ctx=ctx)
+
+    @property
+    def _shared(self) -> SharedStore:
+        return cast(SharedStore, self.store)
 
     def _call_in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
         """Executors may report from a worker thread; engine state is only touched on the loop."""
@@ -206,7 +292,7 @@ class Attempts:
         retry_after: float | None = None
         options = task.options
         if self.failure is not None:  # the store failed while this attempt was being started
-            self._finish_attempt(task, "store_failed", "store_failed")
+            await self._finish(task, "store_failed", "store_failed")
             return
         with attempt.scope:
             try:
@@ -247,15 +333,55 @@ class Attempts:
                 outcome, detail = "failed", f"the agent called sys.exit({exc.code!r})"
         if attempt.stop_reason is not None:
             outcome, detail = attempt.stop_reason, attempt.stop_reason
-        self._finish_attempt(task, outcome, detail, retry_after, options)
+        await self._finish(task, outcome, detail, retry_after, options)
 
-    def _finish_attempt(
+    async def _finish(
         self,
         task: TaskRecord,
         outcome: str,
         detail: str | ExecutionResult,
         retry_after: float | None = None,
         options: dict[str, Any] | None = None,
+    ) -> None:
+        """Decide what the attempt's end means for the task and make it so: on the owned store by
+        writing behind memory, on a shared store by one guarded transition (`finish_attempt`),
+        so a cancel or another worker's claim that came first wins."""
+        if not self.store.shared:
+            self._finish_attempt(task, outcome, detail, retry_after, options, _Apply(self))
+            return
+        sink = _Collect()
+        expected = task.attempts
+        self._finish_attempt(task, outcome, detail, retry_after, options, sink)
+        self._live.pop(task.id, None)
+        self.tasklog.forget(task.id)
+        if sink.attempt is None:
+            return  # the store failed: nothing more can be written
+        if sink.task is None:  # the attempt was stopped by a cancel: only its history row is new
+            sink.task = task
+        effects = await self._shared.finish_attempt(
+            Outcome(  # guarded by the attempt row's number: a shutdown gives the attempt back
+                task=sink.task,
+                worker_id=self.worker_id,
+                attempt=sink.attempt,
+                result=sink.result_record,
+                notification=sink.notification,
+            )
+        )
+        if not effects.applied:
+            log.info(
+                "task %s: attempt %d ended after the task was %s elsewhere", task.id, expected, effects.status
+            )
+        if sink.requeued and self.wake_source is not None:
+            self.wake_source()
+
+    def _finish_attempt(
+        self,
+        task: TaskRecord,
+        outcome: str,
+        detail: str | ExecutionResult,
+        retry_after: float | None,
+        options: dict[str, Any] | None,
+        sink: _Sink,
     ) -> None:
         now = utcnow()
         started = task.started_at
@@ -264,28 +390,29 @@ class Attempts:
         self._log_attempt_end(task, history_status, error, now)
         if task.status == TaskStatus.cancelled:
             self.tasklog.forget(task.id)  # cancelled while it ran: that finish was its last entry
-        self.store.add_attempt(
+        if outcome == "store_failed":
+            return  # nothing more can be written; the restart runs it again
+        sink.attempt_row(
             AttemptRecord(task.id, task.attempts, history_status, started, now, error, self.worker_id)
         )
         task.worker_id = None
         task.lease_expires_at = None
         task.updated_at = now
-        if outcome == "store_failed":
-            return  # nothing more can be written; the restart runs it again
         if outcome == "cancelled" or task.status == TaskStatus.cancelled:
             return  # cancel() already recorded the final state
         if outcome == "shutdown":
             task.status = TaskStatus.queued.value
             task.attempts -= 1  # an interrupted attempt is not one of the task's tries
-            self.store.update_task(task)
+            sink.save(task)
+            sink.requeue(task)
             return
         if outcome == "completed":
             assert isinstance(detail, ExecutionResult)
-            self._complete(task, detail, now)
+            self._complete(task, detail, now, sink)
             return
         permanent = outcome == "failed_permanently"
         self._after_failure(
-            task, clean(str(detail)), permanent=permanent, now=now, min_delay=retry_after, options=options
+            task, clean(str(detail)), permanent, now, sink, min_delay=retry_after, options=options
         )
 
     def _log_attempt_end(self, task: TaskRecord, status: str, error: str | None, now: datetime) -> None:
@@ -310,25 +437,23 @@ class Attempts:
             data["dropped_entries"] = dropped  # past the cap, so far (counted in this process)
         self.tasklog.add(task, "attempt_finished", message, data, now)
 
-    def _complete(self, task: TaskRecord, result: ExecutionResult, now: datetime) -> None:
+    def _complete(self, task: TaskRecord, result: ExecutionResult, now: datetime, sink: _Sink) -> None:
         result.content = clean(result.content)
         task.status = TaskStatus.completed.value
         task.finished_at = now
         task.error = None
         task.progress_percent = 100.0
         task.result_preview = result.content[: self.settings.result_preview_chars]
-        self.store.add_result(
+        sink.result(
             ResultRecord(task.id, result.content_type, result.content, now, _plain_sources(result.sources))
         )
-        self.store.update_task(task)
-        self.notifier.emit(
+        sink.save(task)
+        sink.notify(
+            task,
             NotificationKind.task_completed,
-            task.workflow_id,
-            task.scope,
             f"Task {task.id} ({task.agent}) completed: {short(result.content, _NOTIFY_PREVIEW)}",
-            task_id=task.id,
         )
-        self._task_finished(task, now)
+        sink.finished(task, now)
 
     def _after_failure(
         self,
@@ -336,6 +461,7 @@ class Attempts:
         error: str,
         permanent: bool,
         now: datetime,
+        sink: _Sink,
         min_delay: float | None = None,
         options: dict[str, Any] | None = None,
     ) -> None:
@@ -345,14 +471,14 @@ class Attempts:
         task.lease_expires_at = None
         task.updated_at = now
         if permanent or task.failures > task.max_retries:
-            self._fail_task(task, error, now)
+            self._fail_task(task, error, now, sink)
             return
         options = options if options is not None else task.options or {}
         policy = RetryBackoff.model_validate(options.get("retry_backoff", {}))
         task.status = TaskStatus.retrying.value
         delay = max(backoff_delay(policy, task.failures), min_delay or 0.0)
         task.next_attempt_at = now + timedelta(seconds=delay)
-        self.store.update_task(task)
+        sink.save(task)
         self.tasklog.add(
             task,
             "retry_scheduled",
@@ -360,22 +486,20 @@ class Attempts:
             {"reason": error, "delay_seconds": round(delay, 3), "failures": task.failures},
             now,
         )
-        self.dispatcher.enqueue(task)
+        sink.requeue(task)
 
-    def _fail_task(self, task: TaskRecord, error: str, now: datetime) -> None:
+    def _fail_task(self, task: TaskRecord, error: str, now: datetime, sink: _Sink) -> None:
         task.status = TaskStatus.failed.value
         task.finished_at = now
         task.next_attempt_at = None
-        self.store.update_task(task)
+        sink.save(task)
         tries = f"after {task.attempts} attempt{'s' if task.attempts != 1 else ''}"
-        self.notifier.emit(
+        sink.notify(
+            task,
             NotificationKind.task_failed,
-            task.workflow_id,
-            task.scope,
             f"Task {task.id} ({task.agent}) failed {tries}: {short(error, _NOTIFY_PREVIEW)}",
-            task_id=task.id,
         )
-        self._task_finished(task, now)
+        sink.finished(task, now)
 
     def recover_lapsed(self, task: TaskRecord, now: datetime) -> None:
         """The process running this attempt died. That is not the task's failure (it may have been
@@ -384,7 +508,8 @@ class Attempts:
         restart forever. Until then it runs again, alone (see Dispatcher), so a crash it causes
         is counted against it and not against tasks beside it."""
         error = f"attempt {task.attempts} was lost: the process running it stopped and its lease lapsed"
-        self.store.add_attempt(
+        sink = _Apply(self)
+        sink.attempt_row(
             AttemptRecord(task.id, task.attempts, "lost", task.started_at, now, error, task.worker_id)
         )
         log.warning("task %s: %s", task.id, error)
@@ -401,21 +526,65 @@ class Attempts:
                 f"(max_lost_attempts is {self.settings.max_lost_attempts}); run it with an isolated "
                 'agent (isolation = "process") or fix what kills the process'
             )
-            self._fail_task(task, task.error, now)
+            self._fail_task(task, task.error, now, sink)
             return
         task.status = TaskStatus.queued.value
         task.next_attempt_at = None
-        self.store.update_task(task)
-        self.dispatcher.enqueue(task)
+        sink.save(task)
+        sink.requeue(task)
 
     async def renew_leases(self) -> None:
+        """Keep the leases of running attempts ahead of the clock. On a shared store this is also
+        how a cancel made by another process arrives: the renewal answers with the attempts that
+        are no longer this worker's, and they are stopped. It runs at least every second there,
+        so such a cancel stops its attempt within a second of being made."""
         interval = max(0.05, self.settings.lease_seconds / 3)
+        if self.store.shared:
+            interval = min(interval, SHARED_RENEW_SECONDS)
         while True:
             await anyio.sleep(interval)
+            if self.store.shared:
+                await self._renew_shared()
+                continue
             expires = utcnow() + timedelta(seconds=self.settings.lease_seconds)
             for attempt in self.dispatcher.running.values():
                 attempt.task.lease_expires_at = expires
                 self.store.update_task(attempt.task)
+
+    async def _renew_shared(self) -> None:
+        held = {a.task.id: a.task.attempts for a in self.dispatcher.running.values() if a.stop_reason is None}
+        if not held:
+            return
+        try:
+            lost = await self._shared.renew_leases(self.worker_id, held, self.settings.lease_seconds)
+        except StoreError as exc:  # the store retries inside; this is the one that gave up
+            log.warning("could not renew leases: %s", exc)
+            return
+        for task_id in lost:
+            if self.dispatcher.cancel_running(task_id):
+                log.info("task %s was cancelled or taken elsewhere: its attempt here is stopped", task_id)
+
+    async def reap_lapsed(self) -> None:
+        """Shared store: find attempts whose process died (lease lapsed) and queue them again,
+        counted as lost, while everything else keeps running. Every process does this; the
+        store's row locks make each lapse reaped once."""
+        interval = max(0.2, min(self.settings.lease_seconds / 2, 5.0))
+        while True:
+            try:
+                effects = await self._shared.reap_lapsed(utcnow(), self.settings.max_lost_attempts, 100)
+            except StoreError as exc:
+                log.warning("could not look for lapsed leases: %s", exc)
+            else:
+                for task in effects.tasks:
+                    log.warning(
+                        "task %s: attempt %d was lost (its worker stopped renewing its lease); %s",
+                        task.id,
+                        task.attempts,
+                        "failed as poisonous" if task.status == TaskStatus.failed else "queued again",
+                    )
+                if effects.tasks and self.wake_source is not None:
+                    self.wake_source()
+            await anyio.sleep(interval)
 
     async def _record(self, task_id: str) -> TaskRecord | None:
         """The live record when there is one (it is ahead of the store), else the stored row."""

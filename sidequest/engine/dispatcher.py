@@ -58,6 +58,8 @@ class Dispatcher:
         self._idle = anyio.Event()
         self._idle.set()
         self.accepting = True
+        self.slot_freed: Callable[[], None] | None = None
+        """Called when an attempt ends (a claiming queue claims again)."""
         self._tg: TaskGroup | None = None
         self._suspect_running = False
         self._suspects: deque[tuple[int, int, str]] = deque()
@@ -78,6 +80,17 @@ class Dispatcher:
     def wake(self) -> None:
         """Look at the slots again (more may be free after `max_concurrency` was raised)."""
         self._wake.set()
+
+    def free_slots(self) -> int:
+        """Attempts that could start now (a claiming queue asks for this many)."""
+        if not self.accepting or self._tg is None:
+            return 0
+        return max(0, self.max_concurrency - len(self.running))
+
+    def start_claimed(self, task: TaskRecord) -> None:
+        """Start a task a shared store's claim gave this worker (limits were counted in the claim)."""
+        assert self._tg is not None
+        self._start(self._tg, task)
 
     def queued_count(self) -> int:
         blocked = sum(len(q) for q in self._blocked.values())
@@ -162,6 +175,8 @@ class Dispatcher:
             if not self.running:
                 self._idle.set()
             self._wake.set()
+            if self.slot_freed is not None:
+                self.slot_freed()
 
     # ---- stopping --------------------------------------------------------
 

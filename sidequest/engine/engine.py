@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
+import socket
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from functools import cached_property
+from typing import TYPE_CHECKING, cast
 
 import anyio
 
@@ -47,6 +51,7 @@ from sidequest.engine.reads import MAX_OFFSET, PROMPT_PREVIEW_CHARS, Reads, chec
 from sidequest.engine.retention import Retention
 from sidequest.engine.scheduler import Clock, Scheduler
 from sidequest.engine.tasklog import TaskLog
+from sidequest.engine.worksource import ClaimingQueue, MemoryQueue, WorkSource
 from sidequest.models import (
     MAX_WAIT_SECONDS,
     MAX_WAIT_TASKS,
@@ -80,16 +85,22 @@ from sidequest.models import (
     utcnow,
 )
 from sidequest.storage.base import (
+    ClaimRequest,
     Committed,
     FireRecord,
     LoadedState,
     ScheduleRecord,
+    SharedStore,
     Store,
     StoreError,
     StoreUnavailable,
     TaskRecord,
+    WorkerRecord,
     WorkflowRecord,
 )
+
+if TYPE_CHECKING:
+    from sidequest.models import WorkerList
 
 __all__ = ["HELD_PAYLOAD_BUDGET", "MAX_OFFSET", "PROMPT_PREVIEW_CHARS", "Engine", "default_scope", "new_id"]
 """Engine, and names that lived here before the split (sidequest.engine.admission and .reads
@@ -105,13 +116,26 @@ class Engine:
         store: Store | None = None,
         registry: AgentRegistry | None = None,
         clock: Clock | None = None,
+        *,
+        work: bool = True,
+        queues: Sequence[str] = ("default",),
+        role: str = "serve",
     ):
+        """`work=False`: serve the API without running attempts (`serve --no-work`, shared store
+        only). `role="worker"`: run attempts only (`sidequest worker`): no scheduler, no retention.
+        `queues`: the queues this process takes work from (shared store)."""
         self.settings = settings
         if store is None:
             from sidequest.storage.duckdb import DuckDBStore
 
             store = DuckDBStore(settings.database_path)
         self.store = store
+        self.shared = store.shared
+        self.work = work or not store.shared  # the owned store's daemon is its only worker
+        self.role = role
+        self.queues = list(queues)
+        self.started_at = utcnow()
+        self._unfinished_count: tuple[float, int] = (-math.inf, 0)
         self.agents = registry or AgentRegistry.from_settings(settings)
         self._retired_registries: list[AgentRegistry] = []
         """Registries a reload replaced: closed at shutdown, since running attempts may use them."""
@@ -149,8 +173,22 @@ class Engine:
             self._ready_task,
         )
         self.attempts.dispatcher = self.dispatcher
-        self.reads = Reads(store, self._live, self.notifier)
+        self.worksource: WorkSource
+        if self.shared:
+            self.worksource = ClaimingQueue(
+                cast(SharedStore, store), self.dispatcher, self._claim_request, self._claimed
+            )
+            self.dispatcher.slot_freed = self.worksource.wake
+            self.attempts.wake_source = self.worksource.wake
+        else:
+            self.worksource = MemoryQueue(self.dispatcher)
+        # Reads on a shared store go to the database: another process may have changed any row.
+        self.reads = Reads(store, {} if self.shared else self._live, self.notifier)
         self.scheduler = Scheduler(self, clock)
+
+    @property
+    def _shared_store(self) -> SharedStore:
+        return cast(SharedStore, self.store)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -167,11 +205,20 @@ class Engine:
             await self.store.sync()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.store.run_writer, self.notifier.committed)
-                tg.start_soon(self.dispatcher.run)
-                tg.start_soon(self.attempts.renew_leases)
-                tg.start_soon(self._forget_idempotency_keys)
-                tg.start_soon(self.scheduler.run)
-                tg.start_soon(self.retention.run)
+                if self.shared:
+                    self._shared_store.on_remote_commit(self.notifier.committed)
+                    self._shared_store.on_work(self.worksource.wake)
+                    tg.start_soon(self.attempts.reap_lapsed)
+                if self.work:
+                    tg.start_soon(self.dispatcher.run)
+                    tg.start_soon(self.worksource.run)
+                    tg.start_soon(self.attempts.renew_leases)
+                if self.shared:
+                    tg.start_soon(self._heartbeat)
+                if self.role != "worker":
+                    tg.start_soon(self._forget_idempotency_keys)
+                    tg.start_soon(self.scheduler.run)
+                    tg.start_soon(self.retention.run)
                 self._started = True
                 try:
                     yield self
@@ -208,6 +255,8 @@ class Engine:
         self.tasklog.reconfigure(settings.task_log)
 
     def _load(self, state: LoadedState) -> None:
+        if self.shared:
+            return  # nothing is held in memory: other processes change the rows (reap_lapsed recovers)
         self._seq = state.max_seq
         self.notifier.start_at(state.max_cursor)
         self.ledger.load(state.live_workflows, state.workflow_counts)
@@ -253,8 +302,83 @@ class Engine:
             log.info("put %d running task(s) back in the queue at shutdown", len(stopped))
         try:
             await self.store.flush()
+            if self.shared and self.failure is None:
+                await self._shared_store.remove_worker(self.worker_id)
         except StoreError as exc:
             log.error("not everything could be written at shutdown: %s", exc)
+
+    # ---- shared store: claiming, heartbeats, workers ----------------------
+
+    def _claim_request(self, free: int) -> ClaimRequest:
+        limits = {name: limit for name, limit in self._limits.items() if limit is not None}
+        for name, agent in self.agents.config_agents().items():
+            if agent.max_concurrency is not None:
+                limits[name] = agent.max_concurrency
+        return ClaimRequest(
+            worker_id=self.worker_id,
+            limit=free,
+            lease_seconds=self.settings.lease_seconds,
+            queues=self.queues,
+            agents=None,
+            agent_limits=limits,
+        )
+
+    def _claimed(self, task: TaskRecord) -> None:
+        """A task this worker's claim took: run it now (the claim counted the limits)."""
+        self._live[task.id] = task
+        self.dispatcher.start_claimed(task)
+
+    def _worker_record(self) -> WorkerRecord:
+        return WorkerRecord(
+            id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=list(self.queues) if self.work else [],
+            agents=None,
+            concurrency=self.settings.max_concurrency if self.work else 0,
+            running=len(self.dispatcher.running),
+            started_at=self.started_at,
+            heartbeat_at=utcnow(),
+            kind=self.role,
+        )
+
+    async def _heartbeat(self) -> None:
+        """Say this process is alive (and what it runs), so `sidequest workers` and the status
+        hints know who can take which work."""
+        while True:
+            try:
+                await self._shared_store.heartbeat(self._worker_record())
+            except StoreError as exc:
+                log.warning("could not write this worker's heartbeat: %s", exc)
+            await anyio.sleep(max(0.2, min(2.0, self.settings.lease_seconds / 3)))
+
+    async def list_workers(self) -> WorkerList:
+        """Processes running attempts: on the owned store, this daemon; on a shared store, every
+        process whose heartbeat is fresher than a lease."""
+        from sidequest.models import WorkerInfo, WorkerList
+
+        if not self.shared:
+            records = [self._worker_record()]
+        else:
+            records = await self._shared_store.list_workers(self.settings.lease_seconds)
+        return WorkerList(
+            workers=[
+                WorkerInfo(
+                    id=r.id,
+                    host=r.host,
+                    pid=r.pid,
+                    kind=r.kind,
+                    queues=r.queues,
+                    agents=r.agents,
+                    concurrency=r.concurrency,
+                    running=r.running,
+                    started_at=r.started_at,
+                    heartbeat_at=r.heartbeat_at,
+                    alive=True,
+                )
+                for r in records
+            ]
+        )
 
     async def _forget_idempotency_keys(self) -> None:
         """Keys outlive their task by `idempotency_window`; then memory and the store drop them."""
@@ -365,10 +489,11 @@ class Engine:
         payload = validate_submit(self.settings, agent, prompt, options)
         scope, project = self.admit_scope(options.scope, project)
 
-        if options.idempotency_key:
+        if options.idempotency_key and not self.shared:
             earlier = await self._existing_submission(scope, options.idempotency_key)
             if earlier is not None:
                 return earlier
+        await self._check_queue_shared()
         self._check_queue()
 
         now = utcnow()
@@ -376,8 +501,8 @@ class Engine:
         reopen: WorkflowRecord | None = None
         reopen_counts: Counter[str] = Counter()
         if options.workflow_id:
-            workflow = self.ledger.get(options.workflow_id) or await self.store.get_workflow(
-                options.workflow_id
+            workflow = (None if self.shared else self.ledger.get(options.workflow_id)) or (
+                await self.store.get_workflow(options.workflow_id)
             )
             if workflow is None:
                 raise NotFound(
@@ -389,7 +514,7 @@ class Engine:
                     f"workflow {workflow.id} belongs to scope {workflow.scope!r}, not {scope!r}"
                 )
             scope = workflow.scope
-            if workflow.id not in self.ledger:
+            if workflow.id not in self.ledger and not self.shared:
                 reopen = workflow
                 reopen_counts = finished_counts(
                     (await self.store.workflow_counts([workflow.id]))[workflow.id]
@@ -407,6 +532,10 @@ class Engine:
 
         resolved = self._resolve_agent(agent, project)
         warnings = await self._preflight(resolved, options, scope, project)
+        if self.shared:
+            return await self._submit_shared(
+                resolved, agent, prompt, options, scope, project, workflow_id, new_workflow, warnings
+            )
 
         if options.idempotency_key:  # re-check: the workflow lookup may have awaited
             earlier = await self._existing_submission(scope, options.idempotency_key)
@@ -444,7 +573,7 @@ class Engine:
         elif reopen is not None and reopen.id not in self.ledger:  # a concurrent join may have reopened it
             self.ledger.reopened(reopen, reopen_counts, now)
         self.ledger.task_added(workflow_id)
-        self.dispatcher.enqueue(task)
+        self.worksource.submitted(task)
         return TaskSubmitted(
             task_id=task.id,
             workflow_id=workflow_id,
@@ -452,6 +581,59 @@ class Engine:
             created_at=task.created_at,
             warnings=warnings,
         )
+
+    async def _submit_shared(
+        self,
+        resolved: Agent,
+        agent: str,
+        prompt: str,
+        options: TaskOptions,
+        scope: str,
+        project: str | None,
+        workflow_id: str,
+        new_workflow: WorkflowRecord | None,
+        warnings: list[str],
+    ) -> TaskSubmitted:
+        """Submit on a shared store: one transaction decides it, idempotency key included (a
+        unique index, so two processes given the same key make one task)."""
+        now = utcnow()
+        task = self._new_task(resolved, agent, prompt, options, scope, workflow_id, now)
+        task.project = project
+        task.idempotency_key = options.idempotency_key
+        task.not_before = now + timedelta(seconds=options.delay) if options.delay else options.not_before
+        with anyio.CancelScope(shield=True):  # committed means queued, even if we are cancelled
+            duplicates = await self._shared_store.enqueue([new_workflow] if new_workflow else [], [task])
+        earlier_id = duplicates.get(task.id)
+        if earlier_id is not None:
+            earlier = await self.store.get_task(earlier_id)
+            if earlier is not None:
+                return TaskSubmitted(
+                    task_id=earlier.id,
+                    workflow_id=earlier.workflow_id,
+                    status=TaskStatus(earlier.status),
+                    created_at=earlier.created_at,
+                    deduplicated=True,
+                )
+        self._unfinished_count = (self._unfinished_count[0], self._unfinished_count[1] + 1)
+        self.worksource.submitted(task)
+        return TaskSubmitted(
+            task_id=task.id,
+            workflow_id=workflow_id,
+            status=TaskStatus(task.status),
+            created_at=task.created_at,
+            warnings=warnings,
+        )
+
+    async def _check_queue_shared(self) -> None:
+        """The queue limit over every process's work: counted by the store, at most once a second
+        (the limit protects memory and disk from a runaway caller, it need not be exact)."""
+        if not self.shared:
+            return
+        at, count = self._unfinished_count
+        if anyio.current_time() - at > 1.0:
+            count = await self._shared_store.unfinished_count()
+            self._unfinished_count = (anyio.current_time(), count)
+        check_queue(count, self.settings.max_queued_tasks)
 
     async def _preflight(
         self, agent: Agent, options: TaskOptions, scope: str, project: str | None
@@ -533,6 +715,8 @@ class Engine:
     async def cancel(self, task_id: str | None = None, workflow_id: str | None = None) -> CancelResult:
         if bool(task_id) == bool(workflow_id):
             raise InvalidRequest("give exactly one of task_id or workflow_id")
+        if self.shared:
+            return await self._cancel_shared(task_id, workflow_id)
         if task_id:
             if task_id in self._live:
                 await self._resume_logs([self._live[task_id]])
@@ -554,6 +738,27 @@ class Engine:
         for task in live:
             self._cancel_live(task)
         return CancelResult(cancelled=[t.id for t in live], already_finished=finished)
+
+    async def _cancel_shared(self, task_id: str | None, workflow_id: str | None) -> CancelResult:
+        """One transaction cancels what is unfinished; attempts running here stop now, those on
+        other workers at their next lease renewal (within a second)."""
+        if workflow_id and await self.store.get_workflow(workflow_id) is None:
+            raise NotFound(f"unknown workflow_id {workflow_id!r}")
+        effects, finished = await self._shared_store.cancel(
+            [task_id] if task_id else None, workflow_id, utcnow()
+        )
+        cancelled = [t.id for t in effects.tasks]
+        if task_id and not cancelled and not finished:
+            raise NotFound(f"unknown task_id {task_id!r}")
+        for stopped, worker in effects.stop:
+            if worker == self.worker_id:
+                self.dispatcher.cancel_running(stopped)
+        for task in effects.tasks:
+            if task.id not in self.dispatcher.running:  # a running attempt logs its own end
+                await self.tasklog.resume(task)
+                self.tasklog.add(task, "cancelled", "the task was cancelled")
+                self.tasklog.forget(task.id)
+        return CancelResult(cancelled=cancelled, already_finished=finished)
 
     async def _resume_logs(self, tasks: list[TaskRecord]) -> None:
         """Where these tasks' logs continue, so that a cancel of a task that never ran in this
@@ -607,7 +812,9 @@ class Engine:
             )
         if workflow_id:
             await self.store.flush()
-            if workflow_id not in self.ledger and await self.store.get_workflow(workflow_id) is None:
+            if (self.shared or workflow_id not in self.ledger) and await self.store.get_workflow(
+                workflow_id
+            ) is None:
                 raise NotFound(f"unknown workflow_id {workflow_id!r}")
             ids = [t.id for t in await self.store.get_tasks(workflow_id)]
         else:
@@ -620,6 +827,8 @@ class Engine:
                 raise NotFound(f"unknown task_id{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
         watched = set(ids)
         started = anyio.current_time()
+        if self.shared:
+            return await self._wait_shared(ids, mode, timeout, started)
 
         def holds() -> bool:
             done = [t not in self._live and t not in self._inserting for t in ids]
@@ -646,6 +855,48 @@ class Engine:
         statuses = await self.task_statuses(ids)
         return WaitResult(
             timed_out=not met,
+            mode=mode,
+            waited_seconds=round(anyio.current_time() - started, 3),
+            tasks=[
+                WaitedTask(
+                    task_id=t, status=TaskStatus(statuses[t]), finished=TaskStatus(statuses[t]).finished
+                )
+                for t in ids
+                if t in statuses
+            ],
+        )
+
+    async def _wait_shared(
+        self, ids: list[str], mode: WaitMode, timeout: float, started: float
+    ) -> WaitResult:
+        """wait_for_tasks on a shared store: the statuses are read from the database each time a
+        commit (this process's or, announced, another's) touches a watched task, and at least
+        every second in case an announcement was lost."""
+        watched = set(ids)
+        changed = anyio.Event()
+
+        def on_commit(committed: Committed) -> None:
+            if watched & committed.task_ids:
+                changed.set()
+
+        def met(statuses: dict[str, str]) -> bool:
+            done = [TaskStatus(statuses[t]).finished for t in ids if t in statuses]
+            return (any(done) if mode == "any" else all(done)) or not ids
+
+        remove = self.add_listener(on_commit)
+        try:
+            statuses = await self.task_statuses(ids)
+            with anyio.move_on_after(timeout):
+                while not met(statuses):
+                    with anyio.move_on_after(1.0):
+                        await changed.wait()
+                    changed = anyio.Event()
+                    statuses = await self.task_statuses(ids)
+        finally:
+            remove()
+        statuses = await self.task_statuses(ids)
+        return WaitResult(
+            timed_out=not met(statuses),
             mode=mode,
             waited_seconds=round(anyio.current_time() - started, 3),
             tasks=[
@@ -689,6 +940,21 @@ class Engine:
             )
         self._resolve_agent(task.agent, task.project)  # the agent may be gone: say so now
         self._check_queue()
+        await self._check_queue_shared()
+        if self.shared:
+            requeued = await self._shared_store.requeue(task_id, utcnow())
+            if requeued is None:
+                raise InvalidRequest(f"task {task_id} was retried or changed meanwhile; read its status")
+            self.notifier.emit(
+                NotificationKind.task_retried,
+                requeued.workflow_id,
+                requeued.scope,
+                f"Task {task_id} ({requeued.agent}) was {previous} and is queued again "
+                f"(attempt {requeued.attempts + 1} next)",
+                task_id=task_id,
+            )
+            self.worksource.submitted(requeued)
+            return self.reads.task_info(requeued)
         wid = task.workflow_id
         workflow: WorkflowRecord | None = None
         counts: Counter[str] = Counter()
@@ -813,8 +1079,11 @@ class Engine:
         check_paging(offset, limit, max_limit=1000)
         return await self.scheduler.runs(schedule_id, limit, offset)
 
-    def is_unfinished(self, task_id: str) -> bool:
-        return task_id in self._live
+    async def is_unfinished(self, task_id: str) -> bool:
+        if not self.shared:
+            return task_id in self._live
+        status = (await self.store.task_statuses([task_id])).get(task_id)
+        return status is not None and not TaskStatus(status).finished
 
     async def task_statuses(self, task_ids: list[str]) -> dict[str, str]:
         return await self.reads.task_statuses(task_ids)
@@ -857,6 +1126,9 @@ class Engine:
         fire = FireRecord(schedule.id, due, task.id, now)
         if not await self.store.record_fire(fire, after, workflow, task, expected):
             return None
+        if self.shared:
+            self.worksource.submitted(task)
+            return task.id
         self._live[task.id] = task
         self.tasklog.created(task.id)
         self._budget.hold(task, payload_size(schedule.prompt, task.options or {}))

@@ -206,7 +206,7 @@ class ScheduleHost(Protocol):
     store: Store
     settings: Settings
 
-    def is_unfinished(self, task_id: str) -> bool: ...
+    async def is_unfinished(self, task_id: str) -> bool: ...
 
     def admit_scope(self, requested: str | None, project: str | None) -> tuple[str, str | None]: ...
 
@@ -282,7 +282,7 @@ class Scheduler:
         """One step for one schedule: fire, skip, queue, finish, or wait (a queued run's predecessor)."""
         cron = self._stored_cron(s)
         if s.queued_run_at is not None and (s.next_run_at is None or s.next_run_at > now):
-            if self._running(s):
+            if await self._running(s):
                 return "waiting"
             return await self._fire(s, s.queued_run_at, now, replace(s, queued_run_at=None))
         assert s.next_run_at is not None
@@ -308,7 +308,7 @@ class Scheduler:
             if upcoming is not None and upcoming <= now:  # several due at once: only the last counts
                 upcoming = self._upcoming(cron, s, now)
         after = replace(s, next_run_at=upcoming)
-        if self._running(s):
+        if await self._running(s):
             if s.overlap == "skip":
                 self._notify(
                     s,
@@ -330,8 +330,8 @@ class Scheduler:
             return None
         return upcoming
 
-    def _running(self, s: ScheduleRecord) -> bool:
-        return s.last_task_id is not None and self.engine.is_unfinished(s.last_task_id)
+    async def _running(self, s: ScheduleRecord) -> bool:
+        return s.last_task_id is not None and await self.engine.is_unfinished(s.last_task_id)
 
     async def _save(self, before: ScheduleRecord, after: ScheduleRecord, outcome: str) -> str:
         after = replace(after, updated_at=self._stamp(before))
