@@ -29,6 +29,8 @@ class SidequestKeys(BaseModel):
     batch: bool = False
     max_budget_usd: float | None = Field(default=None, gt=0)
     timeout: Duration | None = None
+    queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Which workers take this agent's tasks (shared store); default `default`."""
 
 
 @dataclass(frozen=True)
@@ -46,3 +48,5 @@ class AgentDefinition:
     system_prompt: str
     source: Path
     keys: SidequestKeys
+    text: str = ""
+    """The file as read: what a task's agent snapshot carries to other machines."""

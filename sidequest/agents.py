@@ -17,6 +17,7 @@ silently skipped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -107,6 +108,11 @@ def load_agent_file(path: Path) -> AgentDefinition:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise AgentFileError(f"{path}: cannot read: {exc}") from exc
+    return parse_agent_text(text, path)
+
+
+def parse_agent_text(text: str, path: Path) -> AgentDefinition:
+    """Parse an agent file's text (read from `path`, or carried in a task's snapshot)."""
     if not text.lstrip().startswith("---"):
         raise AgentFileError(f"{path}: no YAML front matter (the file must start with a '---' block)")
     try:
@@ -156,7 +162,19 @@ def load_agent_file(path: Path) -> AgentDefinition:
         system_prompt=post.content.strip(),
         source=path,
         keys=meta.sidequest,
+        text=text,
     )
+
+
+def agent_snapshot(definition: AgentDefinition) -> dict[str, Any]:
+    """What travels with a task submitted to an agent file: a worker on another machine (or after
+    the file changed) runs exactly what was submitted. The text holds front matter and body; the
+    hash names the version in logs and lets workers cache what they built."""
+    return {
+        "source": str(definition.source),
+        "text": definition.text,
+        "sha256": hashlib.sha256(definition.text.encode("utf-8")).hexdigest(),
+    }
 
 
 @dataclass(frozen=True)
@@ -171,6 +189,8 @@ class Agent:
     model: str | None = None
     timeout: float | None = None
     warnings: tuple[str, ...] = ()
+    definition: AgentDefinition | None = None
+    """The agent file it was built from (None: a config agent, which is code on each machine)."""
 
     def info(self) -> AgentInfo:
         return AgentInfo(
@@ -238,6 +258,7 @@ class AgentRegistry:
         self.settings = settings
         self._config = dict(sorted(config_agents.items()))
         self._files: dict[Path, _Cached] = {}
+        self._snapshots: dict[str, Agent] = {}
         self._clash_warned: set[tuple[str, Path]] = set()
         self._clients: ClientPool | None = None
 
@@ -395,8 +416,36 @@ class AgentRegistry:
                 model=self.settings.model_id(definition.model),
                 timeout=definition.keys.timeout,
                 warnings=tuple(warnings),
+                definition=definition,
             )
         return cached.agent
+
+    def from_snapshot(self, snapshot: dict[str, Any]) -> Agent:
+        """The agent a task's snapshot describes, built as it was at submit (cached by content hash).
+
+        The snapshot was made by a trusted process from a file in a trusted root and stored by
+        it; a worker never reads agent folders for such a task."""
+        key = str(snapshot.get("sha256", ""))
+        agent = self._snapshots.get(key)
+        if agent is None:
+            try:
+                definition = parse_agent_text(str(snapshot["text"]), Path(str(snapshot["source"])))
+            except (KeyError, AgentFileError) as exc:
+                raise AgentLookupError(f"the agent snapshot stored with this task is unusable: {exc}") from exc
+            executor, warnings = self._build_file_executor(definition)
+            agent = Agent(
+                name=definition.name,
+                description=definition.description,
+                executor=executor,
+                max_concurrency=definition.keys.max_concurrency,
+                source=str(definition.source),
+                model=self.settings.model_id(definition.model),
+                timeout=definition.keys.timeout,
+                warnings=tuple(warnings),
+                definition=definition,
+            )
+            self._snapshots[key] = agent
+        return agent
 
     def _build_file_executor(self, definition: AgentDefinition) -> tuple[Executor, list[str]]:
         # Imported here, not above, only because they load the anthropic SDK (slow to import, and

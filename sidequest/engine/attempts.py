@@ -307,7 +307,11 @@ class Attempts:
                     prompt, options = payload
                     ctx.options, ctx.metadata = options, dict(options.get("metadata", {}))
                 try:
-                    agent = self.agents.resolve(task.agent, task.project)
+                    if task.agent_snapshot is not None and self.store.shared:
+                        # Another machine made this task: run the agent file as it was submitted.
+                        agent = self.agents.from_snapshot(task.agent_snapshot)
+                    else:
+                        agent = self.agents.resolve(task.agent, task.project)
                 except AgentLookupError as exc:
                     raise PermanentError(f"agent {task.agent!r} can no longer be used: {exc}") from exc
                 resume = options.get("resume_task_id")

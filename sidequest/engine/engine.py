@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, cast
 
 import anyio
 
-from sidequest.agents import Agent, AgentLookupError, AgentRegistry
+from sidequest.agents import Agent, AgentLookupError, AgentRegistry, agent_snapshot
 from sidequest.config import Settings
 from sidequest.engine.admission import (
     HELD_PAYLOAD_BUDGET,
@@ -459,6 +459,17 @@ class Engine:
         timeout = options.timeout
         if timeout is None:
             timeout = resolved.timeout if resolved.timeout is not None else self.settings.default_timeout
+        definition = resolved.definition
+        if options.queue and options.queue not in self.settings.workers.selectable_queues:
+            # A queue picks which machines run the task (and with what secrets): a model may only
+            # choose among the queues the configuration opens to it.
+            allowed = ", ".join(self.settings.workers.selectable_queues) or "none"
+            raise InvalidRequest(
+                f"queue {options.queue!r} is not open to submitters; allowed: {allowed} "
+                "([workers] selectable_queues in the config; agent files may name any queue with "
+                "`sidequest: {queue: …}`)"
+            )
+        queue = options.queue or (definition.keys.queue if definition else None) or "default"
         self._seq += 1
         return TaskRecord(
             id=new_id("t"),
@@ -475,6 +486,8 @@ class Engine:
             updated_at=now,
             callback_url=str(options.callback_url) if options.callback_url else None,
             timeout_s=timeout,
+            queue=queue,
+            agent_snapshot=agent_snapshot(definition) if definition is not None else None,
         )
 
     async def submit(
@@ -1012,7 +1025,27 @@ class Engine:
         return await self.reads.get_workflow(workflow_id)
 
     async def status(self, task_id: str | None = None, workflow_id: str | None = None) -> StatusReport:
-        return await self.reads.status(task_id, workflow_id)
+        report = await self.reads.status(task_id, workflow_id)
+        if self.shared:
+            await self._unserved_hint(report)
+        return report
+
+    async def _unserved_hint(self, report: StatusReport) -> None:
+        """On a shared store a queued task may wait forever for a worker nobody started: say so."""
+        tasks = [report.task] if report.task else list((report.workflow and report.workflow.tasks) or [])
+        waiting = [t for t in tasks if t.status in (TaskStatus.queued, TaskStatus.retrying)]
+        if not waiting:
+            return
+        workers = await self._shared_store.list_workers(self.settings.lease_seconds)
+        served = {q for w in workers if w.concurrency > 0 for q in w.queues}
+        for info in waiting[:20]:
+            row = await self.store.get_task(info.task_id)
+            if row is not None and row.queue not in served:
+                report.hint = (
+                    f"no worker serves agent {row.agent} on queue {row.queue!r}: start one with "
+                    f"`sidequest worker --queue {row.queue}`; {report.hint}"
+                )
+                return
 
     async def list_active_workflows(
         self, scope: str | None = None, all_scopes: bool = False, limit: int = 20, offset: int = 0
