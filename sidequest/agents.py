@@ -431,7 +431,9 @@ class AgentRegistry:
             try:
                 definition = parse_agent_text(str(snapshot["text"]), Path(str(snapshot["source"])))
             except (KeyError, AgentFileError) as exc:
-                raise AgentLookupError(f"the agent snapshot stored with this task is unusable: {exc}") from exc
+                raise AgentLookupError(
+                    f"the agent snapshot stored with this task is unusable: {exc}"
+                ) from exc
             executor, warnings = self._build_file_executor(definition)
             agent = Agent(
                 name=definition.name,

@@ -20,11 +20,10 @@ from pathlib import Path
 import anyio
 import psycopg
 import pytest
+from sidequest.storage.open import open_store
 
 from sidequest.config import Settings
 from sidequest.engine.engine import Engine
-from sidequest.models import TaskOptions
-from sidequest.storage.open import open_store
 from tests.conftest import agents_toml, wait_for
 
 pytestmark = pytest.mark.slow
@@ -229,7 +228,10 @@ async def test_cancel_reaches_the_worker_running_the_task_and_a_late_end_does_no
         await anyio.sleep(LEASE)  # a renewal or a late write would show by now
         task = await engine.store.get_task(submitted.task_id)
         assert task is not None and task.status == "cancelled"
-        kinds = [n.kind for n in (await engine.notifications(all_scopes=True, include_delivered=True)).notifications]
+        kinds = [
+            n.kind
+            for n in (await engine.notifications(all_scopes=True, include_delivered=True)).notifications
+        ]
         assert kinds.count("task_cancelled") == 1
 
 

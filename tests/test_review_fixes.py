@@ -12,16 +12,13 @@ from test_engine import running_engine, wait_status
 
 from sidequest.config import AgentConfig
 from sidequest.engine.errors import InvalidRequest, NotFound
-from sidequest.executors.base import TaskContext
+from sidequest.executors.base import ReportedUsage, TaskContext
 from sidequest.models import ScheduleSpec, ScheduleUpdate, TaskOptions, TaskStatus, utcnow
-from sidequest.storage.base import UsageRecord
 
 
 async def absurd_usage(prompt: str, ctx: TaskContext) -> str:
-    """Usage no store column can hold: numbers past 64 bits, a lone surrogate, another task's id."""
-    ctx.record_usage(
-        UsageRecord("t_someone_else", 99, "model-\ud800", 2**70, -5, 0, 1, float("nan"), utcnow())
-    )
+    """Usage no store column can hold: numbers past 64 bits, a lone surrogate, a NaN cost."""
+    ctx.record_usage(ReportedUsage("model-\ud800", 2**70, -5, 0, 1, float("nan")))
     return "done"
 
 

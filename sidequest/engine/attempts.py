@@ -27,7 +27,13 @@ from sidequest.engine.notifier import Notifier
 from sidequest.engine.retry import backoff_delay
 from sidequest.engine.tasklog import TaskLog
 from sidequest.engine.text import clean, short, took
-from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
+from sidequest.executors.base import (
+    ExecutionResult,
+    PermanentError,
+    ReportedUsage,
+    RetryableError,
+    TaskContext,
+)
 from sidequest.models import NotificationKind, RetryBackoff, Source, TaskStatus, utcnow
 from sidequest.storage.base import (
     AttemptRecord,
@@ -221,7 +227,7 @@ class Attempts:
         else:
             anyio.from_thread.run_sync(fn, *args)
 
-    def _record_usage(self, task: TaskRecord, usage: UsageRecord) -> None:
+    def _record_usage(self, task: TaskRecord, usage: ReportedUsage) -> None:
         """Usage comes from agent code (an isolated child may send anything): a value the store
         cannot hold must cost that one record, never the group commit it rides, which would stop
         the daemon (fail-stop). Filed under this task's current attempt, whatever ids it names."""

@@ -30,9 +30,14 @@ from anthropic import AsyncAnthropic
 
 from sidequest.agent_definition import AgentDefinition
 from sidequest.config import Settings
-from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
+from sidequest.executors.base import (
+    ExecutionResult,
+    PermanentError,
+    ReportedUsage,
+    RetryableError,
+    TaskContext,
+)
 from sidequest.models import TaskOptions, utcnow
-from sidequest.storage.base import UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -290,16 +295,13 @@ class AnthropicExecutor:
             if batch:
                 cost /= 2
         ctx.record_usage(
-            UsageRecord(
-                ctx.task_id,
-                ctx.attempt,
+            ReportedUsage(
                 message.model,
                 usage.input_tokens,
                 usage.output_tokens,
                 cache_write,
                 cache_read,
                 cost,
-                utcnow(),
             )
         )
 

@@ -12,8 +12,6 @@ from typing import Any, Protocol
 
 import anyio
 
-from sidequest.storage.base import UsageRecord
-
 
 class PermanentError(Exception):
     """Raise from an executor for a failure that retrying cannot fix (bad input, 4xx)."""
@@ -30,6 +28,20 @@ class RetryableError(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class ReportedUsage:
+    """Tokens (and an estimated cost) one model call used, as an executor reports it. The engine
+    files it under the running task and attempt, and clamps what a store could not hold: agent
+    code may report anything."""
+
+    model: str | None
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float | None = None
 
 
 @dataclass(slots=True)
@@ -55,7 +67,7 @@ class TaskContext:
     scope: str
     metadata: dict[str, Any]
     _on_progress: Callable[[float | None, str | None], None]
-    _on_usage: Callable[[UsageRecord], None]
+    _on_usage: Callable[[ReportedUsage], None]
     options: dict[str, Any] = field(default_factory=dict)
     """The task's options as submitted (executors read `cwd`, `batch`, `max_budget_usd`)."""
     session_id: str | None = None
@@ -93,7 +105,7 @@ class TaskContext:
         if self._on_log is not None:
             self._on_log(kind, message, data)
 
-    def record_usage(self, usage: UsageRecord) -> None:
+    def record_usage(self, usage: ReportedUsage) -> None:
         self._on_usage(usage)
 
     def save_state(self, session_id: str | None = None, batch_id: str | None = None) -> None:

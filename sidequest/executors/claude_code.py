@@ -45,10 +45,14 @@ import anyio
 from sidequest.agent_definition import AgentDefinition
 from sidequest.config import Settings
 from sidequest.executors.anthropic import RETRYABLE_STATUS, missing_key_warning, require_api_key
-from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
+from sidequest.executors.base import (
+    ExecutionResult,
+    PermanentError,
+    ReportedUsage,
+    RetryableError,
+    TaskContext,
+)
 from sidequest.executors.sandbox import child_env, end_process_tree, resolve_workdir
-from sidequest.models import utcnow
-from sidequest.storage.base import UsageRecord
 
 if TYPE_CHECKING:
     from claude_agent_sdk import ClaudeAgentOptions, ResultMessage
@@ -485,7 +489,7 @@ class ClaudeCodeExecutor:
         if resumed:
             price = self.settings.price(self.model)
             cost = price.cost(*tokens) if price is not None else None
-        ctx.record_usage(UsageRecord(ctx.task_id, ctx.attempt, self.model, *tokens, cost, utcnow()))
+        ctx.record_usage(ReportedUsage(self.model, *tokens, cost))
 
 
 class _SessionMissing(Exception):

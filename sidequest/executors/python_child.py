@@ -199,7 +199,7 @@ class ChildContext:
         )
 
     def record_usage(self, usage: Any) -> None:
-        """A sidequest.storage.base.UsageRecord; filed under this task and attempt, whatever it says."""
+        """A sidequest.executors.base.ReportedUsage; filed under this task and attempt."""
         recorded_at = getattr(usage, "recorded_at", None)
         cost = getattr(usage, "cost_usd", None)
         model = getattr(usage, "model", None)

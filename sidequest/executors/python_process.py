@@ -51,14 +51,19 @@ import os
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
 from sidequest.config import AgentConfig
-from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
+from sidequest.executors.base import (
+    ExecutionResult,
+    PermanentError,
+    ReportedUsage,
+    RetryableError,
+    TaskContext,
+)
 from sidequest.executors.python_child import FrameDecoder, encode_frame
 from sidequest.executors.sandbox import (
     STOP_GRACE,
@@ -69,7 +74,6 @@ from sidequest.executors.sandbox import (
     stop_process_group,
     task_env,
 )
-from sidequest.storage.base import UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -252,20 +256,15 @@ def _apply(message: dict[str, Any], ctx: TaskContext) -> None:
         raise ValueError(f"unknown message type {kind!r}")
 
 
-def _usage(message: dict[str, Any], ctx: TaskContext) -> UsageRecord:
+def _usage(message: dict[str, Any], ctx: TaskContext) -> ReportedUsage:
     """Filed under this task and attempt whatever the child says: it cannot write to another task."""
-    recorded = message.get("recorded_at")
-    when = datetime.fromisoformat(recorded) if isinstance(recorded, str) else datetime.now(UTC)
-    return UsageRecord(
-        task_id=ctx.task_id,
-        attempt=ctx.attempt,
+    return ReportedUsage(
         model=_text(message.get("model")),
         input_tokens=int(message["input_tokens"]),
         output_tokens=int(message["output_tokens"]),
         cache_creation_input_tokens=int(message["cache_creation_input_tokens"]),
         cache_read_input_tokens=int(message["cache_read_input_tokens"]),
         cost_usd=_number(message.get("cost_usd")),
-        recorded_at=when if when.tzinfo is not None else when.replace(tzinfo=UTC),
     )
 
 

@@ -569,7 +569,9 @@ class SharedStore(Store, Protocol):
     retention, and the write-behind run-log/usage/progress writes, which it guards by worker and
     attempt), it offers the transitions below."""
 
-    async def enqueue(self, workflows: Sequence[WorkflowRecord], tasks: Sequence[TaskRecord]) -> dict[str, str]:
+    async def enqueue(
+        self, workflows: Sequence[WorkflowRecord], tasks: Sequence[TaskRecord]
+    ) -> dict[str, str]:
         """Insert in one transaction and wake the workers; returns {new task id: existing task id}
         for tasks whose (scope, idempotency_key) was already taken within its window (those are
         not inserted; their workflow is not created if it would be empty). `seq` is issued by the

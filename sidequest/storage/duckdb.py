@@ -114,7 +114,9 @@ def _task_from_row(columns: Sequence[str], row: Sequence[Any]) -> TaskRecord:
         value = values[name]
         if name in _TIME_FIELDS:
             value = _aware(value)
-        elif name in ("options", "agent_snapshot") and value is not None:  # None: options not held (live_tasks)
+        elif (
+            name in ("options", "agent_snapshot") and value is not None
+        ):  # None: options not held (live_tasks)
             value = json.loads(value) if isinstance(value, str) else value
         kwargs[name] = value
     return TaskRecord(**kwargs)

@@ -16,7 +16,13 @@ from typing import Any
 
 import anyio
 
-from sidequest.executors.base import ExecutionResult, PermanentError, RetryableError, TaskContext
+from sidequest.executors.base import (
+    ExecutionResult,
+    PermanentError,
+    ReportedUsage,
+    RetryableError,
+    TaskContext,
+)
 
 
 async def echo(prompt: str, ctx: TaskContext) -> str:
@@ -113,10 +119,8 @@ def exits(prompt: str, ctx: TaskContext) -> str:
 
 async def reports_usage(prompt: str, ctx: TaskContext) -> str:
     """Records token usage the way a model-calling executor does."""
-    from sidequest.models import utcnow
-    from sidequest.storage.base import UsageRecord
 
-    ctx.record_usage(UsageRecord(ctx.task_id, ctx.attempt, "test-model", 120, 30, 0, 10, 0.0012, utcnow()))
+    ctx.record_usage(ReportedUsage("test-model", 120, 30, 0, 10, 0.0012))
     return "used some tokens"
 
 
@@ -161,13 +165,11 @@ def spin(prompt: str, ctx: TaskContext) -> str:
 def reports_all(prompt: str, ctx: TaskContext) -> dict[str, Any]:
     """Reports progress, usage and a session id, prints to stdout, sleeps (prompt: seconds), and
     returns what it saw: its pid, working directory, environment names and context fields."""
-    from sidequest.models import utcnow
-    from sidequest.storage.base import UsageRecord
 
     print("noise on stdout that must not reach the result", flush=True)
     os.write(1, b"\x00\x00\x00\x05{oops")  # even raw bytes on fd 1 look nothing like a frame to the parent
     ctx.report_progress(40, "working")
-    ctx.record_usage(UsageRecord("t_someone_else", 99, "test-model", 120, 30, 0, 10, 0.0012, utcnow()))
+    ctx.record_usage(ReportedUsage("test-model", 120, 30, 0, 10, 0.0012))
     ctx.save_state(session_id="session-1")
     time.sleep(float(prompt or 0))
     return {
