@@ -33,6 +33,7 @@ from sidequest.storage.base import (
     ResultRecord,
     ScheduleRecord,
     StoreError,
+    StoreUnavailable,
     TaskEventRecord,
     TaskRecord,
     UsageRecord,
@@ -697,6 +698,19 @@ async def test_listen_delivers_another_stores_commits(pg: PostgresStore, pg2: Po
 
         with anyio.fail_after(5):
             await heard_finish()
+        # the listener comes back after its connection is killed, and hears the next commit
+        with psycopg.connect(pg.dsn, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'sidequest-listener' AND query ILIKE 'LISTEN%%'"
+            )
+        with anyio.fail_after(5):
+            while pg.subscriptions < 2:
+                await anyio.sleep(0.01)
+        await pg2.enqueue([workflow("w_2", "flow")], [task("t_2", "w_2")])
+        with anyio.fail_after(5):
+            while not any("t_2" in c.task_ids for c in remote):
+                await anyio.sleep(0.01)
         # a local write of the listening store reaches on_commit, not on_remote_commit
         pg.add_notification(NotificationRecord(0, "task_completed", "t_1", "w_1", "/p", "local", T0))
         await pg.flush()
@@ -722,3 +736,23 @@ async def test_workers(pg: PostgresStore) -> None:
     assert (worker.queues, worker.agents, worker.kind) == (["default"], None, "worker")
     await pg.remove_worker("wk_1")
     assert await pg.list_workers(60) == []
+
+
+async def test_unreachable_database_fails_stop_after_the_grace_period() -> None:
+    store = PostgresStore(
+        "postgresql://postgres:pw-x@127.0.0.1:1/test", unavailable_after=1.0, connect_timeout=1
+    )
+    failures: list[StoreUnavailable] = []
+    store.on_failure(failures.append)
+    try:
+        with anyio.fail_after(15):
+            with pytest.raises(StoreUnavailable) as caught:
+                await store.get_task("t_1")
+        message = str(caught.value)
+        assert failures == [caught.value] and "127.0.0.1:1/test" in message and "pw-x" not in message
+        assert store.failure is caught.value
+        with pytest.raises(StoreUnavailable):
+            await store.unfinished_count()  # fail-stop: nothing is tried again
+        store.add_usage(UsageRecord("t_1", 1, None, 1, 1, 0, 0, None, T0))  # dropped, not raised
+    finally:
+        await store.aclose()

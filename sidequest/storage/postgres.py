@@ -523,6 +523,8 @@ class PostgresStore:
         self._batches = 0
         self.listening = anyio.Event()
         """Set once the listener is subscribed (tests wait on it before committing elsewhere)."""
+        self.subscriptions = 0
+        """How many times the listener subscribed (more than once: it reconnected)."""
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -571,7 +573,7 @@ class PostgresStore:
                     max_size=self._pool_max,
                     kwargs={"autocommit": True},
                     check=AsyncConnectionPool.check_connection,
-                    timeout=10.0,
+                    timeout=min(10.0, max(0.5, self.unavailable_after / 4)),
                     name="sidequest",
                     open=False,
                 )
@@ -1241,11 +1243,14 @@ class PostgresStore:
         reconnected = False
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+                conn = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, application_name="sidequest-listener"
+                )
                 async with conn:
                     await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
                     await conn.execute(f"LISTEN {WORK_CHANNEL}")
                     delay = 0.1
+                    self.subscriptions += 1
                     self.listening.set()
                     if reconnected:
                         self._call_work()
