@@ -42,7 +42,7 @@ from sidequest.storage.base import (
     WorkflowRecord,
 )
 from sidequest.storage.duckdb import DuckDBStore
-from sidequest.storage.postgres import PostgresStore, migrate
+from sidequest.storage.postgres import PostgresStore, _Pending, migrate
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 
@@ -754,5 +754,59 @@ async def test_unreachable_database_fails_stop_after_the_grace_period() -> None:
         with pytest.raises(StoreUnavailable):
             await store.unfinished_count()  # fail-stop: nothing is tried again
         store.add_usage(UsageRecord("t_1", 1, None, 1, 1, 0, 0, None, T0))  # dropped, not raised
+    finally:
+        await store.aclose()
+
+
+async def test_repeated_finish_and_batch_apply_once(pg: PostgresStore) -> None:
+    """What a retry after a lost commit answer does: the second try finds the first's work."""
+    await pg.enqueue([workflow("w_1", "flow")], [task("t_1", "w_1"), task("t_2", "w_1")])
+    claimed = await pg.claim(ClaimRequest("w", 2, 60))
+    done = outcome(claimed[0], "w", "completed")
+    first, second = await pg.finish_attempt(done), await pg.finish_attempt(done)
+    assert first.applied and second.applied and second.status == "completed"
+    assert len(await pg.get_attempts(claimed[0].id)) == 1
+
+    batch = _Pending()
+    batch.notifications.append(NotificationRecord(0, "task_retried", "t_2", "w_1", "/p", "again", T0))
+    batch.usage.append(UsageRecord("t_2", 1, "m", 1, 2, 0, 0, None, T0))
+    batch.events.append(TaskEventRecord("t_2", 0, T0, 1, "progress", "m", None))
+    for _ in range(2):
+        await pg._run("test", lambda conn: pg._write_batch(conn, batch))
+    rows = await pg.count_rows()
+    assert (rows["notifications"], rows["token_usage"], rows["task_events"]) == (2, 1, 1)
+    assert batch.notifications[0].cursor == 2  # the retry reports the cursor the first try got
+
+
+async def test_statement_timeout_is_retried(pg_schema: tuple[str, str]) -> None:
+    dsn, schema = pg_schema
+    store = PostgresStore(dsn, schema=schema, statement_timeout=0.2)
+    store.open()
+    try:
+        await store.enqueue([workflow("w_1", "flow")], [task("t_1", "w_1")])
+        holding, release = threading.Event(), threading.Event()
+
+        def hold_row() -> None:
+            with psycopg.connect(dsn) as admin:
+                admin.execute(f"SELECT 1 FROM {schema}.task_executions WHERE id = 't_1' FOR UPDATE")
+                holding.set()
+                release.wait(5)
+
+        thread = threading.Thread(target=hold_row)
+        thread.start()
+        holding.wait(5)
+        with anyio.CancelScope() as scope:
+            scope.deadline = anyio.current_time() + 10
+
+            async def let_go() -> None:
+                await anyio.sleep(0.7)  # several statement timeouts while the row is held
+                release.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(let_go)
+                effects, _ = await store.cancel(["t_1"], None, datetime.now(UTC))
+        thread.join()
+        assert [t.status for t in effects.tasks] == ["cancelled"]
+        assert release.is_set()
     finally:
         await store.aclose()
