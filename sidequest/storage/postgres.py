@@ -595,17 +595,19 @@ class PostgresStore:
         if self._failure is not None:
             raise self._failure
 
-    def _fail(self, exc: BaseException, during: str) -> StoreUnavailable:
-        """After `unavailable_after` seconds of failures the store stops, as DuckDB's does on its
-        first: waiters get the error, queued writes are dropped (their tasks' leases lapse and
-        another worker runs them again), and the engine is told to stop."""
+    def _fail(self, exc: BaseException, during: str, *, unreachable: bool = True) -> StoreUnavailable:
+        """After `unavailable_after` seconds of failures (or a write-behind batch PostgreSQL
+        refuses outright) the store stops, as DuckDB's does on its first failure: waiters get the
+        error, queued writes are dropped (their tasks' leases lapse and another worker runs them
+        again), and the engine is told to stop."""
         if self._failure is not None:
             return self._failure
         reason = _scrub(str(exc), self.dsn) or type(exc).__name__
+        what = f"was unreachable for {self.unavailable_after:g}s" if unreachable else "refused a write"
         self._failure = StoreUnavailable(
-            f"the sidequest store at {self.target} was unreachable for {self.unavailable_after:g}s "
-            f"(during {during}): {reason}. Nothing is acknowledged after this; this process stops, "
-            "and unfinished work runs again once PostgreSQL is back"
+            f"the sidequest store at {self.target} {what} (during {during}): {reason}. Nothing is "
+            "acknowledged after this; this process stops, and unfinished work runs again once "
+            "PostgreSQL is back"
         )
         log.critical("%s", self._failure)
         pending, self._pending = self._pending, _Pending()
@@ -1347,7 +1349,11 @@ class PostgresStore:
                         "a write-behind batch", lambda conn: self._write_batch(conn, batch)
                     )
             except Exception as exc:
-                error = exc if isinstance(exc, StoreUnavailable) else self._fail(exc, "a write-behind batch")
+                error = (
+                    exc
+                    if isinstance(exc, StoreUnavailable)
+                    else self._fail(exc, "a write-behind batch", unreachable=False)
+                )
             finally:
                 self._inflight = None
                 for waiter in batch.waiters:
