@@ -10,6 +10,7 @@ connections, and LISTEN/NOTIFY between processes (two store instances stand in f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator
@@ -810,3 +811,31 @@ async def test_statement_timeout_is_retried(pg_schema: tuple[str, str]) -> None:
         assert release.is_set()
     finally:
         await store.aclose()
+
+
+async def test_claim_and_requeue_retried_after_a_lost_answer(
+    pg: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit goes through, the answer does not: the retry returns what the commit did."""
+    await pg.enqueue([workflow("w_1", "flow")], [task(f"t_{i}", "w_1") for i in range(4)])
+    pool = await pg._get_pool()
+    real = pool.connection
+    lose = [1]
+
+    @contextlib.asynccontextmanager
+    async def connection(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async with real(*args, **kwargs) as conn:
+            yield conn
+        if lose[0]:
+            lose[0] -= 1
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(pool, "connection", connection)
+    claimed = await pg.claim(ClaimRequest("w", 2, 60))
+    assert [t.id for t in claimed] == ["t_0", "t_1"] and lose == [0]
+    assert await pg.task_counts() == {"running": 2, "queued": 2}
+
+    await pg.finish_attempt(outcome(claimed[0], "w", "failed"))
+    lose[0] = 1
+    requeued = await pg.requeue("t_0", T0 + timedelta(days=1))
+    assert requeued is not None and requeued.status == "queued" and lose == [0]

@@ -854,13 +854,26 @@ class PostgresStore:
         """Per-agent limits are exact over every worker: a claimer takes an advisory lock per
         limited agent before counting its running rows, so two claimers never both see the last
         free slot. Candidates are locked with SKIP LOCKED, so concurrent claimers never wait for
-        or share a row."""
+        or share a row. Each claim marks its rows with a token, so a retry after a commit whose
+        answer was lost returns the rows that commit took instead of taking more."""
         if request.limit <= 0:
             return []
         committed = Committed()
+        token = uuid.uuid4().hex
+        tries = 0
 
         async def tx(conn: AsyncConnection[Any]) -> list[TaskRecord]:
+            nonlocal tries
+            tries += 1
             cur = conn.cursor()
+            dcur = conn.cursor(row_factory=dict_row)
+            if tries > 1:  # did a try whose answer was lost commit? then those rows are ours
+                await dcur.execute(Q["claimed_by_token"], {"token": token, "worker_id": request.worker_id})
+                earlier = [_task_from(row) for row in await dcur.fetchall()]
+                if earlier:
+                    committed.task_ids = {t.id for t in earlier}
+                    committed.workflow_ids = {t.workflow_id for t in earlier}
+                    return earlier
             limits = {
                 agent: n
                 for agent, n in request.agent_limits.items()
@@ -892,10 +905,14 @@ class PostgresStore:
                 chosen.append(task_id)
             if not chosen:
                 return []
-            dcur = conn.cursor(row_factory=dict_row)
             await dcur.execute(
                 Q["claim_tasks"],
-                {"ids": chosen, "worker_id": request.worker_id, "lease": request.lease_seconds},
+                {
+                    "ids": chosen,
+                    "worker_id": request.worker_id,
+                    "lease": request.lease_seconds,
+                    "token": token,
+                },
             )
             claimed = [_task_from(row) for row in await dcur.fetchall()]
             order = {task_id: i for i, task_id in enumerate(chosen)}
@@ -1082,12 +1099,21 @@ class PostgresStore:
         return result
 
     async def requeue(self, task_id: str, now: datetime) -> TaskRecord | None:
+        """A retry after a commit whose answer was lost finds the row queued at `now` and returns it."""
         committed = Committed()
 
+        tries = 0
+
         async def tx(conn: AsyncConnection[Any]) -> TaskRecord | None:
+            nonlocal tries
+            tries += 1
             dcur = conn.cursor(row_factory=dict_row)
             await dcur.execute(Q["requeue_task"], {"id": task_id, "now": _utc(now)})
             row = await dcur.fetchone()
+            if row is None and tries > 1:  # requeued by a try whose answer was lost?
+                await dcur.execute(Q["requeued_at"], {"id": task_id, "now": _utc(now)})
+                earlier = await dcur.fetchone()
+                return None if earlier is None else _task_from(earlier)
             if row is None:
                 return None
             task = _task_from(row)

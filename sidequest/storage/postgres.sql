@@ -140,9 +140,15 @@ SELECT agent, count(*) FROM task_executions WHERE status = 'running' AND agent =
 -- The chosen rows become this worker's running attempts.
 UPDATE task_executions SET status = 'running', attempts = attempts + 1, started_at = now(), updated_at = now(),
     worker_id = %(worker_id)s, lease_expires_at = now() + %(lease)s * interval '1 second',
-    next_attempt_at = NULL, progress_percent = NULL, progress_message = NULL
+    next_attempt_at = NULL, progress_percent = NULL, progress_message = NULL, claim_token = %(token)s
 WHERE id = ANY(%(ids)s)
 RETURNING *;
+
+-- claimed_by_token --
+-- The rows an earlier try of the same claim took (its commit went through, its answer was lost).
+SELECT * FROM task_executions
+WHERE claim_token = %(token)s AND status = 'running' AND worker_id = %(worker_id)s
+ORDER BY (CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END), seq;
 
 -- renew_leases --
 -- Extend the leases of attempts this worker still holds; what is not returned must stop.
@@ -211,6 +217,10 @@ UPDATE task_executions SET status = 'queued', failures = 0, lost_attempts = 0, e
     lease_expires_at = NULL
 WHERE id = %(id)s AND status IN ('failed', 'cancelled')
 RETURNING *;
+
+-- requeued_at --
+-- The task, if it was requeued at exactly this time (by an earlier try of the same requeue).
+SELECT * FROM task_executions WHERE id = %(id)s AND status = 'queued' AND updated_at = %(now)s;
 
 -- lapsed --
 -- Running rows whose lease lapsed (their process died), oldest first; rows another transaction holds are skipped.

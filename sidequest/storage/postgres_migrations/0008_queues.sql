@@ -8,6 +8,10 @@ CREATE INDEX task_executions_ready ON task_executions (
     (CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END), seq
 ) WHERE status IN ('queued', 'retrying');
 
+-- Each claim marks the rows it took, so a claim retried after a lost commit answer finds them.
+ALTER TABLE task_executions ADD COLUMN claim_token TEXT;
+CREATE INDEX task_executions_claim_token ON task_executions (claim_token) WHERE status = 'running';
+
 -- Per-agent limits count running rows over every worker; the reaper looks for lapsed leases.
 CREATE INDEX task_executions_running ON task_executions (agent, lease_expires_at) WHERE status = 'running';
 
