@@ -656,10 +656,23 @@ def test_bad_dsn_is_one_line_without_the_password(dsn: str, names: str) -> None:
     assert "\n" not in message and "s3cret" not in message and names in message, message
 
 
-async def test_terminated_connections_are_survived(pg: PostgresStore) -> None:
+async def test_terminated_connections_are_survived(pg_schema: tuple[str, str]) -> None:
+    dsn, schema = pg_schema
+    name = f"sq_{schema}"  # only this store's connections are killed, not those of tests beside it
+    pg = PostgresStore(psycopg.conninfo.make_conninfo(dsn, application_name=name), schema=schema)
+    pg.open()
+    try:
+        await _survive_termination(pg, name)
+    finally:
+        await pg.aclose()
+
+
+async def _survive_termination(pg: PostgresStore, name: str) -> None:
     await pg.enqueue([workflow("w_1", "flow")], [task("t_1", "w_1")])
     [claimed] = await pg.claim(ClaimRequest("w", 1, 60))
-    store_pids = await pg._fetchall("SELECT pid FROM pg_stat_activity WHERE application_name = 'sidequest'")
+    store_pids = await pg._fetchall(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %(name)s", {"name": name}
+    )
     assert store_pids
     claimed.progress_percent = 40.0
     pg.update_task(claimed)
@@ -676,7 +689,16 @@ async def test_terminated_connections_are_survived(pg: PostgresStore) -> None:
     assert effects.applied and effects.status == "completed"
 
 
-async def test_listen_delivers_another_stores_commits(pg: PostgresStore, pg2: PostgresStore) -> None:
+async def test_listen_delivers_another_stores_commits(pg_schema: tuple[str, str], pg2: PostgresStore) -> None:
+    dsn, schema = pg_schema
+    pg = PostgresStore(psycopg.conninfo.make_conninfo(dsn, application_name=f"sq_{schema}"), schema=schema)
+    try:
+        await _listen_and_hear(pg, pg2)
+    finally:
+        await pg.aclose()
+
+
+async def _listen_and_hear(pg: PostgresStore, pg2: PostgresStore) -> None:
     remote: list[Committed] = []
     local: list[Committed] = []
     woken: list[bool] = []
@@ -702,8 +724,8 @@ async def test_listen_delivers_another_stores_commits(pg: PostgresStore, pg2: Po
         # the listener comes back after its connection is killed, and hears the next commit
         with psycopg.connect(pg.dsn, autocommit=True) as admin:
             admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'sidequest-listener' AND query ILIKE 'LISTEN%%'"
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                [pg.application_name + "-listener"],
             )
         with anyio.fail_after(5):
             while pg.subscriptions < 2:

@@ -499,6 +499,9 @@ class PostgresStore:
         self.schema = _check_schema(schema)
         self.target = describe_target(dsn, self.schema)
         self._conninfo = _conninfo(dsn, self.schema, statement_timeout, connect_timeout)
+        self.application_name = str(conninfo_to_dict(self._conninfo).get("application_name"))
+        """What pg_stat_activity shows for this store's connections (the DSN's, else "sidequest");
+        its listener's is this plus "-listener"."""
         self._pool_min, self._pool_max = pool_min, pool_max
         self.idempotency_window = idempotency_window
         self.unavailable_after = unavailable_after
@@ -1272,7 +1275,7 @@ class PostgresStore:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True, application_name="sidequest-listener"
+                    self._conninfo, autocommit=True, application_name=self.application_name + "-listener"
                 )
                 async with conn:
                     await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
