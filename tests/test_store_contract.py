@@ -787,7 +787,7 @@ async def test_repeated_finish_and_batch_apply_once(pg: PostgresStore) -> None:
     claimed = await pg.claim(ClaimRequest("w", 2, 60))
     done = outcome(claimed[0], "w", "completed")
     first, second = await pg.finish_attempt(done), await pg.finish_attempt(done)
-    assert first.applied and second.applied and second.status == "completed"
+    assert first.applied and (second.applied, second.status) == (False, "completed")
     assert len(await pg.get_attempts(claimed[0].id)) == 1
 
     batch = _Pending()
@@ -857,7 +857,12 @@ async def test_claim_and_requeue_retried_after_a_lost_answer(
     assert [t.id for t in claimed] == ["t_0", "t_1"] and lose == [0]
     assert await pg.task_counts() == {"running": 2, "queued": 2}
 
-    await pg.finish_attempt(outcome(claimed[0], "w", "failed"))
+    lose[0] = 1
+    effects = await pg.finish_attempt(outcome(claimed[0], "w", "failed"))
+    assert (effects.applied, effects.status, lose) == (True, "failed", [0])
+    assert [n.kind for n in effects.notifications] == ["task_failed"]
+    assert len(await pg.get_attempts("t_0")) == 1
+    assert len(await pg.list_notifications(None, 0, None, True, 10, "r")) == 1
     lose[0] = 1
     requeued = await pg.requeue("t_0", T0 + timedelta(days=1))
     assert requeued is not None and requeued.status == "queued" and lose == [0]

@@ -952,12 +952,17 @@ class PostgresStore:
         return [task_id for task_id in ids if task_id not in kept]
 
     async def finish_attempt(self, outcome: Outcome) -> Effects:
-        """A retry of a finish whose commit went through finds its attempt row and reports the row
-        as it is (applied when the row carries this outcome's status and time), writing nothing."""
+        """A retry of a finish whose commit went through (its answer lost) finds its attempt row and
+        reports the row as it is (applied when it carries this outcome's status and time), writing
+        nothing. Only a retry looks: a first try never takes an attempt row written some other way
+        (add_attempt) for a finished transition."""
         task, attempt = outcome.task, outcome.attempt
         committed = Committed()
+        tries = 0
 
         async def tx(conn: AsyncConnection[Any]) -> Effects:
+            nonlocal tries
+            tries += 1
             cur = conn.cursor()
             dcur = conn.cursor(row_factory=dict_row)
             attempt_params = {
@@ -969,8 +974,9 @@ class PostgresStore:
                 "error": attempt.error,
                 "worker_id": attempt.worker_id,
             }
-            await cur.execute(Q["attempt_recorded"], attempt_params)
-            if await cur.fetchone() is not None:
+            if tries > 1:
+                await cur.execute(Q["attempt_recorded"], attempt_params)
+            if tries > 1 and await cur.fetchone() is not None:
                 await dcur.execute(Q["get_task"], {"id": task.id})
                 row = await dcur.fetchone()
                 now_row = _task_from(row) if row else None
@@ -979,7 +985,14 @@ class PostgresStore:
                     and now_row.status == task.status
                     and now_row.updated_at == _utc(task.updated_at)
                 )
-                return Effects(applied=applied, status=now_row.status if now_row else None)
+                if not applied or now_row is None:
+                    return Effects(applied=False, status=now_row.status if now_row else None)
+                # what the lost commit wrote, as far as listeners need it: the row and its notifications
+                await cur.execute(Q["notifications_of_task_at"], {"id": task.id, "at": _utc(task.updated_at)})
+                notes = [NotificationRecord(*r) for r in await cur.fetchall()]
+                committed.task_ids, committed.workflow_ids = {task.id}, {task.workflow_id}
+                committed.notifications = notes
+                return Effects(applied=True, status=now_row.status, tasks=[now_row], notifications=notes)
             workflows = await self._lock_workflows(cur, [task.workflow_id])
             params = {
                 "id": task.id,

@@ -162,6 +162,13 @@ RETURNING t.id;
 SELECT 1 FROM task_attempts
 WHERE task_id = %(task_id)s AND attempt = %(attempt)s AND status = %(status)s AND finished_at = %(finished_at)s;
 
+-- notifications_of_task_at --
+-- The notifications a finish wrote (its task's, and its workflow's end, stamped with its time).
+SELECT n.cursor, n.kind, n.task_id, n.workflow_id, n.scope, n.message, n.created_at FROM notifications n
+JOIN task_executions t ON t.id = %(id)s
+WHERE n.created_at = %(at)s AND (n.task_id = t.id OR (n.task_id IS NULL AND n.workflow_id = t.workflow_id))
+ORDER BY n.cursor;
+
 -- lock_workflows --
 -- Transitions that may finish a workflow lock its row first (in id order: no deadlocks), so two
 -- workers finishing its last two tasks see each other's commit and exactly one writes
