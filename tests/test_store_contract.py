@@ -866,3 +866,31 @@ async def test_claim_and_requeue_retried_after_a_lost_answer(
     lose[0] = 1
     requeued = await pg.requeue("t_0", T0 + timedelta(days=1))
     assert requeued is not None and requeued.status == "queued" and lose == [0]
+
+
+async def test_cancel_retried_after_a_lost_answer(pg: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    await pg.enqueue([workflow("w_1", "flow")], [task("t_0", "w_1"), task("t_1", "w_1")])
+    await pg.claim(ClaimRequest("w", 1, 60))
+    pool = await pg._get_pool()
+    real = pool.connection
+    lose = [1]
+
+    @contextlib.asynccontextmanager
+    async def connection(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async with real(*args, **kwargs) as conn:
+            yield conn
+        if lose[0]:
+            lose[0] -= 1
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(pool, "connection", connection)
+    effects, already = await pg.cancel(None, "w_1", datetime.now(UTC))
+    assert lose == [0] and already == []
+    assert sorted(t.id for t in effects.tasks) == ["t_0", "t_1"] and effects.stop == [("t_0", "w")]
+    assert [n.kind for n in effects.notifications] == [
+        "task_cancelled",
+        "task_cancelled",
+        "workflow_completed",
+    ]
+    assert [(f.workflow_id, f.status) for f in effects.workflows_finished] == [("w_1", "cancelled")]
+    assert len(await pg.list_notifications(None, 0, None, True, 10, "r")) == 3

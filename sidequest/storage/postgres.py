@@ -1055,11 +1055,17 @@ class PostgresStore:
         self, task_ids: Sequence[str] | None, workflow_id: str | None, now: datetime
     ) -> tuple[Effects, list[str]]:
         """Ids that name no task are in neither the effects nor the already-finished list: the
-        caller, which knows which ids it asked for, reports them as not found."""
+        caller, which knows which ids it asked for, reports them as not found. A retry after a
+        commit whose answer was lost reports the tasks that commit cancelled (rows cancelled at
+        exactly `now`) as cancelled, with their notifications, not as already finished."""
         now = _utc(now)  # type: ignore[assignment]
         committed = Committed()
+        tries = 0
 
         async def tx(conn: AsyncConnection[Any]) -> tuple[Effects, list[str]]:
+            nonlocal tries
+            tries += 1
+            committed.task_ids, committed.workflow_ids, committed.notifications = set(), set(), []
             cur = conn.cursor()
             dcur = conn.cursor(row_factory=dict_row)
             ids = list(dict.fromkeys(task_ids or ()))
@@ -1074,8 +1080,15 @@ class PostgresStore:
             await dcur.execute(Q["cancel_tasks"], {"ids": ids, "now": now})
             rows = await dcur.fetchall()
             cancelled_ids = {row["id"] for row in rows}
+            earlier: list[TaskRecord] = []
+            if tries > 1:
+                await dcur.execute(Q["cancelled_at"], {"ids": ids, "now": now})
+                earlier = [_task_from(row) for row in await dcur.fetchall() if row["id"] not in cancelled_ids]
             await cur.execute(Q["finished_among"], {"ids": ids})
-            already = [row[0] for row in await cur.fetchall() if row[0] not in cancelled_ids]
+            skip = cancelled_ids | {t.id for t in earlier}
+            already = [row[0] for row in await cur.fetchall() if row[0] not in skip]
+            if earlier:
+                await self._lost_cancel(cur, earlier, now, effects, committed)
             notes: list[NotificationRecord] = []
             agents: dict[str, str] = {}
             for row in sorted(rows, key=lambda r: r["seq"]):
@@ -1102,10 +1115,10 @@ class PostgresStore:
                 if note is not None:
                     notes.append(note)
             await self._insert_notifications(cur, notes)
-            effects.notifications = notes
-            committed.task_ids = set(cancelled_ids)
-            committed.workflow_ids = set(agents)
-            committed.notifications = list(notes)
+            effects.notifications += notes
+            committed.task_ids |= cancelled_ids
+            committed.workflow_ids |= set(agents)
+            committed.notifications += notes
             if rows:
                 await self._announce(cur, committed)
             return effects, already
@@ -1113,6 +1126,40 @@ class PostgresStore:
         result = await self._run("a cancel", tx)
         self._emit(committed)
         return result
+
+    async def _lost_cancel(
+        self,
+        cur: AsyncCursor[Any],
+        earlier: list[TaskRecord],
+        now: datetime,
+        effects: Effects,
+        committed: Committed,
+    ) -> None:
+        """Fill `effects` with what a cancel's earlier try committed. Which of its tasks were running
+        is no longer known exactly; those that had a worker are listed to stop (a worker told to
+        stop what it does not run ignores it, and renewal would tell it anyway)."""
+        wids = sorted({t.workflow_id for t in earlier})
+        effects.tasks += earlier
+        effects.stop += [(t.id, t.worker_id) for t in earlier if t.worker_id]
+        await cur.execute(
+            Q["notifications_at"], {"ids": [t.id for t in earlier], "workflows": wids, "at": now}
+        )
+        notes = [NotificationRecord(*r) for r in await cur.fetchall()]
+        effects.notifications += notes
+        for note in notes:
+            if note.kind == "workflow_completed":
+                workflow = await self._workflow_status(cur, note.workflow_id)
+                if workflow is not None:
+                    effects.workflows_finished.append(WorkflowFinished(note.workflow_id, workflow))
+        committed.task_ids |= {t.id for t in earlier}
+        committed.workflow_ids |= set(wids)
+        committed.notifications += notes
+
+    @staticmethod
+    async def _workflow_status(cur: AsyncCursor[Any], workflow_id: str) -> str | None:
+        await cur.execute(Q["get_workflow"], {"id": workflow_id})
+        row = await cur.fetchone()
+        return None if row is None else str(row[3])
 
     async def requeue(self, task_id: str, now: datetime) -> TaskRecord | None:
         """A retry after a commit whose answer was lost finds the row queued at `now` and returns it."""

@@ -213,6 +213,19 @@ UPDATE task_executions t SET status = 'cancelled', finished_at = %(now)s, update
 FROM old WHERE t.id = old.id
 RETURNING t.*, old.status AS old_status, old.worker_id AS old_worker_id;
 
+-- cancelled_at --
+-- Tasks a cancel at exactly this time cancelled (an earlier try of the same cancel).
+SELECT * FROM task_executions
+WHERE id = ANY(%(ids)s) AND status = 'cancelled' AND finished_at = %(now)s AND updated_at = %(now)s
+ORDER BY seq;
+
+-- notifications_at --
+-- The notifications written at exactly this time about some tasks and their workflows' ends.
+SELECT cursor, kind, task_id, workflow_id, scope, message, created_at FROM notifications
+WHERE created_at = %(at)s
+  AND (task_id = ANY(%(ids)s) OR (task_id IS NULL AND workflow_id = ANY(%(workflows)s)))
+ORDER BY cursor;
+
 -- finished_among --
 -- Which of some tasks had finished already.
 SELECT id FROM task_executions WHERE id = ANY(%(ids)s) AND status IN ('completed', 'failed', 'cancelled');
