@@ -894,3 +894,26 @@ async def test_cancel_retried_after_a_lost_answer(pg: PostgresStore, monkeypatch
     ]
     assert [(f.workflow_id, f.status) for f in effects.workflows_finished] == [("w_1", "cancelled")]
     assert len(await pg.list_notifications(None, 0, None, True, 10, "r")) == 3
+
+
+async def test_writer_cancelled_while_retrying_loses_nothing(
+    pg: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await pg.enqueue([workflow("w_1", "flow")], [task("t_1", "w_1")])
+    real = pg._write_batch
+    fails = [1]
+
+    async def flaky(conn: Any, batch: _Pending) -> Committed:
+        if fails[0]:
+            fails[0] -= 1
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return await real(conn, batch)
+
+    monkeypatch.setattr(pg, "_write_batch", flaky)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pg.run_writer, lambda committed: None)
+        pg.add_usage(UsageRecord("t_1", 1, "m", 1, 2, 0, 0, None, T0))
+        await anyio.sleep(0.02)  # the batch failed once and waits to retry
+        tg.cancel_scope.cancel()
+    assert fails == [0]
+    assert (await pg.count_rows())["token_usage"] == 1

@@ -515,6 +515,8 @@ class PostgresStore:
         self._key_lock = _lock_class(self.schema, "idempotency")
         self._pending = _Pending()
         self._inflight: _Pending | None = None
+        self._carried: list[_Pending] = []
+        """Batches a cancellation interrupted, committed before anything newer."""
         self._has_work = anyio.Event()
         self._commit_lock = asyncio.Lock()
         self._on_commit: Callable[[Committed], None] | None = None
@@ -614,8 +616,10 @@ class PostgresStore:
         )
         log.critical("%s", self._failure)
         pending, self._pending = self._pending, _Pending()
-        for waiter in pending.waiters:
-            waiter.done(self._failure)
+        carried, self._carried = self._carried, []
+        for batch in [*carried, pending]:
+            for waiter in batch.waiters:
+                waiter.done(self._failure)
         self._has_work.set()
         if self._failure_handler is not None:
             try:
@@ -1425,26 +1429,43 @@ class PostgresStore:
                     await self._commit_pending()  # a clean stop loses nothing queued
 
     async def _commit_pending(self) -> None:
+        """Commit what is queued (after a batch a cancellation interrupted, if any)."""
         async with self._commit_lock:
+            while self._carried:
+                await self._commit_one(self._carried[0])
+                self._carried.pop(0)
             batch, self._pending = self._pending, _Pending()
-            if batch.empty():
-                return
-            self._inflight = batch
-            error: BaseException | None = None
-            committed: Committed | None = None
-            try:
-                if batch.has_writes():
-                    committed = await self._run(
-                        "a write-behind batch", lambda conn: self._write_batch(conn, batch)
-                    )
-            except Exception as exc:
-                error = (
-                    exc
-                    if isinstance(exc, StoreUnavailable)
-                    else self._fail(exc, "a write-behind batch", unreachable=False)
+            await self._commit_one(batch)
+
+    async def _commit_one(self, batch: _Pending) -> None:
+        """A batch is committed, or failed with its waiters told so; never dropped. Cancelled while
+        it waits to retry, it is carried to the next commit (the final one at a clean stop) with
+        its token, so whatever an interrupted try committed is not applied again."""
+        if batch.empty():
+            return
+        self._inflight = batch
+        error: BaseException | None = None
+        committed: Committed | None = None
+        carried = False
+        try:
+            if batch.has_writes():
+                committed = await self._run(
+                    "a write-behind batch", lambda conn: self._write_batch(conn, batch)
                 )
-            finally:
-                self._inflight = None
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, StoreUnavailable)
+                else self._fail(exc, "a write-behind batch", unreachable=False)
+            )
+        except BaseException:
+            if batch not in self._carried:
+                self._carried.append(batch)
+            carried = True
+            raise
+        finally:
+            self._inflight = None
+            if not carried:
                 for waiter in batch.waiters:
                     waiter.done(error)
         if committed is not None and self._on_commit is not None:
@@ -1614,7 +1635,7 @@ class PostgresStore:
     async def flush(self) -> None:
         """Wait until every write queued so far is committed (the batch in flight included)."""
         self._check()
-        if self._pending.empty() and self._inflight is None:
+        if self._pending.empty() and self._inflight is None and not self._carried:
             return
         waiter = _Waiter()
         self._pending.waiters.append(waiter)
@@ -1857,8 +1878,9 @@ class PostgresStore:
 
     def _held_by_writes(self) -> set[str]:
         ids = self._pending.task_ids()
-        if self._inflight is not None:
-            ids |= self._inflight.task_ids()
+        for batch in [self._inflight, *self._carried]:
+            if batch is not None:
+                ids |= batch.task_ids()
         return ids
 
     async def purge_finished(
