@@ -116,6 +116,8 @@ def fresh_pg_schema() -> Iterator[tuple[str, str]]:
     A schema per test, not a database: creating a database costs ~100 ms and needs a connection
     outside it, while a schema is free and tests in one database cannot see each other's rows."""
     schema = f"sq_test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
     try:
         yield POSTGRES_DSN, schema
     finally:
@@ -125,6 +127,6 @@ def fresh_pg_schema() -> Iterator[tuple[str, str]]:
 
 @pytest.fixture
 def pg_schema() -> Iterator[tuple[str, str]]:
-    """(dsn, schema): a fresh PostgreSQL schema for one test (created by the store's migration)."""
+    """(dsn, schema): a fresh, empty PostgreSQL schema for one test (the store migrates it)."""
     with fresh_pg_schema() as found:
         yield found
