@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import anyio
+import psycopg
 import pytest
 
 from sidequest.config import AgentConfig, Settings
@@ -98,3 +101,32 @@ async def wait_for(
             return last
         await anyio.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what or check!r} (last value: {last!r})")
+
+
+# ---- PostgreSQL (the shared store): a real server, a fresh schema per test ----------------------
+
+POSTGRES_DSN = os.environ.get("SIDEQUEST_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+"""Tests of the shared store run against a real PostgreSQL; CI provides one at this address."""
+
+
+@contextlib.contextmanager
+def fresh_pg_schema() -> Iterator[tuple[str, str]]:
+    """(dsn, schema name) of a schema nobody has used; dropped afterwards with everything in it.
+
+    A schema per test, not a database: creating a database costs ~100 ms and needs a connection
+    outside it, while a schema is free and tests in one database cannot see each other's rows."""
+    schema = f"sq_test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield POSTGRES_DSN, schema
+    finally:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[tuple[str, str]]:
+    """(dsn, schema): a fresh, empty PostgreSQL schema for one test (the store migrates it)."""
+    with fresh_pg_schema() as found:
+        yield found
