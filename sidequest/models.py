@@ -473,7 +473,7 @@ class ConfigStatus(BaseModel):
     needs_restart: list[str] = Field(
         default_factory=list,
         description="settings changed on disk that only a restart applies (http.host, http.port, database, "
-        "lease_seconds)",
+        "lease_seconds, workers.queues, workers.heartbeat_seconds)",
     )
     differs_on_disk: bool = Field(
         default=False, description="the files on disk are not the ones loaded (a reload would read them)"

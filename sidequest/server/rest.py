@@ -802,9 +802,9 @@ def build_rest_app(
         summary="Read the config file and env files again",
         description="Applies what can change while the daemon serves (agents, limits, retention, "
         "schedules settings, the daemon's variables for new attempts) and names the settings that "
-        "need a restart (http.host, http.port, database, lease_seconds). A file that fails to parse or "
-        "validate is not applied: the old configuration keeps serving, and `problem` (also in "
-        "GET /daemon) says why.",
+        "need a restart (http.host, http.port, database, lease_seconds, workers.queues, "
+        "workers.heartbeat_seconds). A file that fails to parse or validate is not applied: the old "
+        "configuration keeps serving, and `problem` (also in GET /daemon) says why.",
     )
     async def reload_config() -> ReloadResult:
         return await control().reload("asked over REST")
