@@ -70,6 +70,7 @@ from sidequest.models import (
     TaskSubmitted,
     WaitRequest,
     WaitResult,
+    WorkerList,
     WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
@@ -786,6 +787,17 @@ def build_rest_app(
     @app.get("/agents", response_model=AgentList, summary="Agents the caller's project may launch")
     async def list_agents(scope: CallerScope, project: CallerProject) -> AgentList:
         return await engine.agent_list(scope, project)
+
+    @app.get(
+        "/workers",
+        response_model=WorkerList,
+        summary="The processes that run attempts",
+        description="Every worker the store knows, alive or recently gone: the daemon (when it runs "
+        "work) and each `sidequest worker` on a shared PostgreSQL store, with its queues, concurrency, "
+        "running attempts and last heartbeat. On DuckDB the daemon is the one worker.",
+    )
+    async def list_workers() -> WorkerList:
+        return await engine.list_workers()
 
     @app.get("/daemon", response_model=DaemonStatus, summary="The serving daemon and what it holds")
     async def daemon_status() -> DaemonStatus:
