@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -268,6 +268,21 @@ def check_dsn(dsn: str) -> str:
     return dsn
 
 
+def scrub_dsn(text: str, dsn: str | None) -> str:
+    """`text` (an error from a driver or a store) with the DSN and its password shown redacted: a
+    message is printed as it comes, and some drivers quote the connection string they were given."""
+    if not dsn:
+        return text
+    text = text.replace(dsn, redact_dsn(dsn))
+    userinfo = urlsplit(dsn).netloc.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    passwords = [password, unquote(password), *parse_qs(urlsplit(dsn).query).get("password", [])]
+    for secret in passwords:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 def _database(value: Any) -> Any:
     """A PostgreSQL DSN stays text (checked); anything else is the DuckDB file's path."""
     if isinstance(value, str) and is_dsn(value):
@@ -289,6 +304,14 @@ Database = Annotated[Path | str | None, BeforeValidator(_database)]
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 
+def check_queue_name(name: str) -> str:
+    """One rule for queue names wherever they are typed ([workers] queues, `worker --queue`), so a
+    name a worker accepts is one a task can carry."""
+    if not _QUEUE_NAME.match(name):
+        raise ValueError(f"{name!r} is not a queue name (letters, digits, '_', '.', ':', '-'; at most 64)")
+    return name
+
+
 class WorkersConfig(_Strict):
     """Which work this process takes from a shared (PostgreSQL) store, and how often it says it lives.
 
@@ -308,12 +331,7 @@ class WorkersConfig(_Strict):
     @field_validator("queues", mode="after")
     @classmethod
     def _queue_names(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if not _QUEUE_NAME.match(name):
-                raise ValueError(
-                    f"{name!r} is not a queue name (letters, digits, '_', '.', ':', '-'; at most 64)"
-                )
-        return list(dict.fromkeys(value))
+        return list(dict.fromkeys(check_queue_name(name) for name in value))
 
 
 def _retention(value: Any) -> float | None:
