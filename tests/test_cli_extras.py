@@ -29,12 +29,20 @@ from mcp import Client
 from test_cli import COMMAND_TIMEOUT, REPO, Cli, _alive, _daemon_pid, cli_session, only_line
 from tools import call_error
 
+from sidequest import __version__ as sidequest_version
 from sidequest.cli_errors import ErrorDocument
 from sidequest.cli_watch import FALLBACK_ENV
 from sidequest.commands import TaskDetail
 from sidequest.completion import SHELLS, describe
 from sidequest.engine.engine import Engine
-from sidequest.models import ScheduleCreated, ScheduleInfo, TaskStatus, TaskSubmitted
+from sidequest.models import (
+    ScheduleCreated,
+    ScheduleInfo,
+    TaskStatus,
+    TaskSubmitted,
+    WorkerInfo,
+    WorkerList,
+)
 from sidequest.server.mcp import build_server
 from sidequest.terminal import printable
 
@@ -638,3 +646,60 @@ def test_completion_knows_the_shared_store_commands(cli: Cli) -> None:
         "--queue",
     ]
     assert "--no-work" in _bash_complete(cli, project, "serve", "--no")
+
+
+def _worker(n: int, kind: str, alive: bool, running: int, concurrency: int) -> WorkerInfo:
+    now = datetime.now(UTC)
+    return WorkerInfo(
+        id=f"w_{n}",
+        host="box",
+        pid=100 + n,
+        kind=kind,  # type: ignore[arg-type]
+        queues=["default"],
+        concurrency=concurrency,
+        running=running,
+        started_at=now,
+        heartbeat_at=now,
+        alive=alive,
+    )
+
+
+def test_status_sums_the_workers_up_in_one_line() -> None:
+    from sidequest.workers_cli import workers_summary
+
+    assert workers_summary(WorkerList(workers=[])) == "none"
+    fleet = WorkerList(
+        workers=[
+            _worker(1, "daemon", True, 1, 4),
+            _worker(2, "worker", True, 2, 8),
+            _worker(3, "worker", True, 0, 8),
+            _worker(4, "worker", False, 0, 8),
+        ]
+    )
+    assert workers_summary(fleet) == "3 alive (1 daemon, 2 workers), running 3/20, 1 gone"
+    gone = WorkerList(workers=[_worker(4, "worker", False, 0, 8)])
+    assert workers_summary(gone).startswith("none alive")
+
+
+def test_doctor_shows_a_postgres_store_by_its_redacted_dsn(tmp_path: Path) -> None:
+    from sidequest.config import load_settings
+    from sidequest.doctor import checks
+    from sidequest.models import AgentList, DaemonStatus
+
+    shown = "postgresql://sq:***@db.example/sidequest"
+    status = DaemonStatus(
+        version=sidequest_version,
+        pid=1,
+        host="127.0.0.1",
+        port=1,
+        started_at=datetime.now(UTC),
+        uptime_seconds=1.0,
+        data_dir=str(tmp_path),
+        database=shown,
+        tasks={"queued": 2},
+        running=0,
+        schema_version=None,
+    )
+    found = checks(load_settings(env={"SIDEQUEST_HOME": str(tmp_path)}), "/p", status, AgentList(agents=[]))
+    store = next(check for check in found if check.name == "store")
+    assert store.status == "ok" and store.detail == f"{shown}; readable (2 tasks)"
