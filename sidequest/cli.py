@@ -1,5 +1,6 @@
-"""`sidequest` command line: serve/stop/status (the daemon), stdio (what an MCP client launches),
-the daemon's clients (submit, tasks, show, cancel, notifications, agents, schedules, gc) and version.
+"""`sidequest` command line: serve/stop/status (the daemon), worker (runs tasks of a shared store),
+stdio (what an MCP client launches), the daemon's clients (submit, tasks, show, cancel,
+notifications, agents, schedules, gc, workers), migrate and version.
 
 stdout belongs to the MCP protocol in `stdio` mode and to command output elsewhere, so logs and
 banners go to stderr, in every mode, to keep one rule.
@@ -23,7 +24,15 @@ from sidequest.cli_errors import CliParser, report
 from sidequest.commands import add_commands, run_command
 from sidequest.completion import add_completion_command
 from sidequest.completion import script as completion_script
-from sidequest.config import ConfigError, Settings, default_home, format_validation_error, load_settings
+from sidequest.config import (
+    ConfigError,
+    Settings,
+    check_queue_name,
+    default_home,
+    format_validation_error,
+    load_settings,
+)
+from sidequest.workers_cli import NO_WORK_NOT_SHARED, NOT_SHARED
 
 log = logging.getLogger("sidequest")
 
@@ -46,6 +55,34 @@ def _parser(parser_class: type[argparse.ArgumentParser] = CliParser) -> argparse
     )
     serve.add_argument(
         "--detach", action="store_true", help="start the daemon in the background (if none runs) and return"
+    )
+    serve.add_argument(
+        "--no-work",
+        action="store_true",
+        help="serve MCP, REST and schedules but run no tasks: `sidequest worker`s do (PostgreSQL store only)",
+    )
+
+    worker = sub.add_parser(
+        "worker",
+        help="run tasks from a shared PostgreSQL store, without HTTP (start one per machine, or more)",
+        description="Take tasks from the configured PostgreSQL store and run them, until SIGTERM/SIGINT "
+        "(running tasks get shutdown_grace, then go back to the queue). It needs the same database "
+        "setting as the daemon, and the agents' programs and files on this machine.",
+    )
+    _config_option(worker)
+    worker.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        help="tasks run at once by this worker (default: max_concurrency)",
+    )
+    worker.add_argument(
+        "--queue",
+        action="append",
+        dest="queues",
+        type=_queue_name,
+        metavar="NAME",
+        help="take tasks of this queue (repeatable; default: [workers] queues, else 'default')",
     )
 
     stdio = sub.add_parser("stdio", help="serve MCP over stdin/stdout (what an MCP client launches)")
@@ -70,6 +107,23 @@ def _parser(parser_class: type[argparse.ArgumentParser] = CliParser) -> argparse
     add_completion_command(sub)
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be 1-1000 (as max_concurrency), got {value}")
+    return value
+
+
+def _queue_name(text: str) -> str:
+    try:
+        return check_queue_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -102,9 +156,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             settings = _with_http_overrides(settings, args.host, args.port)
             _check_bind(settings.http.host, args.allow_remote)
             serve_args = _serve_args(args)
+            work = not args.no_work
+            if not work and settings.store_kind != "postgres":
+                _refuse(NO_WORK_NOT_SHARED, as_json)
             runner = (
-                (lambda: run.detach(settings, serve_args)) if args.detach else (lambda: run.serve(settings))
+                (lambda: run.detach(settings, serve_args))
+                if args.detach
+                else (lambda: run.serve(settings, work=work))
             )
+        elif args.command == "worker":
+            if settings.store_kind != "postgres":
+                _refuse(NOT_SHARED, as_json)
+            concurrency: int = args.concurrency or settings.max_concurrency
+            queues: list[str] = list(dict.fromkeys(args.queues or settings.workers.queues))
+            runner = lambda: run.run_worker(settings, concurrency, queues)  # noqa: E731
         elif args.command == "stdio":
             runner = (
                 (lambda: run.stdio_embedded(settings))
@@ -130,7 +195,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _runs_the_engine(args: argparse.Namespace) -> bool:
-    return args.command == "serve" or (args.command == "stdio" and args.embedded)
+    """Also `migrate`: it opens the store the file names, and must not fall back to the default one."""
+    return args.command in ("serve", "worker", "migrate") or (args.command == "stdio" and args.embedded)
+
+
+def _refuse(message: str, as_json: bool) -> None:
+    """A store that cannot do what was asked: the configuration's fault, so its exit status."""
+    report(message, code="config", as_json=as_json)
+    sys.exit(EXIT_CONFIG)
 
 
 def _load_settings(args: argparse.Namespace) -> Settings:
@@ -172,6 +244,7 @@ def _serve_args(args: argparse.Namespace) -> list[str]:
     """What `serve --detach` hands to the daemon it starts."""
     extra = ["--host", args.host] if args.host else []
     extra += ["--port", str(args.port)] if args.port is not None else []
+    extra += ["--no-work"] if args.no_work else []
     return extra + (["--allow-remote"] if args.allow_remote else [])
 
 

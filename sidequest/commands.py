@@ -297,12 +297,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     from sidequest.logs_cli import add_logs_command
     from sidequest.reload_cli import add_reload_command
     from sidequest.scaffold import add_init_command
+    from sidequest.workers_cli import add_workers_commands
 
     add_env_commands(sub, CONFIG_HELP)
     add_doctor_command(sub, CONFIG_HELP)
     add_init_command(sub, CONFIG_HELP)
     add_reload_command(sub, CONFIG_HELP)
     add_logs_command(sub, CONFIG_HELP)
+    add_workers_commands(sub, CONFIG_HELP)
 
 
 def _positive_int(text: str) -> int:
@@ -454,9 +456,10 @@ Handler = Callable[[argparse.Namespace, Settings, "Output"], Awaitable[int]]
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    from sidequest import doctor, env_cli, logs_cli, reload_cli, scaffold
+    from sidequest import doctor, env_cli, logs_cli, reload_cli, scaffold, workers_cli
 
     handlers = {**_HANDLERS, **env_cli.HANDLERS, **doctor.HANDLERS, **scaffold.HANDLERS}
+    handlers |= workers_cli.HANDLERS
     handler = {**handlers, **reload_cli.HANDLERS, **logs_cli.HANDLERS}[args.command]
     out = Output(as_json=bool(getattr(args, "json", False)))
     try:

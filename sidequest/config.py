@@ -8,10 +8,12 @@ because a misspelt limit that is silently ignored is worse than no limit.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -197,6 +199,141 @@ class ScheduleConfig(_Strict):
     max_schedules: int = Field(default=100_000, ge=1, description="active and paused schedules, all scopes")
 
 
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+"""What makes `database` a PostgreSQL DSN rather than a DuckDB path (libpq's two URI schemes)."""
+
+_PORT = re.compile(r"^(\[[^\]]*\]|[^:\[\]]*)(?::(\d*))?$")
+
+
+def is_dsn(value: str) -> bool:
+    """A DSN says so by its scheme: a DuckDB file named `postgres` (no `://`) stays a path."""
+    scheme, sep, _ = value.strip().partition("://")
+    return bool(sep) and scheme.lower() in POSTGRES_SCHEMES
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its password (in the user part or a `password=` parameter) replaced by `***`.
+
+    Every message, log line, `status` and `doctor` output shows the store through this: a DSN
+    holds a credential, and those outputs are pasted into issues and chats."""
+    try:
+        parts = urlsplit(dsn.strip())
+    except ValueError:
+        return "postgresql://***"  # cannot tell where the password is: show nothing of it
+    netloc = parts.netloc
+    user, at, hosts = netloc.rpartition("@")
+    if at:
+        name, colon, _ = user.partition(":")
+        netloc = f"{name}:***@{hosts}" if colon else f"{name}@{hosts}"
+    query = "&".join(
+        f"{key}=***" if key.lower() == "password" else f"{key}{sep}{value}"
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    # Not urlunsplit: it drops the `//` of an empty host (postgresql:///db?host=/socket).
+    shown = f"{parts.scheme}://{netloc}{parts.path}"
+    return shown + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def check_dsn(dsn: str) -> str:
+    """The DSN, stripped, if it has what a connection needs (scheme, a host or socket, a database
+    name); otherwise ValueError naming what is missing, with the password redacted. Checked when the
+    configuration loads, so a typo is reported by the setting's name, not by a failed connection."""
+    dsn = dsn.strip()
+    shown = redact_dsn(dsn)
+    usage = "expected postgresql://USER:PASSWORD@HOST[:PORT]/DBNAME"
+    try:
+        parts = urlsplit(dsn)
+        params = parse_qs(parts.query, keep_blank_values=True)
+    except ValueError as exc:
+        raise ValueError(f"{shown} is not a PostgreSQL DSN ({exc}); {usage}") from None
+    if parts.scheme.lower() not in POSTGRES_SCHEMES:
+        raise ValueError(f"{shown}: the scheme must be postgresql:// or postgres://; {usage}")
+    hosts = parts.netloc.rpartition("@")[2]
+    named_hosts = []
+    for host in hosts.split(",") if hosts else []:
+        match = _PORT.match(host)
+        port = match.group(2) if match else None
+        if match is None or (port is not None and not (port.isdigit() and 0 < int(port) < 65536)):
+            raise ValueError(f"{shown}: {host!r} is not HOST or HOST:PORT (a port is 1-65535); {usage}")
+        if match.group(1).strip("[]"):
+            named_hosts.append(match.group(1))
+    if not named_hosts and not any(v.strip() for v in params.get("host", [])):
+        raise ValueError(
+            f"{shown}: no host; name one (postgresql://USER@HOST/DBNAME) or a socket folder "
+            "(postgresql:///DBNAME?host=/var/run/postgresql)"
+        )
+    dbname = parts.path.lstrip("/")
+    if not dbname and not any(v.strip() for v in params.get("dbname", [])):
+        raise ValueError(f"{shown}: no database name; {usage}")
+    return dsn
+
+
+def scrub_dsn(text: str, dsn: str | None) -> str:
+    """`text` (an error from a driver or a store) with the DSN and its password shown redacted: a
+    message is printed as it comes, and some drivers quote the connection string they were given."""
+    if not dsn:
+        return text
+    text = text.replace(dsn, redact_dsn(dsn))
+    userinfo = urlsplit(dsn).netloc.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    passwords = [password, unquote(password), *parse_qs(urlsplit(dsn).query).get("password", [])]
+    for secret in passwords:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _database(value: Any) -> Any:
+    """A PostgreSQL DSN stays text (checked); anything else is the DuckDB file's path."""
+    if isinstance(value, str) and is_dsn(value):
+        return check_dsn(value)
+    if isinstance(value, str) and "://" in value.strip():
+        scheme = value.strip().partition("://")[0]
+        raise ValueError(
+            f"{scheme}:// is not a store sidequest knows; give a DuckDB file path or a "
+            "postgresql://USER:PASSWORD@HOST[:PORT]/DBNAME DSN"
+        )
+    if isinstance(value, str):
+        return Path(value)
+    return value
+
+
+Database = Annotated[Path | str | None, BeforeValidator(_database)]
+"""`database`: a Path for DuckDB, a str for PostgreSQL (only ever a checked DSN)."""
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+def check_queue_name(name: str) -> str:
+    """One rule for queue names wherever they are typed ([workers] queues, `worker --queue`), so a
+    name a worker accepts is one a task can carry."""
+    if not _QUEUE_NAME.match(name):
+        raise ValueError(f"{name!r} is not a queue name (letters, digits, '_', '.', ':', '-'; at most 64)")
+    return name
+
+
+class WorkersConfig(_Strict):
+    """Which work this process takes from a shared (PostgreSQL) store, and how often it says it lives.
+
+    The queue list is the whole routing model: a task carries one queue name, a worker serves a
+    set of names, and nothing else decides who runs what (so it can be read off `sidequest workers`).
+    """
+
+    queues: list[str] = Field(
+        default_factory=lambda: ["default"],
+        min_length=1,
+        description="queues the daemon and `sidequest worker` take tasks from (--queue overrides)",
+    )
+    heartbeat_seconds: Duration = Field(
+        default=2.0, gt=0, le=60, description="how often a worker records that it is alive"
+    )
+
+    @field_validator("queues", mode="after")
+    @classmethod
+    def _queue_names(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(check_queue_name(name) for name in value))
+
+
 def _retention(value: Any) -> float | None:
     """`"off"` (or false) keeps finished tasks forever; anything else is an age above zero."""
     if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
@@ -214,7 +351,11 @@ DEFAULT_RETENTION = 30 * 24 * 3600.0
 
 class Settings(_Strict):
     home: Path
-    database: Path | None = Field(default=None, description="DuckDB file; default <home>/sidequest.duckdb")
+    database: Database = Field(
+        default=None,
+        repr=False,  # a DSN holds a password; repr(settings) ends up in logs and tracebacks
+        description="DuckDB file (default <home>/sidequest.duckdb), or a postgresql:// DSN",
+    )
     max_concurrency: int = Field(default=4, ge=1, le=1000)
     max_prompt_bytes: int = Field(default=1_000_000, ge=1)
     max_request_bytes: int = Field(
@@ -260,6 +401,7 @@ class Settings(_Strict):
     claude_code: ClaudeCodeConfig = Field(default_factory=ClaudeCodeConfig)
     schedules: ScheduleConfig = Field(default_factory=ScheduleConfig)
     task_log: TaskLogConfig = Field(default_factory=TaskLogConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
     env: dict[str, str] = Field(
         default_factory=dict, description="variables of the daemon's environment (see sidequest/envfile.py)"
     )
@@ -315,8 +457,24 @@ class Settings(_Strict):
         return self.prices[max(matches, key=len)] if matches else None
 
     @property
+    def store_kind(self) -> Literal["duckdb", "postgres"]:
+        return "postgres" if isinstance(self.database, str) else "duckdb"
+
+    @property
+    def database_url(self) -> str | None:
+        """The PostgreSQL DSN (password included: for connecting only, never for showing)."""
+        return self.database if isinstance(self.database, str) else None
+
+    @property
     def database_path(self) -> Path:
-        return self.database or self.home / "sidequest.duckdb"
+        """The DuckDB file. With a DSN it is still the default path: things that live next to the
+        store on one machine (nothing, today) must not be handed the DSN as a path."""
+        return self.database if isinstance(self.database, Path) else self.home / "sidequest.duckdb"
+
+    @property
+    def database_display(self) -> str:
+        """The store as people may see it: the file, or the DSN without its password."""
+        return redact_dsn(self.database) if isinstance(self.database, str) else str(self.database_path)
 
     @property
     def token_path(self) -> Path:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from rich.text import Text
 
 from sidequest import __version__
-from sidequest.config import Settings
+from sidequest.config import Settings, is_dsn
 from sidequest.models import AgentList, DaemonStatus
 
 if TYPE_CHECKING:
@@ -92,7 +92,8 @@ def checks(settings: Settings, project: str, status: DaemonStatus, agents: Agent
                 fix="`sidequest stop` once its tasks finish; the next command starts this version",
             )
         )
-    store = f"{status.database}, {_mb(status.database_bytes)}"
+    # `database` comes redacted from the daemon (a DSN without its password); a server has no file size.
+    store = status.database if is_dsn(status.database) else f"{status.database}, {_mb(status.database_bytes)}"
     store += f" + {_mb(status.wal_bytes)} write-ahead log" if status.wal_bytes else ""
     store += f", schema version {status.schema_version}" if status.schema_version is not None else ""
     if status.store_error:

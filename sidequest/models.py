@@ -438,6 +438,40 @@ class EnvVar(BaseModel):
     file: str | None = Field(default=None, description="the file that set it; null for the starter")
 
 
+class WorkerInfo(BaseModel):
+    """A process that runs attempts: the daemon itself, or a `sidequest worker` on a shared store.
+
+    Workers register and heartbeat in the store (not in the daemon), so this is what the store
+    says, and `alive` is read against the heartbeat: a worker killed with -9 never says goodbye.
+    """
+
+    id: str = Field(description="the worker id attempts record as worker_id (w_…)")
+    host: str = Field(description="the machine's host name")
+    pid: int
+    kind: Literal["daemon", "worker"] = Field(
+        description="'daemon': a `sidequest serve` that also runs work; 'worker': a `sidequest worker`"
+    )
+    queues: list[str] = Field(description="the queues it takes tasks from")
+    agents: list[str] | None = Field(
+        default=None, description="the agents it may run; null: any agent (the usual case)"
+    )
+    concurrency: int = Field(description="attempts it runs at once, at most")
+    running: int = Field(description="attempts it runs now")
+    started_at: datetime
+    heartbeat_at: datetime = Field(description="when it last said it is alive (UTC)")
+    alive: bool = Field(description="its heartbeat is recent; false: stopped or presumed dead")
+
+
+class WorkerList(BaseModel):
+    """`GET /api/v1/workers` and `sidequest workers --json`: every worker the store knows."""
+
+    workers: list[WorkerInfo]
+    as_of: datetime = Field(
+        default_factory=utcnow,
+        description="the daemon's clock when read: ages are taken from it, so a client's skew does not count",
+    )
+
+
 class DaemonStatus(BaseModel):
     """`sidequest status` and `GET /api/v1/daemon`: what is running and what it holds."""
 
@@ -478,7 +512,7 @@ class ConfigStatus(BaseModel):
     needs_restart: list[str] = Field(
         default_factory=list,
         description="settings changed on disk that only a restart applies (http.host, http.port, database, "
-        "lease_seconds)",
+        "lease_seconds, workers.queues, workers.heartbeat_seconds)",
     )
     differs_on_disk: bool = Field(
         default=False, description="the files on disk are not the ones loaded (a reload would read them)"

@@ -37,11 +37,19 @@ log = logging.getLogger("sidequest.reload")
 WATCH_INTERVAL = 2.0
 """Seconds between two looks at the files: a change is live within this, at a stat per file."""
 
-RESTART_KEYS = ("http.host", "http.port", "database", "lease_seconds")
-"""Settings a running daemon cannot change: its listening socket, its store, and the lease
-renewal loop's period (set once at start from `lease_seconds`)."""
+RESTART_KEYS = (
+    "http.host",
+    "http.port",
+    "database",
+    "lease_seconds",
+    "workers.queues",
+    "workers.heartbeat_seconds",
+)
+"""Settings a running daemon cannot change: its listening socket, its store, the lease renewal
+loop's period (set once at start from `lease_seconds`), and what its worker registered as in a
+shared store (its queues, its heartbeat period), which other processes read."""
 
-_NESTED = ("http", "agents", "anthropic", "claude_code", "schedules", "prices", "models", "env")
+_NESTED = ("http", "workers", "agents", "anthropic", "claude_code", "schedules", "prices", "models", "env")
 """Tables whose changes are named key by key (`agents.research`), not as the whole table."""
 
 Stamp = tuple[tuple[str, int, int, int] | None, ...]
@@ -263,7 +271,12 @@ class Reloader:
 
         raw = load_settings(self._config_path, self._environ)
         # The socket and the store stay as they are, and `serve --host/--port` keep holding.
-        pinned = {"http": current.http, "database": current.database, "lease_seconds": current.lease_seconds}
+        pinned = {
+            "http": current.http,
+            "database": current.database,
+            "lease_seconds": current.lease_seconds,
+            "workers": current.workers,
+        }
         settings = raw.model_copy(update=pinned)
         env, sources = self._environment(settings)
         registry = AgentRegistry.from_settings(settings)

@@ -23,6 +23,9 @@ STARTER_CONFIG = """\
 # max_concurrency = 4        # attempts running at once, over all agents
 # retention = "30d"          # finished tasks older than this are deleted; "off" keeps them
 # default_model = "sonnet"   # for agent files that name no model
+# database = "postgresql://sidequest:PASSWORD@db.example/sidequest"
+#                            # a PostgreSQL store instead of <data dir>/sidequest.duckdb: run
+#                            # `sidequest migrate`, then `sidequest worker` on other machines
 
 # API keys do not belong here: `sidequest env set ANTHROPIC_API_KEY` keeps them in
 # <data dir>/env (0600). Other variables for the daemon and its python agents:

@@ -26,15 +26,23 @@ from pathlib import Path
 import pytest
 from conftest import agents_toml
 from mcp import Client
-from test_cli import COMMAND_TIMEOUT, REPO, Cli, _alive, _daemon_pid, cli_session
+from test_cli import COMMAND_TIMEOUT, REPO, Cli, _alive, _daemon_pid, cli_session, only_line
 from tools import call_error
 
+from sidequest import __version__ as sidequest_version
 from sidequest.cli_errors import ErrorDocument
 from sidequest.cli_watch import FALLBACK_ENV
 from sidequest.commands import TaskDetail
 from sidequest.completion import SHELLS, describe
 from sidequest.engine.engine import Engine
-from sidequest.models import ScheduleCreated, ScheduleInfo, TaskStatus, TaskSubmitted
+from sidequest.models import (
+    ScheduleCreated,
+    ScheduleInfo,
+    TaskStatus,
+    TaskSubmitted,
+    WorkerInfo,
+    WorkerList,
+)
 from sidequest.server.mcp import build_server
 from sidequest.terminal import printable
 
@@ -557,3 +565,141 @@ def test_schedule_start_at_without_a_zone_is_utc(cli: Cli) -> None:
     assert schedule.end_at == datetime(2030, 2, 28, 8, 0, tzinfo=UTC)  # a zone given is kept
     assert created.next_runs[0] == datetime(2030, 2, 1, 8, 0, tzinfo=UTC)  # 09:00 Berlin, after 09:00Z
     cli(project, "unschedule", created.schedule_id)
+
+
+# ---- the shared-store commands: migrate, worker, serve --no-work, workers -------------------------
+
+PG_SECRET = "hunter2-Secret"
+
+
+def test_migrate_brings_a_duckdb_store_up_to_date_once(tmp_path: Path) -> None:
+    from sidequest.storage.duckdb import migrations
+    from sidequest.workers_cli import MigrateResult
+
+    newest = migrations()[-1][0]
+    with cli_session(tmp_path, "") as cli:
+        project = cli.project("migrate")
+        store = cli.home / "sidequest.duckdb"
+        first = cli(project, "migrate")
+        assert first.stdout.strip() == f"{store}: schema version 0 -> {newest}"
+        again = cli(project, "migrate")
+        assert again.stdout.strip() == f"{store}: already at version {newest}"
+        result = MigrateResult.model_validate_json(cli(project, "migrate", "--json").stdout)
+        assert result == MigrateResult(
+            store="duckdb", database=str(store), from_version=newest, to_version=newest
+        )
+        assert store.stat().st_mode & 0o077 == 0  # private, as the daemon makes it
+        # The daemon owns the file while it runs: migrate says so in one line and changes nothing.
+        cli(project, "agents")
+        held = cli(project, "migrate", code=1)
+        assert held.stdout == "" and "in use by another process" in only_line(held.stderr)
+        refused = _json_error(cli(project, "migrate", "--json", code=1).stderr)
+        assert refused.error.code == "store" and "in use" in refused.error.message
+
+
+def test_worker_and_serve_no_work_are_refused_on_duckdb(cli: Cli) -> None:
+    from sidequest.workers_cli import NO_WORK_NOT_SHARED, NOT_SHARED
+
+    project = cli.project("worker-duckdb")
+    refused = cli(project, "worker", "--concurrency", "2", "--queue", "gpu", code=2)
+    assert only_line(refused.stderr) == f"sidequest: {NOT_SHARED}"
+    assert 'database = "postgresql://…"' in NOT_SHARED and "the daemon runs the work itself" in NOT_SHARED
+    no_work = cli(project, "serve", "--no-work", code=2)
+    assert only_line(no_work.stderr) == f"sidequest: {NO_WORK_NOT_SHARED}"
+    detached = cli(project, "serve", "--no-work", "--detach", code=2)
+    assert only_line(detached.stderr) == f"sidequest: {NO_WORK_NOT_SHARED}"
+
+
+def test_worker_options_are_checked_before_anything_starts(cli: Cli) -> None:
+    project = cli.project("worker-usage")
+    bad_queue = cli(project, "worker", "--queue", "two words", code=2)
+    assert "not a queue name" in bad_queue.stderr
+    bad_concurrency = cli(project, "worker", "--concurrency", "0", code=2)
+    assert "--concurrency" in bad_concurrency.stderr
+
+
+def test_a_bad_or_unreachable_dsn_is_one_line_without_the_password(tmp_path: Path) -> None:
+    with cli_session(tmp_path, "") as cli:
+        project = cli.project("dsn")
+        env = {**cli.env, "SIDEQUEST_DATABASE": f"postgresql://sq:{PG_SECRET}@/sidequest"}
+        for command in (["migrate"], ["worker"], ["serve"], ["migrate", "--json"]):
+            bad = Cli(home=cli.home, env=env, projects=cli.projects)(project, *command, code=2)
+            assert PG_SECRET not in bad.stderr and "Traceback" not in bad.stderr
+            assert "'database'" in bad.stderr and "no host" in bad.stderr
+        # Port 1 on this machine: nothing listens there, so the connection is refused.
+        env["SIDEQUEST_DATABASE"] = f"postgresql://sq:{PG_SECRET}@127.0.0.1:1/sidequest?connect_timeout=5"
+        unreachable = Cli(home=cli.home, env=env, projects=cli.projects)(project, "migrate", code=1)
+        assert PG_SECRET not in unreachable.stderr and "Traceback" not in unreachable.stderr
+        assert only_line(unreachable.stderr).startswith("sidequest: cannot migrate: ")
+        as_json = Cli(home=cli.home, env=env, projects=cli.projects)(project, "migrate", "--json", code=1)
+        assert _json_error(as_json.stderr).error.code == "store" and PG_SECRET not in as_json.stderr
+
+
+def test_completion_knows_the_shared_store_commands(cli: Cli) -> None:
+    project = cli.project("completion-ops")
+    assert sorted(_bash_complete(cli, project, "work")) == ["worker", "workers"]
+    assert _bash_complete(cli, project, "mig") == ["migrate"]
+    assert sorted(_bash_complete(cli, project, "worker", "--")) == [
+        "--concurrency",
+        "--config",
+        "--help",
+        "--queue",
+    ]
+    assert "--no-work" in _bash_complete(cli, project, "serve", "--no")
+
+
+def _worker(n: int, kind: str, alive: bool, running: int, concurrency: int) -> WorkerInfo:
+    now = datetime.now(UTC)
+    return WorkerInfo(
+        id=f"w_{n}",
+        host="box",
+        pid=100 + n,
+        kind=kind,  # type: ignore[arg-type]
+        queues=["default"],
+        concurrency=concurrency,
+        running=running,
+        started_at=now,
+        heartbeat_at=now,
+        alive=alive,
+    )
+
+
+def test_status_sums_the_workers_up_in_one_line() -> None:
+    from sidequest.workers_cli import workers_summary
+
+    assert workers_summary(WorkerList(workers=[])) == "none"
+    fleet = WorkerList(
+        workers=[
+            _worker(1, "daemon", True, 1, 4),
+            _worker(2, "worker", True, 2, 8),
+            _worker(3, "worker", True, 0, 8),
+            _worker(4, "worker", False, 0, 8),
+        ]
+    )
+    assert workers_summary(fleet) == "3 alive (1 daemon, 2 workers), running 3/20, 1 gone"
+    gone = WorkerList(workers=[_worker(4, "worker", False, 0, 8)])
+    assert workers_summary(gone).startswith("none alive")
+
+
+def test_doctor_shows_a_postgres_store_by_its_redacted_dsn(tmp_path: Path) -> None:
+    from sidequest.config import load_settings
+    from sidequest.doctor import checks
+    from sidequest.models import AgentList, DaemonStatus
+
+    shown = "postgresql://sq:***@db.example/sidequest"
+    status = DaemonStatus(
+        version=sidequest_version,
+        pid=1,
+        host="127.0.0.1",
+        port=1,
+        started_at=datetime.now(UTC),
+        uptime_seconds=1.0,
+        data_dir=str(tmp_path),
+        database=shown,
+        tasks={"queued": 2},
+        running=0,
+        schema_version=None,
+    )
+    found = checks(load_settings(env={"SIDEQUEST_HOME": str(tmp_path)}), "/p", status, AgentList(agents=[]))
+    store = next(check for check in found if check.name == "store")
+    assert store.status == "ok" and store.detail == f"{shown}; readable (2 tasks)"

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sidequest.config import ConfigError, daemon_environment, load_settings
+from sidequest.config import (
+    ConfigError,
+    daemon_environment,
+    load_settings,
+    redact_dsn,
+    scrub_dsn,
+)
 from sidequest.models import TaskOptions, parse_duration
 
 
@@ -141,3 +147,96 @@ def test_daemon_environment_is_the_allowlist_plus_what_the_config_passes_to_agen
         "GITHUB_TOKEN",
     }
     assert env["MY_CLAUDE_KEY"] == "sk-configured"
+
+
+# ---- database: a DuckDB path or a PostgreSQL DSN --------------------------------------------------
+
+SECRET = "hunter2-Secret"
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        f"postgresql://sq:{SECRET}@db.example:5432/sidequest",
+        f"postgres://sq:{SECRET}@db.example/sidequest?sslmode=require",
+        "postgresql:///sidequest?host=/var/run/postgresql",
+        f"postgresql://sq@db1:5432,db2:5433/sidequest?password={SECRET}",
+        "postgresql://sq@[::1]:5432/sidequest",
+        "postgresql://sq@db.example?dbname=sidequest",
+    ],
+)
+def test_a_postgres_dsn_is_the_store_and_the_duckdb_path_stays_put(tmp_path: Path, dsn: str) -> None:
+    for env in ({"SIDEQUEST_DATABASE": dsn}, {}):
+        if not env:
+            write(tmp_path / "sidequest.toml", f"database = {dsn!r}\n")
+        settings = load_settings(env={"SIDEQUEST_HOME": str(tmp_path), **env})
+        assert settings.store_kind == "postgres"
+        assert settings.database_url == dsn
+        assert settings.database_path == tmp_path / "sidequest.duckdb"
+        assert SECRET not in settings.database_display and SECRET not in repr(settings)
+        assert settings.database_display.startswith(dsn.partition("://")[0] + "://")
+
+
+def test_a_path_is_duckdb(tmp_path: Path) -> None:
+    settings = load_settings(env={"SIDEQUEST_HOME": str(tmp_path), "SIDEQUEST_DATABASE": "/data/sq.duckdb"})
+    assert settings.store_kind == "duckdb" and settings.database_url is None
+    assert settings.database_path == Path("/data/sq.duckdb") == Path(settings.database_display)
+    default = load_settings(env={"SIDEQUEST_HOME": str(tmp_path)})
+    assert default.store_kind == "duckdb" and default.database_path == tmp_path / "sidequest.duckdb"
+
+
+@pytest.mark.parametrize(
+    ("dsn", "message"),
+    [
+        (f"postgresql://sq:{SECRET}@db.example/", "no database name"),
+        (f"postgresql://sq:{SECRET}@/sidequest", "no host"),
+        (f"postgresql://sq:{SECRET}@db.example:99999/sidequest", "a port is 1-65535"),
+        (f"postgresql://sq:{SECRET}@db.example:pg/sidequest", "a port is 1-65535"),
+        (f"mysql://sq:{SECRET}@db.example/sidequest", "not a store sidequest knows"),
+    ],
+)
+def test_a_bad_dsn_names_the_setting_and_never_the_password(tmp_path: Path, dsn: str, message: str) -> None:
+    path = write(tmp_path / "bad.toml", f"database = {dsn!r}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={"SIDEQUEST_HOME": str(tmp_path)})
+    text = str(info.value)
+    assert "'database'" in text and message in text and "bad.toml" in text
+    assert SECRET not in text
+
+
+def test_redact_dsn_hides_every_password() -> None:
+    assert redact_dsn(f"postgresql://sq:{SECRET}@db:5432/x") == "postgresql://sq:***@db:5432/x"
+    assert redact_dsn("postgresql://sq@db/x") == "postgresql://sq@db/x"
+    assert redact_dsn(f"postgres://sq@db/x?sslmode=require&password={SECRET}") == (
+        "postgres://sq@db/x?sslmode=require&password=***"
+    )
+    assert redact_dsn("postgresql:///x?host=/run/pg") == "postgresql:///x?host=/run/pg"
+    assert redact_dsn(f"postgresql://sq:{SECRET}@with@db/x") == "postgresql://sq:***@db/x"  # '@' in it
+
+
+def test_scrub_dsn_removes_the_dsn_and_the_password_from_a_message() -> None:
+    dsn = f"postgresql://sq:{SECRET}@db/x"
+    message = f"cannot connect to {dsn}: password {SECRET!r} refused"
+    scrubbed = scrub_dsn(message, dsn)
+    assert SECRET not in scrubbed and "postgresql://sq:***@db/x" in scrubbed
+    assert scrub_dsn("unchanged", None) == "unchanged"
+
+
+def test_workers_settings(tmp_path: Path) -> None:
+    default = load_settings(env={"SIDEQUEST_HOME": str(tmp_path)})
+    assert default.workers.queues == ["default"] and default.workers.heartbeat_seconds == 2.0
+    write(
+        tmp_path / "sidequest.toml",
+        '[workers]\nqueues = ["gpu", "default", "gpu"]\nheartbeat_seconds = "5s"\n',
+    )
+    settings = load_settings(env={"SIDEQUEST_HOME": str(tmp_path)})
+    assert settings.workers.queues == ["gpu", "default"] and settings.workers.heartbeat_seconds == 5.0
+    for bad, message in (
+        ('queues = ["two words"]', "not a queue name"),
+        ("queues = []", "'workers.queues'"),
+        ("heartbeat_seconds = 0", "'workers.heartbeat_seconds'"),
+        ("heartbeet_seconds = 1", "unknown key 'workers.heartbeet_seconds'"),
+    ):
+        write(tmp_path / "sidequest.toml", f"[workers]\n{bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_settings(env={"SIDEQUEST_HOME": str(tmp_path)})

@@ -59,6 +59,7 @@ from sidequest.models import (
     WaitMode,
     WaitRequest,
     WaitResult,
+    WorkerList,
     WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
@@ -422,6 +423,9 @@ class DaemonClient:
 
     async def daemon_status(self) -> DaemonStatus:
         return await self._call("GET", "/daemon", DaemonStatus)
+
+    async def list_workers(self) -> WorkerList:
+        return await self._call("GET", "/workers", WorkerList)
 
     async def reload_config(self) -> ReloadResult:
         return await self._call("POST", "/reload", ReloadResult)

@@ -70,6 +70,7 @@ from sidequest.models import (
     TaskSubmitted,
     WaitRequest,
     WaitResult,
+    WorkerList,
     WorkflowInfo,
     WorkflowPage,
     WorkflowStatus,
@@ -787,6 +788,17 @@ def build_rest_app(
     async def list_agents(scope: CallerScope, project: CallerProject) -> AgentList:
         return await engine.agent_list(scope, project)
 
+    @app.get(
+        "/workers",
+        response_model=WorkerList,
+        summary="The processes that run attempts",
+        description="Every worker the store knows, alive or recently gone: the daemon (when it runs "
+        "work) and each `sidequest worker` on a shared PostgreSQL store, with its queues, concurrency, "
+        "running attempts and last heartbeat. On DuckDB the daemon is the one worker.",
+    )
+    async def list_workers() -> WorkerList:
+        return await engine.list_workers()
+
     @app.get("/daemon", response_model=DaemonStatus, summary="The serving daemon and what it holds")
     async def daemon_status() -> DaemonStatus:
         return await describe_daemon()
@@ -802,9 +814,9 @@ def build_rest_app(
         summary="Read the config file and env files again",
         description="Applies what can change while the daemon serves (agents, limits, retention, "
         "schedules settings, the daemon's variables for new attempts) and names the settings that "
-        "need a restart (http.host, http.port, database, lease_seconds). A file that fails to parse or "
-        "validate is not applied: the old configuration keeps serving, and `problem` (also in "
-        "GET /daemon) says why.",
+        "need a restart (http.host, http.port, database, lease_seconds, workers.queues, "
+        "workers.heartbeat_seconds). A file that fails to parse or validate is not applied: the old "
+        "configuration keeps serving, and `problem` (also in GET /daemon) says why.",
     )
     async def reload_config() -> ReloadResult:
         return await control().reload("asked over REST")

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
 
     from sidequest.engine.engine import Engine
-    from sidequest.models import DaemonStatus, EnvVar
+    from sidequest.models import DaemonStatus, EnvVar, WorkerList
     from sidequest.reload import Reloader
     from sidequest.server.client import Endpoint
     from sidequest.server.daemon import DaemonState
@@ -172,10 +172,12 @@ async def _stop_on_store_failure(engine: Engine, stop: Callable[[], None], linge
 async def stdio_embedded(settings: Settings) -> None:
     from sidequest.engine.engine import Engine
     from sidequest.server.mcp import build_server
+    from sidequest.storage.open import open_store
 
     _own_data_dir(settings)
     _apply_environment(settings)
-    engine = Engine(settings)
+    with _startup_errors():
+        engine = Engine(settings, open_store(settings))
     with _startup_errors():
         async with engine.running():
             server = build_server(engine, _default_scope())
@@ -277,7 +279,9 @@ class _StdinLines:
 # ---- serve ------------------------------------------------------------------
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, work: bool = True) -> None:
+    """`work=False` (`serve --no-work`, shared store only): MCP, REST, schedules and the reads, while
+    `sidequest worker` processes run the attempts."""
     import uvicorn
 
     from sidequest.engine.engine import Engine
@@ -286,6 +290,7 @@ async def serve(settings: Settings) -> None:
     from sidequest.server.http import QuietUvicorn, build_app, load_or_create_token
     from sidequest.server.mcp import build_server
     from sidequest.server.rest import build_rest_app, close_event_streams
+    from sidequest.storage.open import open_store
 
     _own_data_dir(settings)
     reloader = _reloader(settings)
@@ -310,7 +315,11 @@ async def serve(settings: Settings) -> None:
                 f"cannot read or create the token file {settings.token_path}: {exc.strerror or exc}; "
                 "make it (and its folder) readable and writable by this user"
             ) from exc
-        engine = Engine(settings)
+        with _startup_errors():
+            store = open_store(settings)
+        # Engine(work=...) comes with the engine's shared-store work; until it is merged only
+        # --no-work passes it, so a plain `serve` builds the engine it always did.
+        engine = Engine(settings, store, **({} if work else {"work": False}))
         reloader.attach(engine)
         started = utcnow()
         state = DaemonState(
@@ -320,16 +329,17 @@ async def serve(settings: Settings) -> None:
             token=token,
             version=__version__,
             started_at=started,
-            database=str(settings.database_path),
+            database=settings.database_display,  # never the DSN's password: `status` prints it
         )
+        on_file = settings.store_kind == "duckdb"
 
         async def daemon_status() -> DaemonStatus:
             failure = engine.failure
-            database = Path(state.database)
+            database = settings.database_path
             return DaemonStatus(
-                schema_version=None if failure else _schema_version(),
-                database_bytes=_size(database),
-                wal_bytes=_size(database.with_name(database.name + ".wal")),
+                schema_version=None if failure or not on_file else _schema_version(),
+                database_bytes=_size(database) if on_file else 0,
+                wal_bytes=_size(database.with_name(database.name + ".wal")) if on_file else 0,
                 disk_free_bytes=_free_bytes(settings.home),
                 environment=reloader.environment,
                 config=reloader.status(),
@@ -452,8 +462,10 @@ async def status(settings: Settings, as_json: bool) -> None:
         status = await daemon_status_of(state)
     except EngineError as exc:
         raise Fatal(str(exc)) from exc
+    workers = await _workers_of(state)
     if as_json:
-        print(json.dumps({"alive": True, **status.model_dump(mode="json")}))
+        listed = {"workers": workers.model_dump(mode="json")["workers"]} if workers is not None else {}
+        print(json.dumps({"alive": True, **status.model_dump(mode="json"), **listed}))
         return
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
@@ -466,6 +478,10 @@ async def status(settings: Settings, as_json: bool) -> None:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(status.tasks.items())) or "none"
     table.add_row("tasks", counts)
     table.add_row("running now", str(status.running))
+    if workers is not None:
+        from sidequest.workers_cli import workers_summary
+
+        table.add_row("workers", workers_summary(workers))
     if status.config is not None:
         config = status.config
         table.add_row("config", Text(config.file or "none (defaults)"))
@@ -492,6 +508,25 @@ async def daemon_status_of(state: DaemonState) -> DaemonStatus:
 
     async with DaemonClient(here, _default_scope()) as client:
         return await client.daemon_status()
+
+
+async def _workers_of(state: DaemonState) -> WorkerList | None:
+    """`GET /api/v1/workers`, or None from a daemon that cannot say (an older version): the rest of
+    `status` is still worth printing."""
+    from sidequest.engine.errors import EngineError
+    from sidequest.server.client import DaemonClient
+
+    endpoint = state.endpoint()
+
+    async def here(_: bool) -> Endpoint:
+        return endpoint
+
+    async with DaemonClient(here, _default_scope()) as client:
+        try:
+            return await client.list_workers()
+        except EngineError as exc:
+            log.debug("the daemon lists no workers: %s", exc)
+            return None
 
 
 def _duration(seconds: float) -> str:
