@@ -169,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 _refuse(NOT_SHARED, as_json)
             concurrency: int = args.concurrency or settings.max_concurrency
             queues: list[str] = list(dict.fromkeys(args.queues or settings.workers.queues))
-            runner = lambda: run.run_worker(settings, concurrency, queues)  # noqa: E731
+            from sidequest.server.worker import run_worker
+
+            runner = lambda: run_worker(settings, concurrency, queues)  # noqa: E731
         elif args.command == "stdio":
             runner = (
                 (lambda: run.stdio_embedded(settings))

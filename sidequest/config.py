@@ -327,8 +327,13 @@ class WorkersConfig(_Strict):
     heartbeat_seconds: Duration = Field(
         default=2.0, gt=0, le=60, description="how often a worker records that it is alive"
     )
+    selectable_queues: list[str] = Field(
+        default_factory=list,
+        description="queues a submitter (a model) may name in options.queue; empty: none, tasks go "
+        "to their agent file's queue or `default`",
+    )
 
-    @field_validator("queues", mode="after")
+    @field_validator("queues", "selectable_queues", mode="after")
     @classmethod
     def _queue_names(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(check_queue_name(name) for name in value))

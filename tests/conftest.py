@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import psycopg
@@ -123,6 +124,28 @@ def fresh_pg_schema() -> Iterator[tuple[str, str]]:
     finally:
         with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@contextlib.contextmanager
+def fresh_pg_database(password: str | None = None) -> Iterator[str]:
+    """The DSN of a new, empty database on the test server, dropped afterwards (connections and all).
+
+    For tests that start processes configured by `database = "postgresql://…"` alone (a schema
+    would need a setting of its own). `password` goes into the DSN: the server's trust
+    authentication ignores it, so a test can check it never leaks into output."""
+    name = f"sq_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    parts = urlsplit(POSTGRES_DSN)
+    netloc = parts.netloc
+    if password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{(user.split(':')[0] or 'postgres')}:{password}@{host}"
+    try:
+        yield urlunsplit((parts.scheme, netloc, f"/{name}", parts.query, ""))
+    finally:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

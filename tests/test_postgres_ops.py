@@ -5,17 +5,13 @@ These need the PostgreSQL store (sidequest/storage/postgres.py) and the engine's
 (Engine.list_workers, Engine(work=...), runner.run_worker), which are built on other branches: this
 file is meant to pass once they are merged.
 
-The database: `$SIDEQUEST_TEST_POSTGRES` (a DSN of an empty database the tests may fill) when set,
-else a private cluster made with initdb in a temporary folder, reached over a Unix socket only (run
-as the `postgres` user when the tests run as root, since PostgreSQL refuses root).
+The database: a fresh one on the test server (`SIDEQUEST_TEST_POSTGRES_DSN`), dropped afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-from conftest import agents_toml
+from conftest import agents_toml, fresh_pg_database
 from test_cli import COMMAND_TIMEOUT, Cli, cli_session, only_line, wait_until
 
 from sidequest.config import load_settings, redact_dsn
@@ -39,57 +34,12 @@ SECRET = "pg-Secret-hunter2"
 """In every DSN below; trust authentication ignores it, so a leak shows and nothing else changes."""
 
 
-def _as_postgres(argv: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
-@contextlib.contextmanager
-def _private_cluster(base: Path) -> Iterator[str]:
-    """A throwaway PostgreSQL: no TCP port, trust over its own socket folder, fsync off."""
-    initdb = shutil.which("initdb") or "/usr/lib/postgresql/15/bin/initdb"
-    pg_ctl = shutil.which("pg_ctl") or "/usr/lib/postgresql/15/bin/pg_ctl"
-    base.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-    data = base / "data"
-    subprocess.run(
-        _as_postgres([initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]),
-        check=True,
-        capture_output=True,
-        cwd=base,
-    )
-    options = f"-k {base} -c listen_addresses='' -F -c max_connections=200"
-    subprocess.run(
-        _as_postgres([pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"]),
-        check=True,
-        capture_output=True,
-        cwd=base,
-    )
-    try:
-        with psycopg.connect(f"postgresql:///postgres?host={base}&user=postgres", autocommit=True) as con:
-            con.execute("CREATE DATABASE sidequest")
-        yield f"postgresql://postgres:{SECRET}@/sidequest?host={base}"
-    finally:
-        subprocess.run(
-            _as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]), capture_output=True, cwd=base
-        )
-
-
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A DSN of an empty database (with SECRET as its password where we made the DSN)."""
-    given = os.environ.get("SIDEQUEST_TEST_POSTGRES")
-    if given:
-        yield given
-        return
-    # A short folder: a Unix socket path is limited to ~100 bytes.
-    base = Path(f"/tmp/sqpg-{os.getpid()}")
-    shutil.rmtree(base, ignore_errors=True)
-    try:
-        with _private_cluster(base) as dsn:
-            yield dsn
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+def postgres() -> Iterator[str]:
+    """A DSN of an empty database on the test server, with SECRET as its password (ignored by the
+    server's trust authentication, so a leak shows and nothing else changes)."""
+    with fresh_pg_database(password=SECRET) as dsn:
+        yield dsn
 
 
 def _password(dsn: str) -> str | None:
@@ -179,7 +129,8 @@ def test_a_daemon_without_work_and_a_worker_on_postgres(tmp_path: Path, postgres
         # Nothing runs the task until a worker comes.
         submitted = TaskSubmitted.model_validate_json(cli(project, "submit", "echo", "hi", "--json").stdout)
         time.sleep(1.0)
-        queued = TaskInfo.model_validate_json(cli(project, "show", submitted.task_id, "--json").stdout)
+        shown = json.loads(cli(project, "show", submitted.task_id, "--json").stdout)
+        queued = TaskInfo.model_validate(shown["task"])
         assert queued.status == TaskStatus.queued
 
         worker = subprocess.Popen(
@@ -194,8 +145,8 @@ def test_a_daemon_without_work_and_a_worker_on_postgres(tmp_path: Path, postgres
         try:
 
             def done() -> bool:
-                shown = cli(project, "show", submitted.task_id, "--json").stdout
-                return TaskInfo.model_validate_json(shown).status == TaskStatus.completed
+                shown = json.loads(cli(project, "show", submitted.task_id, "--json").stdout)
+                return TaskInfo.model_validate(shown["task"]).status == TaskStatus.completed
 
             wait_until(done, "the worker to run the task")
             listing = WorkerList.model_validate_json(cli(project, "workers", "--json").stdout)

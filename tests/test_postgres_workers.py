@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,31 +19,23 @@ from pathlib import Path
 import anyio
 import psycopg
 import pytest
-from sidequest.storage.open import open_store
+from conftest import POSTGRES_DSN, agents_toml, all_test_agents, fresh_pg_database, wait_for
 
 from sidequest.config import Settings
 from sidequest.engine.engine import Engine
-from tests.conftest import agents_toml, wait_for
+from sidequest.storage.open import open_store
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-ADMIN_DSN = os.environ.get("SIDEQUEST_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 LEASE = 2.0
 
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    """A fresh database for this test; its DSN. Dropped (connections and all) afterwards."""
-    name = f"sq_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as con:
-        con.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = ADMIN_DSN.rpartition("/")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as con:
-            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """A fresh database for this test; its DSN."""
+    with fresh_pg_database() as dsn:
+        yield dsn
 
 
 def _config(home: Path, dsn: str) -> Path:
@@ -118,8 +109,6 @@ async def client_engine(tmp_path: Path, dsn: str) -> AsyncIterator[Engine]:
     and cancels, and runs nothing."""
     home = tmp_path / "client"
     home.mkdir(exist_ok=True)
-    from tests.conftest import all_test_agents
-
     settings = Settings(home=home, database=dsn, agents=all_test_agents(), lease_seconds=LEASE)  # type: ignore[arg-type]
     engine = Engine(settings, open_store(settings), work=False)
     async with engine.running():
@@ -244,7 +233,7 @@ async def test_every_connection_cut_mid_run_loses_nothing(cluster: Cluster, tmp_
         await anyio.sleep(0.5)
         name = cluster.dsn.rpartition("/")[2]
         cut = rows(
-            ADMIN_DSN,
+            POSTGRES_DSN,
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE datname = %s AND pid <> pg_backend_pid()",
             name,

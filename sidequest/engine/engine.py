@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import anyio
 
@@ -118,22 +118,22 @@ class Engine:
         clock: Clock | None = None,
         *,
         work: bool = True,
-        queues: Sequence[str] = ("default",),
-        role: str = "serve",
+        queues: Sequence[str] | None = None,
+        role: Literal["daemon", "worker"] = "daemon",
     ):
         """`work=False`: serve the API without running attempts (`serve --no-work`, shared store
         only). `role="worker"`: run attempts only (`sidequest worker`): no scheduler, no retention.
         `queues`: the queues this process takes work from (shared store)."""
         self.settings = settings
-        if store is None:
-            from sidequest.storage.duckdb import DuckDBStore
+        if store is None:  # tests and tools: the store the configuration names
+            from sidequest.storage.open import open_store
 
-            store = DuckDBStore(settings.database_path)
+            store = open_store(settings)
         self.store = store
         self.shared = store.shared
         self.work = work or not store.shared  # the owned store's daemon is its only worker
         self.role = role
-        self.queues = list(queues)
+        self.queues = list(queues if queues is not None else settings.workers.queues)
         self.started_at = utcnow()
         self._unfinished_count: tuple[float, int] = (-math.inf, 0)
         self.agents = registry or AgentRegistry.from_settings(settings)
@@ -215,7 +215,7 @@ class Engine:
                     tg.start_soon(self.attempts.renew_leases)
                 if self.shared:
                     tg.start_soon(self._heartbeat)
-                if self.role != "worker":
+                if self.role == "daemon":
                     tg.start_soon(self._forget_idempotency_keys)
                     tg.start_soon(self.scheduler.run)
                     tg.start_soon(self.retention.run)
@@ -350,18 +350,21 @@ class Engine:
                 await self._shared_store.heartbeat(self._worker_record())
             except StoreError as exc:
                 log.warning("could not write this worker's heartbeat: %s", exc)
-            await anyio.sleep(max(0.2, min(2.0, self.settings.lease_seconds / 3)))
+            await anyio.sleep(min(self.settings.workers.heartbeat_seconds, self.settings.lease_seconds / 3))
 
     async def list_workers(self) -> WorkerList:
         """Processes running attempts: on the owned store, this daemon; on a shared store, every
         process whose heartbeat is fresher than a lease."""
         from sidequest.models import WorkerInfo, WorkerList
 
+        lease = self.settings.lease_seconds
         if not self.shared:
             records = [self._worker_record()]
-        else:
-            records = await self._shared_store.list_workers(self.settings.lease_seconds)
+        else:  # the recently gone too, marked: a worker killed with -9 never says goodbye
+            records = await self._shared_store.list_workers(max(60.0, 10 * lease))
+        now = utcnow()
         return WorkerList(
+            as_of=now,
             workers=[
                 WorkerInfo(
                     id=r.id,
@@ -374,10 +377,10 @@ class Engine:
                     running=r.running,
                     started_at=r.started_at,
                     heartbeat_at=r.heartbeat_at,
-                    alive=True,
+                    alive=(now - r.heartbeat_at).total_seconds() <= lease,
                 )
                 for r in records
-            ]
+            ],
         )
 
     async def _forget_idempotency_keys(self) -> None:

@@ -319,7 +319,7 @@ async def serve(settings: Settings, *, work: bool = True) -> None:
             store = open_store(settings)
         # Engine(work=...) comes with the engine's shared-store work; until it is merged only
         # --no-work passes it, so a plain `serve` builds the engine it always did.
-        engine = Engine(settings, store, **({} if work else {"work": False}))
+        engine = Engine(settings, store, work=work)
         reloader.attach(engine)
         started = utcnow()
         state = DaemonState(

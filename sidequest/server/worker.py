@@ -26,7 +26,7 @@ from sidequest.server.runner import (
 log = logging.getLogger("sidequest")
 
 
-async def run_worker(settings: Settings, concurrency: int | None, queues: Sequence[str]) -> None:
+async def run_worker(settings: Settings, concurrency: int, queues: Sequence[str]) -> None:
     from sidequest.engine.engine import Engine
     from sidequest.storage.open import open_store
 
@@ -35,10 +35,9 @@ async def run_worker(settings: Settings, concurrency: int | None, queues: Sequen
             'sidequest worker needs a shared store: set database = "postgresql://…" (or '
             "SIDEQUEST_DATABASE); on DuckDB the daemon runs the work itself"
         )
-    if concurrency is not None:
-        if concurrency < 1:
-            raise Fatal(f"--concurrency must be at least 1, got {concurrency}")
-        settings = settings.model_copy(update={"max_concurrency": concurrency})
+    if concurrency < 1:
+        raise Fatal(f"--concurrency must be at least 1, got {concurrency}")
+    settings = settings.model_copy(update={"max_concurrency": concurrency})
     queues = list(dict.fromkeys(queues)) or ["default"]
     _apply_environment(settings)
     with _startup_errors():
