@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sidequest.agent_definition import AgentDefinition, SidequestKeys
 from sidequest.config import AgentConfig, ConfigError, Settings
-from sidequest.executors.base import Executor
+from sidequest.executors.base import BuildWarnings, Executor
 from sidequest.executors.command import CommandExecutor
 from sidequest.executors.python import build_python_executor
 from sidequest.executors.sandbox import is_inside
@@ -464,7 +464,7 @@ class AgentRegistry:
 
                 self._clients = ClientPool(self.settings)
             executor = AnthropicExecutor(definition, self.settings, self._clients)
-        return executor, list(getattr(executor, "warnings", []))
+        return executor, list(executor.warnings) if isinstance(executor, BuildWarnings) else []
 
     def _warn_clash(self, name: str, path: Path) -> None:
         if (name, path) not in self._clash_warned:

@@ -453,7 +453,9 @@ class WorkerInfo(BaseModel):
     )
     queues: list[str] = Field(description="the queues it takes tasks from")
     agents: list[str] | None = Field(
-        default=None, description="the agents it may run; null: any agent (the usual case)"
+        default=None,
+        description="the config agents it has (agent files travel with their tasks and run "
+        "anywhere); null: not known",
     )
     concurrency: int = Field(description="attempts it runs at once, at most")
     running: int = Field(description="attempts it runs now")

@@ -52,6 +52,7 @@ from sidequest.engine.retention import Retention
 from sidequest.engine.scheduler import Clock, Scheduler
 from sidequest.engine.tasklog import TaskLog
 from sidequest.engine.worksource import ClaimingQueue, MemoryQueue, WorkSource
+from sidequest.executors.base import Preflight
 from sidequest.models import (
     MAX_WAIT_SECONDS,
     MAX_WAIT_TASKS,
@@ -319,7 +320,7 @@ class Engine:
             limit=free,
             lease_seconds=self.settings.lease_seconds,
             queues=self.queues,
-            agents=None,
+            agents=sorted(self.agents.config_agents()),
             agent_limits=limits,
         )
 
@@ -334,7 +335,7 @@ class Engine:
             host=socket.gethostname(),
             pid=os.getpid(),
             queues=list(self.queues) if self.work else [],
-            agents=None,
+            agents=sorted(self.agents.config_agents()) if self.work and self.shared else None,
             concurrency=self.settings.max_concurrency if self.work else 0,
             running=len(self.dispatcher.running),
             started_at=self.started_at,
@@ -664,10 +665,9 @@ class Engine:
                     f"resume_task_id only works with claude-code agents; {agent.name!r} runs on "
                     f"{agent.executor.name!r}"
                 )
-        preflight = getattr(agent.executor, "preflight", None)
-        if preflight is None:
+        if not isinstance(agent.executor, Preflight):
             return []
-        return list(preflight(options, scope, self.workdir_roots(scope, project)))
+        return list(agent.executor.preflight(options, scope, self.workdir_roots(scope, project)))
 
     def _check_queue(self) -> None:
         check_queue(len(self._live) + len(self._inserting), self.settings.max_queued_tasks)
@@ -1039,14 +1039,24 @@ class Engine:
         waiting = [t for t in tasks if t.status in (TaskStatus.queued, TaskStatus.retrying)]
         if not waiting:
             return
-        workers = await self._shared_store.list_workers(self.settings.lease_seconds)
-        served = {q for w in workers if w.concurrency > 0 for q in w.queues}
+        workers = [
+            w for w in await self._shared_store.list_workers(self.settings.lease_seconds) if w.concurrency
+        ]
         for info in waiting[:20]:
             row = await self.store.get_task(info.task_id)
-            if row is not None and row.queue not in served:
+            if row is None:
+                continue
+            able = [
+                w
+                for w in workers
+                if row.queue in w.queues
+                and (row.agent_snapshot is not None or w.agents is None or row.agent in w.agents)
+            ]
+            if not able:
                 report.hint = (
                     f"no worker serves agent {row.agent} on queue {row.queue!r}: start one with "
-                    f"`sidequest worker --queue {row.queue}`; {report.hint}"
+                    f"`sidequest worker --queue {row.queue}` on a machine whose config has that agent; "
+                    f"{report.hint}"
                 )
                 return
 

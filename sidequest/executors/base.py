@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
@@ -133,3 +133,18 @@ class Executor(Protocol):
     name: str
 
     async def run(self, prompt: str, ctx: TaskContext) -> ExecutionResult: ...
+
+
+@runtime_checkable
+class Preflight(Protocol):
+    """An executor that can tell at submit what would fail (a missing key, a cwd outside the
+    roots): errors it raises refuse the task, warnings it returns go back with the task id."""
+
+    def preflight(self, options: Any, scope: str, workdir_roots: list[str]) -> list[str]: ...
+
+
+@runtime_checkable
+class BuildWarnings(Protocol):
+    """An executor whose configuration works but may surprise (shown with the agent's info)."""
+
+    warnings: list[str]

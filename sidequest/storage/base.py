@@ -506,7 +506,8 @@ class ClaimRequest:
     lease_seconds: float
     queues: Sequence[str] = ("default",)
     agents: Collection[str] | None = None
-    """Agents this worker can run; None: any (config agents are code on the worker's machine)."""
+    """Config agents this worker has (they are code and settings on its machine); a task that
+    carries its agent file (`agent_snapshot`) runs anywhere. None: any task."""
     agent_limits: dict[str, int] = field(default_factory=dict)
     """Per-agent `max_concurrency`, counted over every worker (running rows in the store)."""
 

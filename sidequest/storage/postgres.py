@@ -881,11 +881,7 @@ class PostgresStore:
                     committed.task_ids = {t.id for t in earlier}
                     committed.workflow_ids = {t.workflow_id for t in earlier}
                     return earlier
-            limits = {
-                agent: n
-                for agent, n in request.agent_limits.items()
-                if request.agents is None or agent in request.agents
-            }
+            limits = dict(request.agent_limits)
             room: dict[str, int] = {}
             if limits:
                 for agent in sorted(limits):

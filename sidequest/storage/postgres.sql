@@ -122,7 +122,7 @@ WHERE status IN ('queued', 'retrying')
         AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
        OR (status = 'retrying' AND (next_attempt_at IS NULL OR next_attempt_at <= now())))
   AND queue = ANY(%(queues)s)
-  AND (%(agents)s::text[] IS NULL OR agent = ANY(%(agents)s::text[]))
+  AND (%(agents)s::text[] IS NULL OR agent_snapshot IS NOT NULL OR agent = ANY(%(agents)s::text[]))
   AND agent <> ALL(%(full)s::text[])
 ORDER BY (CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END), seq
 LIMIT %(limit)s
