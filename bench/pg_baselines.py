@@ -14,7 +14,7 @@ Two measurements per library, each on a fresh schema in a database this run crea
 Every job appends "id time pid" to a per-process file (`bench.pg_workers.record`): no database write in
 the job, and every job is checked to have run exactly once. A new library is one more `Runner` subclass
 in RUNNERS; with more than one runner the summary prints ratios against --baseline.
-This file only measures; nothing in sidequest is used or changed.
+sidequest runs as users run it (its `worker` command on its PostgreSQL store); nothing is changed.
 """
 
 from __future__ import annotations
@@ -305,7 +305,99 @@ class ProcrastinateRunner(Runner):
         await self.app.close_async()
 
 
-RUNNERS: dict[str, type[Runner]] = {"pgqueuer": PgQueuerRunner, "procrastinate": ProcrastinateRunner}
+class SidequestRunner(Runner):
+    """sidequest's shared store. Bulk enqueue is `PostgresStore.enqueue` (one transaction per chunk,
+    one task and its workflow per job, as submits make them); a single submit is the engine's
+    `submit` (validation, agent lookup, the insert, NOTIFY), as every surface calls it. Workers:
+    `python -m sidequest.cli worker --concurrency C`, the command users run."""
+
+    name = "sidequest"
+    distribution = "sidequest"
+    concurrency = 16
+
+    async def prepare(self, dsn: str, schema: str) -> None:
+        from contextlib import AsyncExitStack
+
+        from sidequest.config import AgentConfig, Settings
+        from sidequest.engine.engine import Engine
+        from sidequest.storage.postgres import PostgresStore
+
+        self.dsn, self.schema = dsn, schema
+        self.home = Path(tempfile.mkdtemp(prefix="sqbench-home-"))
+        sep = "&" if "?" in dsn else "?"
+        self.store_dsn = f"{dsn}{sep}options=-csearch_path%3D{schema}"
+        self.config = self.home / "sidequest.toml"
+        self.config.write_text(
+            f'database = "{self.store_dsn}"\nlease_seconds = 10\nmax_concurrency = {self.concurrency}\n\n'
+            '[agents.bench_noop]\nexecutor = "python"\ncallable = "bench.pg_workers:sidequest_noop"\n',
+            encoding="utf-8",
+        )
+        settings = Settings(
+            home=self.home,
+            database=self.store_dsn,  # type: ignore[arg-type]
+            agents={"bench_noop": AgentConfig(callable="bench.pg_workers:sidequest_noop")},
+        )
+        self.stack = AsyncExitStack()
+        self.engine = Engine(settings, PostgresStore(self.store_dsn, schema=schema), work=False)
+        await self.stack.enter_async_context(self.engine.running())
+        self.conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+
+    async def enqueue(self, ids: Sequence[int]) -> None:
+        from sidequest.engine.admission import new_id
+        from sidequest.models import utcnow
+        from sidequest.storage.base import TaskRecord, WorkflowRecord
+
+        for k in range(0, len(ids), CHUNK):
+            now = utcnow()
+            workflows, tasks = [], []
+            for i in ids[k : k + CHUNK]:
+                wid = new_id("wf")
+                workflows.append(WorkflowRecord(wid, "bench_noop", "/bench", "running", now, now))
+                tasks.append(
+                    TaskRecord(
+                        id=new_id("t"), seq=0, workflow_id=wid, agent="bench_noop", prompt=str(i),
+                        status="queued", priority="normal", scope="/bench", options={}, max_retries=0,
+                        created_at=now, updated_at=now,
+                    )
+                )  # fmt: skip
+            await self.engine._shared_store.enqueue(workflows, tasks)
+
+    async def submit_one(self, i: int) -> None:
+        await self.engine.submit("bench_noop", str(i))
+
+    async def done_count(self) -> int:
+        query = sql.SQL("SELECT count(*) FROM {}.task_executions WHERE status = 'completed'").format(
+            sql.Identifier(self.schema)
+        )
+        row = await (await self.conn.execute(query)).fetchone()
+        return int(row[0]) if row else 0
+
+    def worker_command(self) -> list[str]:
+        return [sys.executable, "-m", "sidequest.cli", "worker", "--concurrency", str(self.concurrency)]
+
+    def worker_env(self) -> dict[str, str]:
+        return {"SIDEQUEST_HOME": str(self.home), "SIDEQUEST_CONFIG": str(self.config)}
+
+    def settings(self) -> str:
+        return f"sidequest worker --concurrency {self.concurrency}: LISTEN/NOTIFY, poll 0.5 s, lease 10 s"
+
+    async def teardown(self) -> None:
+        await self.conn.close()
+        await self.stack.aclose()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    @classmethod
+    def version(cls) -> str:
+        from sidequest import __version__
+
+        return __version__
+
+
+RUNNERS: dict[str, type[Runner]] = {
+    "sidequest": SidequestRunner,
+    "pgqueuer": PgQueuerRunner,
+    "procrastinate": ProcrastinateRunner,
+}
 
 
 # ---- the database of one run ---------------------------------------------------------------------

@@ -93,6 +93,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
+# ---- sidequest: `python -m sidequest.cli worker`, configured by the harness's sidequest.toml --------
+
+
+async def sidequest_noop(prompt: str, ctx: Any) -> None:
+    """The no-op task of sidequest's runner: the prompt is the job id."""
+    record(int(prompt))
+
+
 def run_pgqueuer_worker() -> None:
     import pgqueuer
     import uvloop

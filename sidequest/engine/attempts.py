@@ -76,6 +76,8 @@ def _plain_sources(sources: object) -> list[dict[str, Any]] | None:
 
 SHARED_RENEW_SECONDS = 1.0
 """On a shared store leases are renewed at least this often: the renewal carries cancels."""
+REAP_SECONDS = 0.5
+"""On a shared store every process looks for lapsed leases this often."""
 
 
 class _Sink(Protocol):
@@ -581,7 +583,9 @@ class Attempts:
         """Shared store: find attempts whose process died (lease lapsed) and queue them again,
         counted as lost, while everything else keeps running. Every process does this; the
         store's row locks make each lapse reaped once."""
-        interval = max(0.2, min(self.settings.lease_seconds / 2, 5.0))
+        # Half a second: a dead worker's tasks run again within lease + 0.5 s (the lease lapses at
+        # most a lease after the death, renewals being every second); the pass is one indexed UPDATE.
+        interval = min(REAP_SECONDS, self.settings.lease_seconds / 4)
         while True:
             try:
                 effects = await self._shared.reap_lapsed(utcnow(), self.settings.max_lost_attempts, 100)

@@ -17,9 +17,10 @@ if TYPE_CHECKING:
 def open_store(settings: Settings) -> Store:
     """A new, unopened store for `settings.database` (the engine opens it when it starts)."""
     if settings.database_url is not None:
-        from sidequest.storage.postgres import PostgresStore
+        from sidequest.storage.postgres import PostgresStore, schema_of
 
-        return PostgresStore(settings.database_url, idempotency_window=settings.idempotency_window)
+        dsn = settings.database_url
+        return PostgresStore(dsn, schema=schema_of(dsn), idempotency_window=settings.idempotency_window)
     from sidequest.storage.duckdb import DuckDBStore
 
     return DuckDBStore(settings.database_path)

@@ -109,6 +109,17 @@ def _check_schema(schema: str | None) -> str | None:
     return schema
 
 
+def schema_of(dsn: str) -> str | None:
+    """The schema a DSN selects with `options=-c search_path=NAME` (one name), so a store configured
+    by its DSN alone keeps its locks and announcements apart from other schemas' stores."""
+    try:
+        options = str(conninfo_to_dict(dsn).get("options") or "")
+    except psycopg.ProgrammingError:
+        return None
+    match = re.search(r"-c\s*search_path\s*=\s*([a-z_][a-z0-9_]*)(?:\s|$)", options)
+    return match.group(1) if match else None
+
+
 def describe_target(dsn: str, schema: str | None = None) -> str:
     """`postgresql://user@host:port/db` (plus the schema): what messages name, without a password."""
     try:
