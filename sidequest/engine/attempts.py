@@ -370,9 +370,6 @@ class Attempts:
             return  # the store failed: nothing more can be written
         if sink.task is None:  # the attempt was stopped by a cancel: only its history row is new
             sink.task = task
-        # The run log (written behind) is durable before the state changes: the next worker to
-        # take the task continues its log from the stored count.
-        await self.store.flush()
         effects = await self._shared.finish_attempt(
             Outcome(  # guarded by the attempt row's number: a shutdown gives the attempt back
                 task=sink.task,

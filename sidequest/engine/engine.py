@@ -327,6 +327,8 @@ class Engine:
     def _claimed(self, task: TaskRecord) -> None:
         """A task this worker's claim took: run it now (the claim counted the limits)."""
         self._live[task.id] = task
+        if task.attempts == 1:  # its first attempt: nothing has logged for it yet, no need to read
+            self.tasklog.created(task.id)
         self.dispatcher.start_claimed(task)
 
     def _worker_record(self) -> WorkerRecord:

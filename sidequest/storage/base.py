@@ -594,7 +594,8 @@ class SharedStore(Store, Protocol):
     async def finish_attempt(self, outcome: Outcome) -> Effects:
         """Apply an attempt's outcome if the attempt is still current; writes its attempt row,
         result, notification and, when it was the workflow's last open task, the workflow's one
-        workflow_completed notification."""
+        workflow_completed notification. Write-behind writes queued before the call (the attempt's
+        run-log entries and usage) are committed before it."""
         ...
 
     async def cancel(

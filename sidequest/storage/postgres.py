@@ -429,6 +429,49 @@ def _announcements(
     return pack(parts)
 
 
+def _iso(value: datetime | None) -> str | None:
+    """A time for a JSON batch row (jsonb_to_recordset reads it back as timestamptz)."""
+    utc = _utc(value)
+    return utc.isoformat() if utc is not None else None
+
+
+def _workflow_end(
+    workflow_id: str,
+    counts: Counter[str],
+    workflow: tuple[str, str] | None,
+    only_agent: str | None,
+    now: datetime,
+) -> tuple[WorkflowFinished | None, NotificationRecord | None]:
+    """The workflow's end, if none of its tasks is left unfinished: the rule and the text of
+    engine/ledger.py's WorkflowLedger.finish (no notification for an unnamed one-task workflow,
+    named after its agent)."""
+    if any(n for status, n in counts.items() if status not in FINISHED):
+        return None, None
+    if counts["failed"]:
+        status = "failed"
+    elif counts["completed"]:
+        status = "completed"
+    else:
+        status = "cancelled"
+    finished = WorkflowFinished(workflow_id, status)
+    if workflow is None:
+        return finished, None
+    name, scope = workflow
+    if sum(counts.values()) == 1 and name == only_agent:
+        return finished, None
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if n)
+    note = NotificationRecord(
+        0,
+        "workflow_completed",
+        None,
+        workflow_id,
+        scope,
+        f"Workflow {name!r} ({workflow_id}) finished {status}: {summary or 'no tasks'}",
+        now,
+    )
+    return finished, note
+
+
 # ---- write-behind batches -----------------------------------------------------------------------
 
 
@@ -477,6 +520,20 @@ class _Pending:
         for rows in (self.attempts, self.results, self.notifications, self.usage, self.events):
             ids.update(r.task_id for r in rows if r.task_id is not None)
         return ids
+
+
+_FINISH_BATCH = 256
+"""Finishes per transaction at most: a long batch would hold the workflow and cursor locks longer."""
+
+
+@dataclass(eq=False)
+class _FinishRequest:
+    """One finish_attempt call waiting for its batch's commit."""
+
+    outcome: Outcome
+    done: anyio.Event = field(default_factory=anyio.Event)
+    effects: Effects | None = None
+    error: BaseException | None = None
 
 
 class _Abort(Exception):
@@ -537,6 +594,8 @@ class PostgresStore:
         self._failure: StoreUnavailable | None = None
         self._failure_handler: Callable[[StoreUnavailable], None] | None = None
         self._batches = 0
+        self._finishes: list[_FinishRequest] = []
+        self._finish_wake = anyio.Event()
         self.listening = anyio.Event()
         """Set once the listener is subscribed (tests wait on it before committing elsewhere)."""
         self.subscriptions = 0
@@ -753,37 +812,12 @@ class PostgresStore:
         only_agent: str | None,
         now: datetime,
     ) -> tuple[WorkflowFinished | None, NotificationRecord | None]:
-        """The workflow's end, if none of its tasks is left unfinished: the rule and the text of
-        engine/ledger.py's WorkflowLedger.finish (no notification for an unnamed one-task workflow,
-        named after its agent). Called with the workflow's row locked, so of two transactions
-        finishing its last tasks, the second sees the first's commit and only it writes this."""
+        """The workflow's end, if none of its tasks is left unfinished (see _workflow_end). Called
+        with the workflow's row locked, so of two transactions finishing its last tasks, the
+        second sees the first's commit and only it writes this."""
         await cur.execute(Q["workflow_tally"], {"id": workflow_id})
         counts: Counter[str] = Counter({status: int(n) for status, n in await cur.fetchall()})
-        if any(n for status, n in counts.items() if status not in FINISHED):
-            return None, None
-        if counts["failed"]:
-            status = "failed"
-        elif counts["completed"]:
-            status = "completed"
-        else:
-            status = "cancelled"
-        finished = WorkflowFinished(workflow_id, status)
-        if workflow is None:
-            return finished, None
-        name, scope = workflow
-        if sum(counts.values()) == 1 and name == only_agent:
-            return finished, None
-        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if n)
-        note = NotificationRecord(
-            0,
-            "workflow_completed",
-            None,
-            workflow_id,
-            scope,
-            f"Workflow {name!r} ({workflow_id}) finished {status}: {summary or 'no tasks'}",
-            now,
-        )
-        return finished, note
+        return _workflow_end(workflow_id, counts, workflow, only_agent, now)
 
     async def _insert_tasks(
         self, cur: AsyncCursor[Any], workflows: Sequence[WorkflowRecord], tasks: Sequence[TaskRecord]
@@ -963,104 +997,292 @@ class PostgresStore:
         return [task_id for task_id in ids if task_id not in kept]
 
     async def finish_attempt(self, outcome: Outcome) -> Effects:
+        """Finishes that arrive together share one transaction (group commit): the notification
+        cursor lock is taken, and the commit's WAL flush paid, once per batch instead of once per
+        attempt, which is what lets many workers finish short tasks at once. Each outcome is still
+        guarded on its own (its task row, worker and attempt), so one stale outcome changes
+        nothing for the others. Without a running writer (a tool, a test) it commits alone."""
+        self._check()
+        if not self._writer_running:
+            return (await self._finish_batch([outcome]))[0]
+        request = _FinishRequest(outcome)
+        self._finishes.append(request)
+        self._finish_wake.set()
+        await request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.effects is not None
+        return request.effects
+
+    async def _run_finishes(self) -> None:
+        """The finish batcher (beside the write-behind writer): everything queued goes in the next
+        transaction, what arrives meanwhile in the one after."""
+        while True:
+            await self._finish_wake.wait()
+            self._finish_wake = anyio.Event()
+            while self._finishes:
+                batch, self._finishes = self._finishes[:_FINISH_BATCH], self._finishes[_FINISH_BATCH:]
+                with anyio.CancelScope(shield=True):
+                    # Writes queued before these finishes (their run-log entries, usage) commit
+                    # first: the next worker to take a task continues its log from the stored count.
+                    with contextlib.suppress(StoreUnavailable):
+                        await self._commit_pending()
+                    await self._settle_finishes(batch)
+
+    async def _settle_finishes(self, batch: list[_FinishRequest]) -> None:
+        try:
+            results = await self._finish_batch([r.outcome for r in batch])
+        except StoreUnavailable as exc:
+            for request in batch:
+                request.error = exc
+                request.done.set()
+            return
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # One outcome the database refuses must not fail the others: settle them one by one.
+            log.exception(
+                "%s: a batch of %d finishes failed; finishing them one by one", self.target, len(batch)
+            )
+            for request in batch:
+                try:
+                    request.effects = (await self._finish_batch([request.outcome]))[0]
+                except Exception as exc:
+                    request.error = exc
+                request.done.set()
+            return
+        for request, effects in zip(batch, results, strict=True):
+            request.effects = effects
+            request.done.set()
+
+    async def _finish_batch(self, outcomes: list[Outcome]) -> list[Effects]:
         """A retry of a finish whose commit went through (its answer lost) finds its attempt row and
         reports the row as it is (applied when it carries this outcome's status and time), writing
         nothing. Only a retry looks: a first try never takes an attempt row written some other way
         (add_attempt) for a finished transition."""
-        task, attempt = outcome.task, outcome.attempt
         committed = Committed()
         tries = 0
 
-        async def tx(conn: AsyncConnection[Any]) -> Effects:
-            nonlocal tries
+        async def tx(conn: AsyncConnection[Any]) -> list[Effects]:
+            nonlocal tries, committed
             tries += 1
+            committed = Committed()
             cur = conn.cursor()
             dcur = conn.cursor(row_factory=dict_row)
-            attempt_params = {
-                "task_id": attempt.task_id,
-                "attempt": attempt.attempt,
-                "status": attempt.status,
-                "started_at": _utc(attempt.started_at),
-                "finished_at": _utc(attempt.finished_at),
-                "error": attempt.error,
-                "worker_id": attempt.worker_id,
-            }
-            if tries > 1:
-                await cur.execute(Q["attempt_recorded"], attempt_params)
-            if tries > 1 and await cur.fetchone() is not None:
-                await dcur.execute(Q["get_task"], {"id": task.id})
-                row = await dcur.fetchone()
-                now_row = _task_from(row) if row else None
-                applied = (
-                    now_row is not None
-                    and now_row.status == task.status
-                    and now_row.updated_at == _utc(task.updated_at)
-                )
-                if not applied or now_row is None:
-                    return Effects(applied=False, status=now_row.status if now_row else None)
-                # what the lost commit wrote, as far as listeners need it: the row and its notifications
-                await cur.execute(Q["notifications_of_task_at"], {"id": task.id, "at": _utc(task.updated_at)})
-                notes = [NotificationRecord(*r) for r in await cur.fetchall()]
-                committed.task_ids, committed.workflow_ids = {task.id}, {task.workflow_id}
-                committed.notifications = notes
-                return Effects(applied=True, status=now_row.status, tasks=[now_row], notifications=notes)
-            workflows = await self._lock_workflows(cur, [task.workflow_id])
-            params = {
-                "id": task.id,
-                "worker_id": outcome.worker_id,
-                "attempt": attempt.attempt,
-                "status": task.status,
-                "failures": task.failures,
-                "updated_at": _utc(task.updated_at),
-                "next_attempt_at": _utc(task.next_attempt_at),
-                "started_at": _utc(task.started_at),
-                "finished_at": _utc(task.finished_at),
-                "progress_percent": task.progress_percent,
-                "progress_message": task.progress_message,
-                "error": task.error,
-                "result_preview": task.result_preview,
-                "new_worker_id": task.worker_id,
-                "lease_expires_at": _utc(task.lease_expires_at),
-                "session_id": task.session_id,
-                "batch_id": task.batch_id,
-                "lost_attempts": task.lost_attempts,
-            }
-            await dcur.execute(Q["finish_task"], params)
-            row = await dcur.fetchone()
-            await cur.execute(Q["insert_attempt"], attempt_params)
-            if row is None:
-                await cur.execute(Q["task_status"], {"id": task.id})
-                current = await cur.fetchone()
-                return Effects(applied=False, status=current[0] if current else None)
-            updated = _task_from(row)
-            effects = Effects(applied=True, status=updated.status, tasks=[updated])
-            if outcome.result is not None:
-                await cur.execute(Q["insert_result"], self._result_params(outcome.result))
-            now = _utc(task.updated_at) or datetime.now(UTC)
+            # every workflow of the batch locked up front, in order: batches never deadlock
+            workflows = await self._lock_workflows(cur, {o.task.workflow_id for o in outcomes})
+            results: list[Effects] = []
             notes: list[NotificationRecord] = []
+            if tries == 1:
+                results, notes = await self._finish_set(cur, dcur, outcomes, workflows, committed)
+            else:  # a retry: each outcome looks for what a lost commit may have written
+                for outcome in outcomes:
+                    effects, new_notes = await self._finish_one(
+                        cur, dcur, outcome, True, workflows, committed
+                    )
+                    results.append(effects)
+                    notes += new_notes
+            work = any(e.applied and e.status in ("queued", "retrying") for e in results)
+            await self._insert_notifications(cur, notes)
+            committed.notifications += notes
+            await self._announce(cur, committed, work=work)
+            return results
+
+        results = await self._run("finishing attempts", tx)
+        self._emit(committed)
+        return results
+
+    async def _finish_set(
+        self,
+        cur: AsyncCursor[Any],
+        dcur: AsyncCursor[Any],
+        outcomes: list[Outcome],
+        workflows: dict[str, tuple[str, str]],
+        committed: Committed,
+    ) -> tuple[list[Effects], list[NotificationRecord]]:
+        """A batch's first try, set-based: one guarded UPDATE for every outcome, one INSERT of the
+        attempt rows, the results, and one tally of the workflows whose tasks finished; a few
+        statements per batch instead of a few per attempt."""
+        rows = [
+            {
+                "id": o.task.id,
+                "worker_id": o.worker_id,
+                "attempt": o.attempt.attempt,
+                "status": o.task.status,
+                "failures": o.task.failures,
+                "updated_at": _iso(o.task.updated_at),
+                "next_attempt_at": _iso(o.task.next_attempt_at),
+                "started_at": _iso(o.task.started_at),
+                "finished_at": _iso(o.task.finished_at),
+                "progress_percent": o.task.progress_percent,
+                "progress_message": o.task.progress_message,
+                "error": o.task.error,
+                "result_preview": o.task.result_preview,
+                "new_worker_id": o.task.worker_id,
+                "lease_expires_at": _iso(o.task.lease_expires_at),
+                "session_id": o.task.session_id,
+                "batch_id": o.task.batch_id,
+                "lost_attempts": o.task.lost_attempts,
+            }
+            for o in outcomes
+        ]
+        await dcur.execute(Q["finish_tasks"], {"rows": Jsonb(rows)})
+        updated = {row["id"]: _task_from(row) for row in await dcur.fetchall()}
+        attempts = [
+            {
+                "task_id": a.task_id,
+                "attempt": a.attempt,
+                "status": a.status,
+                "started_at": _iso(a.started_at),
+                "finished_at": _iso(a.finished_at),
+                "error": a.error,
+                "worker_id": a.worker_id,
+            }
+            for a in (o.attempt for o in outcomes)
+        ]
+        await cur.execute(Q["insert_attempts"], {"rows": Jsonb(attempts)})
+        results_rows = [
+            {
+                "task_id": r.task_id,
+                "content_type": r.content_type,
+                "content": r.content,
+                "size_chars": r.size_chars,
+                "created_at": _iso(r.created_at),
+                "sources": r.sources or None,
+            }
+            for r in (o.result for o in outcomes if o.task.id in updated)
+            if r is not None
+        ]
+        if results_rows:
+            await cur.execute(Q["insert_results"], {"rows": Jsonb(results_rows)})
+        stale = [o.task.id for o in outcomes if o.task.id not in updated]
+        current: dict[str, str] = {}
+        if stale:
+            await cur.execute(Q["task_statuses_of"], {"ids": stale})
+            current = {task_id: status for task_id, status in await cur.fetchall()}
+        ended = sorted({t.workflow_id for t in updated.values() if t.status in FINISHED})
+        tallies: dict[str, Counter[str]] = {wid: Counter() for wid in ended}
+        if ended:
+            await cur.execute(Q["workflow_tallies"], {"ids": ended})
+            for wid, status, n in await cur.fetchall():
+                tallies[wid][status] = int(n)
+        effects_list: list[Effects] = []
+        notes: list[NotificationRecord] = []
+        for outcome in outcomes:
+            task = updated.get(outcome.task.id)
+            if task is None:
+                effects_list.append(Effects(applied=False, status=current.get(outcome.task.id)))
+                continue
+            effects = Effects(applied=True, status=task.status, tasks=[task])
+            now = _utc(outcome.task.updated_at) or datetime.now(UTC)
             if outcome.notification is not None:
                 kind, message = outcome.notification
-                notes.append(
-                    NotificationRecord(0, kind, updated.id, updated.workflow_id, updated.scope, message, now)
+                effects.notifications.append(
+                    NotificationRecord(0, kind, task.id, task.workflow_id, task.scope, message, now)
                 )
-            if updated.status in FINISHED:
-                wid = updated.workflow_id
-                finished, note = await self._finish_workflow(cur, wid, workflows.get(wid), updated.agent, now)
+            wid = task.workflow_id
+            if task.status in FINISHED and wid in tallies:  # decided once per workflow and batch
+                finished, note = _workflow_end(wid, tallies.pop(wid), workflows.get(wid), task.agent, now)
                 if finished is not None:
                     effects.workflows_finished.append(finished)
                 if note is not None:
-                    notes.append(note)
-            await self._insert_notifications(cur, notes)
-            effects.notifications = notes
-            committed.task_ids = {updated.id}
-            committed.workflow_ids = {updated.workflow_id}
-            committed.notifications = list(notes)
-            await self._announce(cur, committed, work=updated.status in ("queued", "retrying"))
-            return effects
+                    effects.notifications.append(note)
+            notes += effects.notifications
+            committed.task_ids.add(task.id)
+            committed.workflow_ids.add(wid)
+            effects_list.append(effects)
+        return effects_list, notes
 
-        effects = await self._run("finishing an attempt", tx)
-        self._emit(committed)
-        return effects
+    async def _finish_one(
+        self,
+        cur: AsyncCursor[Any],
+        dcur: AsyncCursor[Any],
+        outcome: Outcome,
+        retried: bool,
+        workflows: dict[str, tuple[str, str]],
+        committed: Committed,
+    ) -> tuple[Effects, list[NotificationRecord]]:
+        """One outcome inside a finish transaction: (its effects, the notifications it writes; the
+        caller inserts those with the batch's, under the cursor lock)."""
+        task, attempt = outcome.task, outcome.attempt
+        attempt_params = {
+            "task_id": attempt.task_id,
+            "attempt": attempt.attempt,
+            "status": attempt.status,
+            "started_at": _utc(attempt.started_at),
+            "finished_at": _utc(attempt.finished_at),
+            "error": attempt.error,
+            "worker_id": attempt.worker_id,
+        }
+        if retried:
+            await cur.execute(Q["attempt_recorded"], attempt_params)
+        if retried and await cur.fetchone() is not None:
+            await dcur.execute(Q["get_task"], {"id": task.id})
+            row = await dcur.fetchone()
+            now_row = _task_from(row) if row else None
+            applied = (
+                now_row is not None
+                and now_row.status == task.status
+                and now_row.updated_at == _utc(task.updated_at)
+            )
+            if not applied or now_row is None:
+                return Effects(applied=False, status=now_row.status if now_row else None), []
+            # what the lost commit wrote, as far as listeners need it: the row and its notifications
+            await cur.execute(Q["notifications_of_task_at"], {"id": task.id, "at": _utc(task.updated_at)})
+            notes = [NotificationRecord(*r) for r in await cur.fetchall()]
+            committed.task_ids.add(task.id)
+            committed.workflow_ids.add(task.workflow_id)
+            committed.notifications += notes
+            return Effects(applied=True, status=now_row.status, tasks=[now_row], notifications=notes), []
+        params = {
+            "id": task.id,
+            "worker_id": outcome.worker_id,
+            "attempt": attempt.attempt,
+            "status": task.status,
+            "failures": task.failures,
+            "updated_at": _utc(task.updated_at),
+            "next_attempt_at": _utc(task.next_attempt_at),
+            "started_at": _utc(task.started_at),
+            "finished_at": _utc(task.finished_at),
+            "progress_percent": task.progress_percent,
+            "progress_message": task.progress_message,
+            "error": task.error,
+            "result_preview": task.result_preview,
+            "new_worker_id": task.worker_id,
+            "lease_expires_at": _utc(task.lease_expires_at),
+            "session_id": task.session_id,
+            "batch_id": task.batch_id,
+            "lost_attempts": task.lost_attempts,
+        }
+        await dcur.execute(Q["finish_task"], params)
+        row = await dcur.fetchone()
+        await cur.execute(Q["insert_attempt"], attempt_params)
+        if row is None:
+            await cur.execute(Q["task_status"], {"id": task.id})
+            current = await cur.fetchone()
+            return Effects(applied=False, status=current[0] if current else None), []
+        updated = _task_from(row)
+        effects = Effects(applied=True, status=updated.status, tasks=[updated])
+        if outcome.result is not None:
+            await cur.execute(Q["insert_result"], self._result_params(outcome.result))
+        now = _utc(task.updated_at) or datetime.now(UTC)
+        notes: list[NotificationRecord] = []
+        if outcome.notification is not None:
+            kind, message = outcome.notification
+            notes.append(
+                NotificationRecord(0, kind, updated.id, updated.workflow_id, updated.scope, message, now)
+            )
+        if updated.status in FINISHED:
+            wid = updated.workflow_id
+            finished, note = await self._finish_workflow(cur, wid, workflows.get(wid), updated.agent, now)
+            if finished is not None:
+                effects.workflows_finished.append(finished)
+            if note is not None:
+                notes.append(note)
+        effects.notifications = notes
+        committed.task_ids.add(updated.id)
+        committed.workflow_ids.add(updated.workflow_id)
+        return effects, notes
 
     async def cancel(
         self, task_ids: Sequence[str] | None, workflow_id: str | None, now: datetime
@@ -1422,6 +1644,7 @@ class PostgresStore:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._listen)
+                tg.start_soon(self._run_finishes)
                 try:
                     while self._failure is None:
                         await self._has_work.wait()
@@ -1431,6 +1654,10 @@ class PostgresStore:
                     tg.cancel_scope.cancel()
         finally:
             self._writer_running = False
+            with anyio.CancelScope(shield=True):
+                while self._finishes:  # finishes queued when the batcher stopped are settled now
+                    batch, self._finishes = self._finishes, []
+                    await self._settle_finishes(batch)
             if self._failure is None:
                 with anyio.CancelScope(shield=True), contextlib.suppress(StoreUnavailable):
                     await self._commit_pending()  # a clean stop loses nothing queued
@@ -1550,24 +1777,22 @@ class PostgresStore:
                     for u in batch.usage
                 ],
             )
-        if batch.events:
-            await cur.executemany(
-                Q["insert_task_event"],
-                [
-                    {
-                        "task_id": e.task_id,
-                        "seq": e.seq,
-                        "logged_at": _utc(e.logged_at),
-                        "attempt": e.attempt,
-                        "kind": e.kind,
-                        "message": e.message,
-                        "data": e.data_json
-                        if e.data_json is not None
-                        else (None if e.data is None else json.dumps(e.data)),
-                    }
-                    for e in batch.events
-                ],
-            )
+        if batch.events:  # one statement: a run log writes two or more entries per attempt
+            rows = [
+                {
+                    "task_id": e.task_id,
+                    "seq": e.seq,
+                    "logged_at": _iso(e.logged_at),
+                    "attempt": e.attempt,
+                    "kind": e.kind,
+                    "message": e.message,
+                    "data": e.data_json
+                    if e.data_json is not None
+                    else (None if e.data is None else json.dumps(e.data)),
+                }
+                for e in batch.events
+            ]
+            await cur.execute(Q["insert_task_events"], {"rows": Jsonb(rows)})
         for reader, cursors, at in batch.delivered:
             await cur.execute(Q["mark_delivered"], {"reader": reader, "cursors": cursors, "at": _utc(at)})
         await self._insert_notifications(cur, batch.notifications)

@@ -82,6 +82,23 @@ INSERT INTO task_events (task_id, seq, logged_at, attempt, kind, message, data)
 VALUES (%(task_id)s, %(seq)s, %(logged_at)s, %(attempt)s, %(kind)s, %(message)s, %(data)s::jsonb)
 ON CONFLICT DO NOTHING;
 
+-- insert_task_events --
+-- A batch of run-log entries (one JSON object each; `data` is the entry's JSON text).
+INSERT INTO task_events (task_id, seq, logged_at, attempt, kind, message, data)
+SELECT task_id, seq, logged_at, attempt, kind, message, data::jsonb
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS v(
+    task_id text, seq int, logged_at timestamptz, attempt int, kind text, message text, data text)
+ON CONFLICT DO NOTHING;
+
+-- insert_results --
+-- A batch of results (one JSON object each; the newest wins, as insert_result).
+INSERT INTO task_results (task_id, content_type, content, size_chars, created_at, sources)
+SELECT task_id, content_type, content, size_chars, created_at, sources
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS v(
+    task_id text, content_type text, content text, size_chars bigint, created_at timestamptz, sources jsonb)
+ON CONFLICT (task_id) DO UPDATE SET content_type = excluded.content_type, content = excluded.content,
+    size_chars = excluded.size_chars, created_at = excluded.created_at, sources = excluded.sources;
+
 -- mark_delivered --
 -- Reader has had the notifications (a cursor it already had keeps its first time).
 INSERT INTO notification_deliveries (reader, cursor, delivered_at)
@@ -188,6 +205,40 @@ UPDATE task_executions SET status = %(status)s, failures = %(failures)s, updated
     session_id = %(session_id)s, batch_id = %(batch_id)s, lost_attempts = %(lost_attempts)s
 WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker_id)s AND attempts = %(attempt)s
 RETURNING *;
+
+-- finish_tasks --
+-- A batch of attempts' outcomes (one JSON object each), applied only where the attempt is still
+-- current: one statement for the whole batch.
+UPDATE task_executions t SET status = v.status, failures = v.failures, updated_at = v.updated_at,
+    next_attempt_at = v.next_attempt_at, started_at = v.started_at, finished_at = v.finished_at,
+    progress_percent = v.progress_percent, progress_message = v.progress_message, error = v.error,
+    result_preview = v.result_preview, worker_id = v.new_worker_id, lease_expires_at = v.lease_expires_at,
+    session_id = v.session_id, batch_id = v.batch_id, lost_attempts = v.lost_attempts
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS v(
+    id text, worker_id text, attempt int, status text, failures int, updated_at timestamptz,
+    next_attempt_at timestamptz, started_at timestamptz, finished_at timestamptz,
+    progress_percent double precision, progress_message text, error text, result_preview text,
+    new_worker_id text, lease_expires_at timestamptz, session_id text, batch_id text, lost_attempts int)
+WHERE t.id = v.id AND t.status = 'running' AND t.worker_id = v.worker_id AND t.attempts = v.attempt
+RETURNING t.*;
+
+-- insert_attempts --
+-- A batch of attempts' history rows (a repeat of the same row is ignored).
+INSERT INTO task_attempts (task_id, attempt, status, started_at, finished_at, error, worker_id)
+SELECT task_id, attempt, status, started_at, finished_at, error, worker_id
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS v(
+    task_id text, attempt int, status text, started_at timestamptz, finished_at timestamptz,
+    error text, worker_id text)
+ON CONFLICT DO NOTHING;
+
+-- task_statuses_of --
+-- Statuses of some tasks.
+SELECT id, status FROM task_executions WHERE id = ANY(%(ids)s);
+
+-- workflow_tallies --
+-- Task counts by status of some workflows, as of now (after their rows were locked).
+SELECT workflow_id, status, count(*) FROM task_executions WHERE workflow_id = ANY(%(ids)s)
+GROUP BY workflow_id, status;
 
 -- task_status --
 -- One task's status.
