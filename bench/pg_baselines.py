@@ -313,7 +313,7 @@ class SidequestRunner(Runner):
 
     name = "sidequest"
     distribution = "sidequest"
-    concurrency = 16
+    concurrency = 64
 
     async def prepare(self, dsn: str, schema: str) -> None:
         from contextlib import AsyncExitStack
