@@ -7,6 +7,7 @@ daemon should not pay for importing uvicorn and the MCP server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -127,8 +128,12 @@ def _reloader(settings: Settings) -> Reloader:
     return reloader
 
 
-def _schema_version() -> int:
+def _schema_version(kind: str) -> int:
     """The schema the store was migrated to when it opened (it refuses to open otherwise)."""
+    if kind == "postgres":
+        from sidequest.storage.postgres import migrations as postgres_migrations
+
+        return postgres_migrations()[-1][0]
     from sidequest.storage.duckdb import migrations
 
     return migrations()[-1][0]
@@ -317,8 +322,6 @@ async def serve(settings: Settings, *, work: bool = True) -> None:
             ) from exc
         with _startup_errors():
             store = open_store(settings)
-        # Engine(work=...) comes with the engine's shared-store work; until it is merged only
-        # --no-work passes it, so a plain `serve` builds the engine it always did.
         engine = Engine(settings, store, work=work)
         reloader.attach(engine)
         started = utcnow()
@@ -336,9 +339,15 @@ async def serve(settings: Settings, *, work: bool = True) -> None:
         async def daemon_status() -> DaemonStatus:
             failure = engine.failure
             database = settings.database_path
+            from sidequest.storage.base import StoreError
+
+            size = 0
+            if not on_file and failure is None:  # the tables' size, as the database counts it
+                with contextlib.suppress(StoreError):
+                    size = (await engine.store.disk_usage()).file_bytes
             return DaemonStatus(
-                schema_version=None if failure or not on_file else _schema_version(),
-                database_bytes=_size(database) if on_file else 0,
+                schema_version=None if failure else _schema_version(settings.store_kind),
+                database_bytes=_size(database) if on_file else size,
                 wal_bytes=_size(database.with_name(database.name + ".wal")) if on_file else 0,
                 disk_free_bytes=_free_bytes(settings.home),
                 environment=reloader.environment,
