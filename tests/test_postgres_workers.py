@@ -248,3 +248,23 @@ async def test_every_connection_cut_mid_run_loses_nothing(cluster: Cluster, tmp_
     assert all(p.poll() is None for p in cluster.procs), cluster.logs()  # nobody died of it
     results = rows(cluster.dsn, "SELECT count(*) FROM task_results")[0][0]
     assert results == 200
+
+
+async def test_a_finish_on_another_worker_reaches_this_processes_listeners(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """What feeds the daemon's event stream and MCP resource pushes: a task finished by a worker
+    elsewhere arrives as a commit with its notification (LISTEN/NOTIFY), not only by polling."""
+    cluster.start("worker", "--concurrency", "2")
+    async with client_engine(tmp_path, cluster.dsn) as engine:
+        await wait_for(lambda: workers_alive(engine, 1), timeout=60, what=f"a worker\n{cluster.logs()}")
+        heard: list[tuple[str | None, str]] = []
+        engine.add_listener(lambda c: heard.extend((n.task_id, n.kind) for n in c.notifications))
+        submitted = await engine.submit("echo", "over the wire")
+
+        async def told() -> bool:
+            return (submitted.task_id, "task_completed") in heard
+
+        await wait_for(told, timeout=30, interval=0.05, what="the remote finish announced here")
+        page = await engine.notifications(all_scopes=True, include_delivered=True)
+        assert [n.kind for n in page.notifications if n.task_id == submitted.task_id] == ["task_completed"]
