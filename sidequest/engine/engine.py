@@ -207,7 +207,8 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.store.run_writer, self.notifier.committed)
                 if self.shared:
-                    self._shared_store.on_remote_commit(self.notifier.committed)
+                    if self.role == "daemon":  # its event stream, pushes and waiters hear of others' commits
+                        self._shared_store.on_remote_commit(self.notifier.committed)
                     self._shared_store.on_work(self.worksource.wake)
                     tg.start_soon(self.attempts.reap_lapsed)
                 if self.work:

@@ -594,6 +594,8 @@ class PostgresStore:
         self._failure: StoreUnavailable | None = None
         self._failure_handler: Callable[[StoreUnavailable], None] | None = None
         self._batches = 0
+        self._remote_backlog: list[dict[str, Any]] = []
+        self._remote_wake = anyio.Event()
         self._finishes: list[_FinishRequest] = []
         self._finish_wake = anyio.Event()
         self.listening = anyio.Event()
@@ -1611,9 +1613,31 @@ class PostgresStore:
             return
         if self._remote_handler is None:
             return
-        committed = Committed(task_ids=set(data.get("t", ())), workflow_ids=set(data.get("w", ())))
-        cursors = [int(c) for c in data.get("n", ())]
-        events = [(str(e[0]), int(e[1])) for e in data.get("e", ())]
+        # Delivered by _deliver_remote, many announcements per fetch: a busy cluster announces
+        # every claim and finish, and the listener must never fall behind reading them one by one.
+        self._remote_backlog.append(data)
+        self._remote_wake.set()
+
+    async def _deliver_remote(self) -> None:
+        """Other processes' commits, coalesced: one read of their notifications and run-log
+        entries for everything announced since the last delivery."""
+        while True:
+            await self._remote_wake.wait()
+            self._remote_wake = anyio.Event()
+            backlog, self._remote_backlog = self._remote_backlog, []
+            if backlog:
+                await self._deliver(backlog)
+
+    async def _deliver(self, backlog: list[dict[str, Any]]) -> None:
+        assert self._remote_handler is not None
+        committed = Committed()
+        cursors: list[int] = []
+        events: list[tuple[str, int]] = []
+        for data in backlog:
+            committed.task_ids.update(data.get("t", ()))
+            committed.workflow_ids.update(data.get("w", ()))
+            cursors += [int(c) for c in data.get("n", ())]
+            events += [(str(e[0]), int(e[1])) for e in data.get("e", ())]
         try:
             if cursors:
                 rows = await self._fetchall(Q["notifications_by_cursor"], {"cursors": cursors})
@@ -1645,6 +1669,7 @@ class PostgresStore:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._listen)
                 tg.start_soon(self._run_finishes)
+                tg.start_soon(self._deliver_remote)
                 try:
                     while self._failure is None:
                         await self._has_work.wait()
