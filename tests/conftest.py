@@ -80,6 +80,7 @@ def settings(tmp_path: Path) -> Settings:
         lease_seconds=2.0,
         shutdown_grace=1.0,
         max_concurrency=8,
+        **store_database(),
     )
 
 
@@ -102,6 +103,62 @@ async def wait_for(
             return last
         await anyio.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what or check!r} (last value: {last!r})")
+
+
+# ---- one test, both stores ----------------------------------------------------------------------
+#
+# A module marked `pytestmark = pytest.mark.both_stores` runs each of its tests twice, as
+# test[duckdb] and test[postgres], except the tests marked `@pytest.mark.duckdb_only("why")`, which
+# run once, on DuckDB: nothing is skipped, a DuckDB-only test is simply not parametrized. The test
+# does not change: the `store_kind` fixture (parametrized here) gives the run a fresh PostgreSQL
+# database, and every Settings a test builds through `settings` or `store_database()` points at it.
+
+STORE_KINDS = ("duckdb", "postgres")
+
+_current_database: str | None = None
+"""The DSN of the running test's PostgreSQL database (None: the test runs on DuckDB)."""
+
+
+def store_database() -> dict[str, str]:
+    """Settings fields that put a test's engine on the store it runs against: `database=<dsn>` for
+    the postgres run of a both-stores test, nothing (DuckDB in `home`) otherwise. Every engine a
+    test starts shares the one database, as every engine in one `home` shares its DuckDB file."""
+    return {"database": _current_database} if _current_database is not None else {}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    definition = metafunc.definition
+    if definition.get_closest_marker("both_stores") and not definition.get_closest_marker("duckdb_only"):
+        metafunc.parametrize("store_kind", STORE_KINDS)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A DuckDB-only test says why: a bare marker would hide a test from PostgreSQL silently."""
+    for item in items:
+        marker = item.get_closest_marker("duckdb_only")
+        if marker is not None and not (marker.args and str(marker.args[0]).strip()):
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.duckdb_only needs a reason")
+
+
+@pytest.fixture
+def store_kind() -> str:
+    """Which store the test runs on; "duckdb" unless its module is marked both_stores."""
+    return "duckdb"
+
+
+@pytest.fixture(autouse=True)
+def _store_for_test(store_kind: str) -> Iterator[None]:
+    """For the postgres run, a fresh database on the test server for this test (dropped after)."""
+    global _current_database
+    if store_kind != "postgres":
+        yield
+        return
+    with fresh_pg_database() as dsn:
+        _current_database = dsn
+        try:
+            yield
+        finally:
+            _current_database = None
 
 
 # ---- PostgreSQL (the shared store): a real server, a fresh schema per test ----------------------

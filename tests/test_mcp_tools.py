@@ -17,6 +17,8 @@ from tools import call, call_error, submit, wait_status
 from sidequest.engine.engine import Engine
 from sidequest.server.mcp import INSTRUCTIONS, build_server
 
+pytestmark = pytest.mark.both_stores
+
 SCOPE = "/projects/alpha"
 OTHER_SCOPE = "/projects/alpha/beta"  # a narrower scope inside the project: listed apart
 MODES = ["auto", "legacy"]

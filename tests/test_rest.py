@@ -45,6 +45,8 @@ from sidequest.server.rest import (
 )
 from sidequest.storage.base import Committed
 
+pytestmark = pytest.mark.both_stores
+
 REPO = Path(sidequest.__file__).resolve().parent.parent
 
 
@@ -768,6 +770,9 @@ anyio.run(main)
 
 
 @pytest.mark.slow
+@pytest.mark.duckdb_only(
+    "ending event streams at SIGTERM; the store plays no part, and a process per run is slow"
+)
 @pytest.mark.parametrize("style", ["daemon", "uvicorn-signals"])
 async def test_sigterm_stops_the_server_promptly_with_a_stream_open(tmp_path: Path, style: str) -> None:
     """uvicorn waits for open responses on shutdown; an event stream must end by itself, not hold it up."""
