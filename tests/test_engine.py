@@ -392,7 +392,7 @@ async def test_a_database_newer_than_the_code_is_refused(tmp_path: Path) -> None
         DuckDBStore(tmp_path / "sidequest.duckdb").open()
 
 
-async def test_text_that_is_not_utf8_is_rejected_or_repaired(tmp_path: Path) -> None:
+async def test_text_that_is_not_utf8_is_rejected_or_repaired(tmp_path: Path, store_kind: str) -> None:
     async with running_engine(tmp_path) as engine:
         before = await engine.store.count_rows()
         with pytest.raises(InvalidRequest, match="prompt is not valid UTF-8"):
@@ -403,6 +403,14 @@ async def test_text_that_is_not_utf8_is_rejected_or_repaired(tmp_path: Path) -> 
         submitted = await engine.submit("bad_unicode", "go")
         info = await wait_status(engine, submitted.task_id, TaskStatus.completed)
         assert info.result_preview == "before ? after"
+        if store_kind == "postgres":  # PostgreSQL text cannot hold NUL: refused, not mangled
+            before = await engine.store.count_rows()
+            with pytest.raises(InvalidRequest, match="prompt holds a NUL character"):
+                await engine.submit("echo", "a\x00b")
+            with pytest.raises(InvalidRequest, match=r"options\.metadata holds a NUL character"):
+                await engine.submit("echo", "ok", opts(metadata={"k": ["\x00"]}))
+            assert await engine.store.count_rows() == before
+            return
         nul = await engine.submit("echo", "a\x00b")
         assert (await wait_status(engine, nul.task_id, TaskStatus.completed)).result_preview == "a\x00b"
 

@@ -109,6 +109,12 @@ hold them now)."""
 
 log = logging.getLogger(__name__)
 
+_FINISHED_KINDS = {
+    NotificationKind.task_completed.value,
+    NotificationKind.task_failed.value,
+    NotificationKind.task_cancelled.value,
+}
+
 
 class Engine:
     def __init__(
@@ -209,6 +215,7 @@ class Engine:
                 if self.shared:
                     self._shared_store.on_remote_commit(self.notifier.committed)
                     self._shared_store.on_work(self.worksource.wake)
+                    self.notifier.add_listener(self._wake_scheduler_on_finish)
                     tg.start_soon(self.attempts.reap_lapsed)
                 if self.work:
                     tg.start_soon(self.dispatcher.run)
@@ -446,7 +453,7 @@ class Engine:
 
     def check_task(self, agent: str, prompt: str, options: TaskOptions, project: str | None) -> Agent:
         """What submit would refuse, without submitting (a schedule's runs must be able to start)."""
-        validate_submit(self.settings, agent, prompt, options)
+        validate_submit(self.settings, agent, prompt, options, nul=not self.shared)
         return self._resolve_agent(agent, project)
 
     def _new_task(
@@ -503,7 +510,7 @@ class Engine:
         model types): see `admit_scope`."""
         self._require_running()
         options = options or TaskOptions()
-        payload = validate_submit(self.settings, agent, prompt, options)
+        payload = validate_submit(self.settings, agent, prompt, options, nul=not self.shared)
         scope, project = self.admit_scope(options.scope, project)
 
         if options.idempotency_key and not self.shared:
@@ -714,6 +721,13 @@ class Engine:
         if task is None or task.status not in (TaskStatus.queued, TaskStatus.retrying):
             return None
         return task
+
+    def _wake_scheduler_on_finish(self, committed: Committed) -> None:
+        """Shared store: a task finished here or in any process (its finish notification says so)
+        may be the run a queued scheduled run waits for. `_task_finished` wakes the scheduler on
+        the owned store; here finishes are not held in memory, and other workers make them."""
+        if self.scheduler.waiting and any(n.kind in _FINISHED_KINDS for n in committed.notifications):
+            self.scheduler.wake()
 
     def _task_finished(self, task: TaskRecord, now: datetime) -> None:
         self._live.pop(task.id, None)
@@ -949,6 +963,12 @@ class Engine:
             raise InvalidRequest(
                 f"task {task_id} completed; only a failed or cancelled task can be retried "
                 "(submit a new task to run the work again)"
+            )
+        if self.shared and previous not in (TaskStatus.failed, TaskStatus.cancelled):
+            # nothing is held in memory to answer this above: the row says what the task is
+            raise InvalidRequest(
+                f"task {task_id} is {previous}; only a failed or cancelled task can be retried "
+                "(cancel_task stops one that is still running)"
             )
         if task_id in self.dispatcher.running:
             raise InvalidRequest(

@@ -82,6 +82,10 @@ INSERT INTO task_events (task_id, seq, logged_at, attempt, kind, message, data)
 VALUES (%(task_id)s, %(seq)s, %(logged_at)s, %(attempt)s, %(kind)s, %(message)s, %(data)s::jsonb)
 ON CONFLICT DO NOTHING;
 
+-- max_cursor --
+-- The newest notification cursor (0: none yet).
+SELECT coalesce(max(cursor), 0) FROM notifications;
+
 -- mark_delivered --
 -- Reader has had the notifications (a cursor it already had keeps its first time).
 INSERT INTO notification_deliveries (reader, cursor, delivered_at)
@@ -181,9 +185,9 @@ SELECT status, count(*) FROM task_executions WHERE workflow_id = %(id)s GROUP BY
 
 -- finish_task --
 -- An attempt's outcome, only while the attempt is still current.
-UPDATE task_executions SET status = %(status)s, failures = %(failures)s, updated_at = %(updated_at)s,
-    next_attempt_at = %(next_attempt_at)s, started_at = %(started_at)s, finished_at = %(finished_at)s,
-    progress_percent = %(progress_percent)s, progress_message = %(progress_message)s, error = %(error)s,
+UPDATE task_executions SET status = %(status)s, attempts = %(attempts)s, failures = %(failures)s,
+    updated_at = %(updated_at)s, next_attempt_at = %(next_attempt_at)s, started_at = %(started_at)s,
+    finished_at = %(finished_at)s, progress_percent = %(progress_percent)s, progress_message = %(progress_message)s, error = %(error)s,
     result_preview = %(result_preview)s, worker_id = %(new_worker_id)s, lease_expires_at = %(lease_expires_at)s,
     session_id = %(session_id)s, batch_id = %(batch_id)s, lost_attempts = %(lost_attempts)s
 WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker_id)s AND attempts = %(attempt)s
