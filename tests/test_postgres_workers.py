@@ -248,3 +248,24 @@ async def test_every_connection_cut_mid_run_loses_nothing(cluster: Cluster, tmp_
     assert all(p.poll() is None for p in cluster.procs), cluster.logs()  # nobody died of it
     results = rows(cluster.dsn, "SELECT count(*) FROM task_results")[0][0]
     assert results == 200
+
+
+async def test_a_task_claimed_as_the_worker_stops_goes_back_to_the_queue(
+    database: str, tmp_path: Path
+) -> None:
+    """A claim in flight when the pool stops (shutdown) returns a task nothing can start any more:
+    it goes back to the queue, the claim not one of its tries, and the engine does not crash."""
+    settings = Settings(home=tmp_path, database=database, agents=all_test_agents(), lease_seconds=LEASE)  # type: ignore[arg-type]
+    engine = Engine(settings)
+    async with engine.running():
+        engine.dispatcher.accepting = False  # stopping: the worksource claims nothing more itself
+        submitted = await engine.submit("echo", "later")
+        [task] = await engine._shared_store.claim(engine._claim_request(1))  # the claim in flight
+        assert task.id == submitted.task_id and task.attempts == 1
+        assert engine._claimed(task) is False
+        await engine.attempts.give_back(task)
+        info = await engine.get_task(task.id)
+        assert info.status == "queued" and info.attempts == 0
+    assert rows(database, "SELECT attempt, status FROM task_attempts WHERE task_id = %s", task.id) == [
+        (1, "interrupted")
+    ]

@@ -183,7 +183,11 @@ class Engine:
         self.worksource: WorkSource
         if self.shared:
             self.worksource = ClaimingQueue(
-                cast(SharedStore, store), self.dispatcher, self._claim_request, self._claimed
+                cast(SharedStore, store),
+                self.dispatcher,
+                self._claim_request,
+                self._claimed,
+                self.attempts.give_back,
             )
             self.dispatcher.slot_freed = self.worksource.wake
             self.attempts.wake_source = self.worksource.wake
@@ -331,10 +335,14 @@ class Engine:
             agent_limits=limits,
         )
 
-    def _claimed(self, task: TaskRecord) -> None:
-        """A task this worker's claim took: run it now (the claim counted the limits)."""
+    def _claimed(self, task: TaskRecord) -> bool:
+        """A task this worker's claim took: run it now (the claim counted the limits). False
+        when the pool has stopped (shutdown): the caller gives it back."""
         self._live[task.id] = task
-        self.dispatcher.start_claimed(task)
+        if self.dispatcher.start_claimed(task):
+            return True
+        self._live.pop(task.id, None)
+        return False
 
     def _worker_record(self) -> WorkerRecord:
         return WorkerRecord(
