@@ -22,6 +22,8 @@ pytestmark = pytest.mark.both_stores
 SCOPE = "/projects/alpha"
 OTHER_SCOPE = "/projects/alpha/beta"  # a narrower scope inside the project: listed apart
 MODES = ["auto", "legacy"]
+POSTGRES_RUNS_WITH = {"client": "auto", "mode": "auto"}
+"""The transport mode does not touch the store: on PostgreSQL each test runs in one mode."""
 
 
 @pytest.fixture
