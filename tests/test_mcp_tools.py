@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import wait_for
 from mcp import Client, MCPError
 from mcp.server.mcpserver import MCPServer
 from mcp_types import ResourceUpdatedNotification
@@ -343,7 +344,15 @@ async def test_retry_cancelled_task_reopens_its_workflow(client: Client) -> None
     task = await submit(client, "sleep", "30")
     await call(client, "cancel_task", task_id=task["task_id"])
     await wait_status(client, task["task_id"], "cancelled")
-    await call(client, "retry_task", task_id=task["task_id"])
+
+    async def retried() -> bool:  # the cancelled attempt may still be stopping ("retry in a moment")
+        result = await client.call_tool("retry_task", {"task_id": task["task_id"]})
+        if result.is_error and "still stopping" in result.content[0].text:  # type: ignore[union-attr]
+            return False
+        assert not result.is_error, result.content[0].text  # type: ignore[union-attr]
+        return True
+
+    await wait_for(retried, what="the cancelled attempt to stop so the task can be retried")
     try:
         await wait_status(client, task["task_id"], "running")
         active = await call(client, "list_active_workflows")
