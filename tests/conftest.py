@@ -80,6 +80,7 @@ def settings(tmp_path: Path) -> Settings:
         lease_seconds=2.0,
         shutdown_grace=1.0,
         max_concurrency=8,
+        **store_database(),
     )
 
 
@@ -102,6 +103,108 @@ async def wait_for(
             return last
         await anyio.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what or check!r} (last value: {last!r})")
+
+
+# ---- one test, both stores ----------------------------------------------------------------------
+#
+# A module marked `pytestmark = pytest.mark.both_stores` runs each of its tests twice, as
+# test[duckdb] and test[postgres], except the tests marked `@pytest.mark.duckdb_only("why")`, which
+# run once, on DuckDB: nothing is skipped, a DuckDB-only test is simply not parametrized. The test
+# does not change: the `store_kind` fixture (parametrized here) gives the run a fresh PostgreSQL
+# database, and every Settings a test builds through `settings` or `store_database()` points at it.
+
+STORE_KINDS = ("duckdb", "postgres")
+
+_current_database: str | None = None
+"""The DSN of the running test's PostgreSQL database (None: the test runs on DuckDB)."""
+
+
+def store_database() -> dict[str, str]:
+    """Settings fields that put a test's engine on the store it runs against: `database=<dsn>` for
+    the postgres run of a both-stores test, nothing (DuckDB in `home`) otherwise. Every engine a
+    test starts shares the one database, as every engine in one `home` shares its DuckDB file."""
+    return {"database": _current_database} if _current_database is not None else {}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    definition = metafunc.definition
+    if definition.get_closest_marker("both_stores") and not definition.get_closest_marker("duckdb_only"):
+        metafunc.parametrize("store_kind", STORE_KINDS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A DuckDB-only test says why: a bare marker would hide a test from PostgreSQL silently.
+
+    A module's `POSTGRES_RUNS_WITH = {"param": value}` keeps the postgres runs of a test to that
+    value of a store-independent parameter (the MCP transport mode): the other values run on
+    DuckDB; the postgres runs left out are reported as deselected."""
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        marker = item.get_closest_marker("duckdb_only")
+        if marker is not None and not (marker.args and str(marker.args[0]).strip()):
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.duckdb_only needs a reason")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        only = getattr(getattr(item, "module", None), "POSTGRES_RUNS_WITH", {})
+        if params.get("store_kind") == "postgres" and any(
+            name in params and params[name] != value for name, value in only.items()
+        ):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.fixture
+def store_kind() -> str:
+    """Which store the test runs on; "duckdb" unless its module is marked both_stores."""
+    return "duckdb"
+
+
+@pytest.fixture(scope="session")
+def _both_stores_database() -> Iterator[str]:
+    """One migrated database for every postgres run, emptied after each (creating, migrating and
+    dropping a database per test costs ~0.5 s; emptying it ~0.05 s)."""
+    from sidequest.storage.postgres import migrate
+
+    with fresh_pg_database() as dsn:
+        migrate(dsn)
+        yield dsn
+
+
+def _empty_database(dsn: str) -> None:
+    """Every row gone (schema_version aside), identities restarted, no connection left behind."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        tables = [
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables "
+                "WHERE schemaname = 'public' AND tablename <> 'schema_version'"
+            )
+        ]
+        conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+
+
+@pytest.fixture(autouse=True)
+def _store_for_test(store_kind: str, request: pytest.FixtureRequest) -> Iterator[None]:
+    """For the postgres run, an empty, migrated database on the test server for this test."""
+    global _current_database
+    if store_kind != "postgres":
+        yield
+        return
+    dsn: str = request.getfixturevalue("_both_stores_database")
+    _current_database = dsn
+    try:
+        yield
+    finally:
+        _current_database = None
+        _empty_database(dsn)
 
 
 # ---- PostgreSQL (the shared store): a real server, a fresh schema per test ----------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import all_test_agents, wait_for
+from conftest import all_test_agents, store_database, wait_for
 
 from sidequest.config import AgentConfig, Settings
 from sidequest.engine.engine import Engine
@@ -19,6 +19,8 @@ from sidequest.engine.retry import backoff_delay
 from sidequest.models import NotificationKind, RetryBackoff, TaskOptions, TaskStatus, utcnow
 from sidequest.storage.base import StoreError
 from sidequest.storage.duckdb import DuckDBStore
+
+pytestmark = pytest.mark.both_stores
 
 FAST = {"initial": 0.01, "max": 0.05}
 
@@ -32,6 +34,7 @@ def make_settings(home: Path, **overrides: Any) -> Settings:
         "lease_seconds": 2.0,
         "shutdown_grace": 0.2,
         "max_concurrency": 4,
+        **store_database(),
     }
     values.update(overrides)
     return Settings(**values)
@@ -377,6 +380,7 @@ async def test_rejected_submissions_write_nothing(tmp_path: Path) -> None:
         assert await engine.store.count_rows() == before
 
 
+@pytest.mark.duckdb_only("opens DuckDBStore and writes its schema_version by hand")
 async def test_a_database_newer_than_the_code_is_refused(tmp_path: Path) -> None:
     async with running_engine(tmp_path):
         pass
@@ -388,7 +392,7 @@ async def test_a_database_newer_than_the_code_is_refused(tmp_path: Path) -> None
         DuckDBStore(tmp_path / "sidequest.duckdb").open()
 
 
-async def test_text_that_is_not_utf8_is_rejected_or_repaired(tmp_path: Path) -> None:
+async def test_text_that_is_not_utf8_is_rejected_or_repaired(tmp_path: Path, store_kind: str) -> None:
     async with running_engine(tmp_path) as engine:
         before = await engine.store.count_rows()
         with pytest.raises(InvalidRequest, match="prompt is not valid UTF-8"):
@@ -399,10 +403,19 @@ async def test_text_that_is_not_utf8_is_rejected_or_repaired(tmp_path: Path) -> 
         submitted = await engine.submit("bad_unicode", "go")
         info = await wait_status(engine, submitted.task_id, TaskStatus.completed)
         assert info.result_preview == "before ? after"
+        if store_kind == "postgres":  # PostgreSQL text cannot hold NUL: refused, not mangled
+            before = await engine.store.count_rows()
+            with pytest.raises(InvalidRequest, match="prompt holds a NUL character"):
+                await engine.submit("echo", "a\x00b")
+            with pytest.raises(InvalidRequest, match=r"options\.metadata holds a NUL character"):
+                await engine.submit("echo", "ok", opts(metadata={"k": ["\x00"]}))
+            assert await engine.store.count_rows() == before
+            return
         nul = await engine.submit("echo", "a\x00b")
         assert (await wait_status(engine, nul.task_id, TaskStatus.completed)).result_preview == "a\x00b"
 
 
+@pytest.mark.duckdb_only("a group commit (_Pending) with the task but not its workflow row")
 async def test_tasks_whose_workflow_row_was_lost_get_it_back(tmp_path: Path) -> None:
     """The workflow row rides the commit after its task's; a crash in between must not orphan the task."""
     from sidequest.storage.base import TaskRecord

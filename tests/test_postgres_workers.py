@@ -268,3 +268,24 @@ async def test_a_finish_on_another_worker_reaches_this_processes_listeners(
         await wait_for(told, timeout=30, interval=0.05, what="the remote finish announced here")
         page = await engine.notifications(all_scopes=True, include_delivered=True)
         assert [n.kind for n in page.notifications if n.task_id == submitted.task_id] == ["task_completed"]
+
+
+async def test_a_task_claimed_as_the_worker_stops_goes_back_to_the_queue(
+    database: str, tmp_path: Path
+) -> None:
+    """A claim in flight when the pool stops (shutdown) returns a task nothing can start any more:
+    it goes back to the queue, the claim not one of its tries, and the engine does not crash."""
+    settings = Settings(home=tmp_path, database=database, agents=all_test_agents(), lease_seconds=LEASE)  # type: ignore[arg-type]
+    engine = Engine(settings)
+    async with engine.running():
+        engine.dispatcher.accepting = False  # stopping: the worksource claims nothing more itself
+        submitted = await engine.submit("echo", "later")
+        [task] = await engine._shared_store.claim(engine._claim_request(1))  # the claim in flight
+        assert task.id == submitted.task_id and task.attempts == 1
+        assert engine._claimed(task) is False
+        await engine.attempts.give_back(task)
+        info = await engine.get_task(task.id)
+        assert info.status == "queued" and info.attempts == 0
+    assert rows(database, "SELECT attempt, status FROM task_attempts WHERE task_id = %s", task.id) == [
+        (1, "interrupted")
+    ]

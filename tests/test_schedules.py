@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import all_test_agents, wait_for
+from conftest import all_test_agents, store_database, wait_for
 from mcp import Client
 from tools import call, call_error
 
@@ -24,6 +24,8 @@ from sidequest.engine.scheduler import Scheduler
 from sidequest.models import ScheduleSpec, ScheduleUpdate, TaskOptions
 from sidequest.server.mcp import build_server
 from sidequest.testing.clock import ManualClock
+
+pytestmark = pytest.mark.both_stores
 
 SCOPE = "/projects/schedules"
 
@@ -36,6 +38,7 @@ def make_settings(home: Path, **schedules: object) -> Settings:
         shutdown_grace=1.0,
         max_concurrency=8,
         schedules=ScheduleConfig(**schedules),  # type: ignore[arg-type]
+        **store_database(),
     )
 
 

@@ -34,13 +34,30 @@ def default_scope() -> str:
     return os.environ.get("CLAUDE_PROJECT_DIR") or os.getcwd()
 
 
-def _require_utf8(field: str, value: str | None) -> None:
+def _require_utf8(field: str, value: str | None, nul: bool = True) -> None:
+    """`nul=False`: a NUL character is refused too (PostgreSQL text and JSONB cannot hold one)."""
     if value is None:
         return
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidRequest(f"{field} is not valid UTF-8 text (position {exc.start})") from exc
+    if not nul and "\x00" in value:
+        raise InvalidRequest(
+            f"{field} holds a NUL character (position {value.index(chr(0))}), which the PostgreSQL "
+            "store cannot keep"
+        )
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a JSON value has a NUL in any string, keys included."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 def payload_size(prompt: str, options: dict[str, Any]) -> int:
@@ -101,21 +118,26 @@ def workdir_roots(scope: str, project: str | None, allowed_roots: Iterable[str])
     return roots
 
 
-def validate_submit(settings: Settings, agent: str, prompt: str, options: TaskOptions) -> int:
+def validate_submit(
+    settings: Settings, agent: str, prompt: str, options: TaskOptions, *, nul: bool = True
+) -> int:
     """Refuse what cannot be stored or run; returns the payload's size (prompt and options),
-    which submit reuses for the memory budget instead of serialising the options again."""
+    which submit reuses for the memory budget instead of serialising the options again.
+    `nul=False` (a shared store) refuses NUL characters as well."""
     if not agent.strip():
         raise InvalidRequest("agent_definition is empty; call list_agents for the names you may use")
-    _require_utf8("agent_definition", agent)
+    _require_utf8("agent_definition", agent, nul)
     if not prompt.strip():
         raise InvalidRequest("prompt is empty; say what the agent should do")
-    _require_utf8("prompt", prompt)
+    _require_utf8("prompt", prompt, nul)
     for field in ("workflow_id", "workflow_name", "idempotency_key", "scope", "cwd", "resume_task_id"):
-        _require_utf8(f"options.{field}", getattr(options, field))
+        _require_utf8(f"options.{field}", getattr(options, field), nul)
     for tag in options.tags:
-        _require_utf8("options.tags", tag)
+        _require_utf8("options.tags", tag, nul)
     metadata = json.dumps(options.metadata, ensure_ascii=False)
     _require_utf8("options.metadata", metadata)
+    if not nul and _holds_nul(options.metadata):
+        raise InvalidRequest("options.metadata holds a NUL character, which the PostgreSQL store cannot keep")
     size = len(prompt.encode("utf-8"))
     if size > settings.max_prompt_bytes:
         raise InvalidRequest(

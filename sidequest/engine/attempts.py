@@ -347,6 +347,11 @@ class Attempts:
             outcome, detail = attempt.stop_reason, attempt.stop_reason
         await self._finish(task, outcome, detail, retry_after, options)
 
+    async def give_back(self, task: TaskRecord) -> None:
+        """A task claimed (shared store) as this worker stopped, never started: back in the
+        queue as at a shutdown (an interrupted attempt, not one of its tries)."""
+        await self._finish(task, "shutdown", "claimed as the worker stopped; not started")
+
     async def _finish(
         self,
         task: TaskRecord,

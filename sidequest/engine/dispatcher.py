@@ -87,10 +87,13 @@ class Dispatcher:
             return 0
         return max(0, self.max_concurrency - len(self.running))
 
-    def start_claimed(self, task: TaskRecord) -> None:
-        """Start a task a shared store's claim gave this worker (limits were counted in the claim)."""
-        assert self._tg is not None
+    def start_claimed(self, task: TaskRecord) -> bool:
+        """Start a task a shared store's claim gave this worker (limits were counted in the claim).
+        False when the pool stopped meanwhile (a claim in flight at shutdown): not started."""
+        if not self.accepting or self._tg is None:
+            return False
         self._start(self._tg, task)
+        return True
 
     def queued_count(self) -> int:
         blocked = sum(len(q) for q in self._blocked.values())
@@ -101,13 +104,16 @@ class Dispatcher:
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            while True:
-                self._promote_due()
-                self._fill_slots(tg)
-                timeout = self._until_next_due()
-                with anyio.move_on_after(timeout):
-                    await self._wake.wait()
-                self._wake = anyio.Event()
+            try:
+                while True:
+                    self._promote_due()
+                    self._fill_slots(tg)
+                    timeout = self._until_next_due()
+                    with anyio.move_on_after(timeout):
+                        await self._wake.wait()
+                    self._wake = anyio.Event()
+            finally:
+                self._tg = None  # nothing can start in it any more
 
     def _promote_due(self) -> None:
         if not self._delayed:

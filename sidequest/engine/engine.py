@@ -109,6 +109,12 @@ hold them now)."""
 
 log = logging.getLogger(__name__)
 
+_FINISHED_KINDS = {
+    NotificationKind.task_completed.value,
+    NotificationKind.task_failed.value,
+    NotificationKind.task_cancelled.value,
+}
+
 
 class Engine:
     def __init__(
@@ -177,7 +183,11 @@ class Engine:
         self.worksource: WorkSource
         if self.shared:
             self.worksource = ClaimingQueue(
-                cast(SharedStore, store), self.dispatcher, self._claim_request, self._claimed
+                cast(SharedStore, store),
+                self.dispatcher,
+                self._claim_request,
+                self._claimed,
+                self.attempts.give_back,
             )
             self.dispatcher.slot_freed = self.worksource.wake
             self.attempts.wake_source = self.worksource.wake
@@ -210,6 +220,7 @@ class Engine:
                     if self.role == "daemon":  # its event stream, pushes and waiters hear of others' commits
                         self._shared_store.on_remote_commit(self.notifier.committed)
                     self._shared_store.on_work(self.worksource.wake)
+                    self.notifier.add_listener(self._wake_scheduler_on_finish)
                     tg.start_soon(self.attempts.reap_lapsed)
                 if self.work:
                     tg.start_soon(self.dispatcher.run)
@@ -325,12 +336,16 @@ class Engine:
             agent_limits=limits,
         )
 
-    def _claimed(self, task: TaskRecord) -> None:
-        """A task this worker's claim took: run it now (the claim counted the limits)."""
+    def _claimed(self, task: TaskRecord) -> bool:
+        """A task this worker's claim took: run it now (the claim counted the limits). False
+        when the pool has stopped (shutdown): the caller gives it back."""
         self._live[task.id] = task
         if task.attempts == 1:  # its first attempt: nothing has logged for it yet, no need to read
             self.tasklog.created(task.id)
-        self.dispatcher.start_claimed(task)
+        if self.dispatcher.start_claimed(task):
+            return True
+        self._live.pop(task.id, None)
+        return False
 
     def _worker_record(self) -> WorkerRecord:
         return WorkerRecord(
@@ -449,7 +464,7 @@ class Engine:
 
     def check_task(self, agent: str, prompt: str, options: TaskOptions, project: str | None) -> Agent:
         """What submit would refuse, without submitting (a schedule's runs must be able to start)."""
-        validate_submit(self.settings, agent, prompt, options)
+        validate_submit(self.settings, agent, prompt, options, nul=not self.shared)
         return self._resolve_agent(agent, project)
 
     def _new_task(
@@ -506,7 +521,7 @@ class Engine:
         model types): see `admit_scope`."""
         self._require_running()
         options = options or TaskOptions()
-        payload = validate_submit(self.settings, agent, prompt, options)
+        payload = validate_submit(self.settings, agent, prompt, options, nul=not self.shared)
         scope, project = self.admit_scope(options.scope, project)
 
         if options.idempotency_key and not self.shared:
@@ -717,6 +732,13 @@ class Engine:
         if task is None or task.status not in (TaskStatus.queued, TaskStatus.retrying):
             return None
         return task
+
+    def _wake_scheduler_on_finish(self, committed: Committed) -> None:
+        """Shared store: a task finished here or in any process (its finish notification says so)
+        may be the run a queued scheduled run waits for. `_task_finished` wakes the scheduler on
+        the owned store; here finishes are not held in memory, and other workers make them."""
+        if self.scheduler.waiting and any(n.kind in _FINISHED_KINDS for n in committed.notifications):
+            self.scheduler.wake()
 
     def _task_finished(self, task: TaskRecord, now: datetime) -> None:
         self._live.pop(task.id, None)
@@ -952,6 +974,12 @@ class Engine:
             raise InvalidRequest(
                 f"task {task_id} completed; only a failed or cancelled task can be retried "
                 "(submit a new task to run the work again)"
+            )
+        if self.shared and previous not in (TaskStatus.failed, TaskStatus.cancelled):
+            # nothing is held in memory to answer this above: the row says what the task is
+            raise InvalidRequest(
+                f"task {task_id} is {previous}; only a failed or cancelled task can be retried "
+                "(cancel_task stops one that is still running)"
             )
         if task_id in self.dispatcher.running:
             raise InvalidRequest(

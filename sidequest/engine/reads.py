@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from datetime import datetime
+from typing import cast
 
 from sidequest.engine.admission import default_scope
 from sidequest.engine.errors import InvalidRequest, NotFinished, NotFound
@@ -35,7 +36,7 @@ from sidequest.models import (
     as_utc,
     utcnow,
 )
-from sidequest.storage.base import Store, TaskRecord, WorkflowQuery, WorkflowRecord
+from sidequest.storage.base import SharedStore, Store, TaskRecord, WorkflowQuery, WorkflowRecord
 
 PROMPT_PREVIEW_CHARS = 160
 """Enough to tell tasks apart in a status or a list; the whole prompt is on REST and `sidequest show`."""
@@ -382,7 +383,11 @@ class Reads:
         if any(not 1 <= c <= MAX_OFFSET for c in cursors):
             raise InvalidRequest(f"cursors must be between 1 and {MAX_OFFSET}")
         key = reader_key(reader, scope or default_scope())
-        known = sorted({c for c in cursors if c <= self.notifier.last_cursor})
+        # On a shared store the database issues cursors (other processes' too), not the notifier.
+        last = self.notifier.last_cursor
+        if self.store.shared:
+            last = await cast(SharedStore, self.store).max_cursor()
+        known = sorted({c for c in cursors if c <= last})
         self.store.mark_delivered(key, known, utcnow())
         await self.store.flush()
         return len(known)

@@ -237,6 +237,8 @@ class Scheduler:
         self._lock = anyio.Lock()
         self._crons: dict[tuple[str, str], Cron] = {}
         self._stuck = False
+        self.waiting = False
+        """A queued run (overlap=queue) waits for its predecessor to finish: the last pass said so."""
 
     # ---- the loop ----------------------------------------------------------
 
@@ -266,6 +268,7 @@ class Scheduler:
                 due = await self.store.due_schedules(now, DUE_BATCH)
                 progressed = False
                 self._stuck = False
+                self.waiting = False
                 for schedule in due:
                     try:
                         outcome = await self._decide(schedule, now)
@@ -274,6 +277,7 @@ class Scheduler:
                         self._stuck = True
                         continue
                     started += outcome == "fired"
+                    self.waiting |= outcome == "waiting"
                     progressed |= outcome not in ("waiting", "raced")
                 if len(due) < DUE_BATCH or not progressed:
                     return started

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
@@ -63,12 +63,16 @@ class ClaimingQueue:
         store: SharedStore,
         dispatcher: Dispatcher,
         request: Callable[[int], ClaimRequest],
-        claimed: Callable[[TaskRecord], None],
+        claimed: Callable[[TaskRecord], bool],
+        give_back: Callable[[TaskRecord], Awaitable[None]],
     ) -> None:
+        """`claimed` starts a claimed task (False: the pool stopped meanwhile); `give_back` puts
+        such a task back in the queue."""
         self._store = store
         self._dispatcher = dispatcher
         self._request = request
         self._claimed = claimed
+        self._give_back = give_back
         self._wake = anyio.Event()
         self.claims = 0
         """Claim statements run (benchmarks read it)."""
@@ -96,8 +100,12 @@ class ClaimingQueue:
                 backoff = 0.1
                 self.claims += 1
                 got = len(tasks)
-                for task in tasks:
-                    self._claimed(task)
+                refused = [task for task in tasks if not self._claimed(task)]
+                if refused:  # claimed while this worker stopped (the claim was in flight)
+                    with anyio.CancelScope(shield=True):
+                        for task in refused:
+                            await self._give_back(task)
+                    got = 0
             if got and got == free:
                 continue  # there may be more: claim again as soon as slots free up
             with anyio.move_on_after(POLL_SECONDS):

@@ -620,6 +620,10 @@ class SharedStore(Store, Protocol):
         """Tasks not yet finished, every scope (the queue limit)."""
         ...
 
+    async def max_cursor(self) -> int:
+        """The newest notification cursor (0: none): the database issues them, not this process."""
+        ...
+
     async def heartbeat(self, worker: WorkerRecord) -> None:
         """Insert or refresh this worker's row."""
         ...

@@ -34,9 +34,11 @@ from typing import Any, TypeVar
 import anyio
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, sql
+from psycopg.abc import Buffer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+from psycopg.types.string import StrBinaryDumper, StrDumperUnknown
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from sidequest.storage.base import (
@@ -144,6 +146,30 @@ def _scrub(text: str, dsn: str) -> str:
     line = line.replace(dsn, "<dsn>")
     line = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", line)
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", line, flags=re.IGNORECASE)
+
+
+def _without_nul(text: str) -> str:
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+class _NulSafeStrDumper(StrDumperUnknown):
+    """PostgreSQL text cannot hold NUL, and psycopg passes one on to a DataError. What reaches the
+    store with one is agent text (results, errors, progress; DuckDB keeps it, here it becomes
+    U+FFFD as in the run log) or a lookup key that can match nothing anyway (`/tasks/a%00b`): an
+    answer, not a failed statement. Submitted text is refused earlier, by the engine."""
+
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(_without_nul(obj))
+
+
+class _NulSafeStrBinaryDumper(StrBinaryDumper):
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(_without_nul(obj))
+
+
+async def _configure_connection(conn: AsyncConnection[Any]) -> None:
+    conn.adapters.register_dumper(str, _NulSafeStrBinaryDumper)
+    conn.adapters.register_dumper(str, _NulSafeStrDumper)  # last: the one %s picks
 
 
 def _conninfo(dsn: str, schema: str | None, statement_timeout: float | None, connect_timeout: int) -> str:
@@ -649,6 +675,7 @@ class PostgresStore:
                     min_size=self._pool_min,
                     max_size=self._pool_max,
                     kwargs={"autocommit": True},
+                    configure=_configure_connection,
                     check=AsyncConnectionPool.check_connection,
                     timeout=min(10.0, max(0.5, self.unavailable_after / 4)),
                     name="sidequest",
@@ -1110,6 +1137,7 @@ class PostgresStore:
                 "id": o.task.id,
                 "worker_id": o.worker_id,
                 "attempt": o.attempt.attempt,
+                "attempts": o.task.attempts,  # one less after a shutdown: not one of its tries
                 "status": o.task.status,
                 "failures": o.task.failures,
                 "updated_at": _iso(o.task.updated_at),
@@ -1240,6 +1268,7 @@ class PostgresStore:
             "id": task.id,
             "worker_id": outcome.worker_id,
             "attempt": attempt.attempt,
+            "attempts": task.attempts,  # one less after a shutdown: not one of its tries
             "status": task.status,
             "failures": task.failures,
             "updated_at": _utc(task.updated_at),
@@ -1523,6 +1552,10 @@ class PostgresStore:
 
     async def unfinished_count(self) -> int:
         row = await self._fetchone(Q["unfinished_count"])
+        return int(row[0])
+
+    async def max_cursor(self) -> int:
+        row = await self._fetchone(Q["max_cursor"])
         return int(row[0])
 
     async def heartbeat(self, worker: WorkerRecord) -> None:

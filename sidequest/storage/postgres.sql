@@ -99,6 +99,10 @@ FROM jsonb_to_recordset(%(rows)s::jsonb) AS v(
 ON CONFLICT (task_id) DO UPDATE SET content_type = excluded.content_type, content = excluded.content,
     size_chars = excluded.size_chars, created_at = excluded.created_at, sources = excluded.sources;
 
+-- max_cursor --
+-- The newest notification cursor (0: none yet).
+SELECT coalesce(max(cursor), 0) FROM notifications;
+
 -- mark_delivered --
 -- Reader has had the notifications (a cursor it already had keeps its first time).
 INSERT INTO notification_deliveries (reader, cursor, delivered_at)
@@ -198,9 +202,9 @@ SELECT status, count(*) FROM task_executions WHERE workflow_id = %(id)s GROUP BY
 
 -- finish_task --
 -- An attempt's outcome, only while the attempt is still current.
-UPDATE task_executions SET status = %(status)s, failures = %(failures)s, updated_at = %(updated_at)s,
-    next_attempt_at = %(next_attempt_at)s, started_at = %(started_at)s, finished_at = %(finished_at)s,
-    progress_percent = %(progress_percent)s, progress_message = %(progress_message)s, error = %(error)s,
+UPDATE task_executions SET status = %(status)s, attempts = %(attempts)s, failures = %(failures)s,
+    updated_at = %(updated_at)s, next_attempt_at = %(next_attempt_at)s, started_at = %(started_at)s,
+    finished_at = %(finished_at)s, progress_percent = %(progress_percent)s, progress_message = %(progress_message)s, error = %(error)s,
     result_preview = %(result_preview)s, worker_id = %(new_worker_id)s, lease_expires_at = %(lease_expires_at)s,
     session_id = %(session_id)s, batch_id = %(batch_id)s, lost_attempts = %(lost_attempts)s
 WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker_id)s AND attempts = %(attempt)s
@@ -209,13 +213,14 @@ RETURNING *;
 -- finish_tasks --
 -- A batch of attempts' outcomes (one JSON object each), applied only where the attempt is still
 -- current: one statement for the whole batch.
-UPDATE task_executions t SET status = v.status, failures = v.failures, updated_at = v.updated_at,
+UPDATE task_executions t SET status = v.status, attempts = v.attempts, failures = v.failures,
+    updated_at = v.updated_at,
     next_attempt_at = v.next_attempt_at, started_at = v.started_at, finished_at = v.finished_at,
     progress_percent = v.progress_percent, progress_message = v.progress_message, error = v.error,
     result_preview = v.result_preview, worker_id = v.new_worker_id, lease_expires_at = v.lease_expires_at,
     session_id = v.session_id, batch_id = v.batch_id, lost_attempts = v.lost_attempts
 FROM jsonb_to_recordset(%(rows)s::jsonb) AS v(
-    id text, worker_id text, attempt int, status text, failures int, updated_at timestamptz,
+    id text, worker_id text, attempt int, attempts int, status text, failures int, updated_at timestamptz,
     next_attempt_at timestamptz, started_at timestamptz, finished_at timestamptz,
     progress_percent double precision, progress_message text, error text, result_preview text,
     new_worker_id text, lease_expires_at timestamptz, session_id text, batch_id text, lost_attempts int)
