@@ -29,7 +29,7 @@ class SidequestKeys(BaseModel):
     batch: bool = False
     max_budget_usd: float | None = Field(default=None, gt=0)
     timeout: Duration | None = None
-    queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
     """Which workers take this agent's tasks (shared store); default `default`."""
 
 

@@ -175,7 +175,7 @@ class TaskOptions(_Strict):
     max_budget_usd: float | None = Field(default=None, gt=0, le=10_000, description="claude-code spend cap")
     queue: str | None = Field(
         default=None,
-        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$",
         description="workers' queue (one in [workers] queues)",
     )
 

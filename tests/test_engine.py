@@ -291,7 +291,8 @@ async def test_cancel_workflow_cancels_its_unfinished_tasks(tmp_path: Path) -> N
 
 async def test_workflow_completes_once_all_its_tasks_finish(tmp_path: Path) -> None:
     async with running_engine(tmp_path) as engine:
-        first = await engine.submit("sleep", "0.2", opts(workflow_name="wf", scope="s"))
+        # long enough to be running still when listed, however loaded the machine
+        first = await engine.submit("sleep", "2", opts(workflow_name="wf", scope="s"))
         second = await engine.submit("echo", "b", opts(workflow_id=first.workflow_id))
         assert second.workflow_id == first.workflow_id
         active = await engine.list_active_workflows(scope="s")

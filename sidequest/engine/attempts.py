@@ -375,15 +375,25 @@ class Attempts:
             return  # the store failed: nothing more can be written
         if sink.task is None:  # the attempt was stopped by a cancel: only its history row is new
             sink.task = task
-        effects = await self._shared.finish_attempt(
-            Outcome(  # guarded by the attempt row's number: a shutdown gives the attempt back
-                task=sink.task,
-                worker_id=self.worker_id,
-                attempt=sink.attempt,
-                result=sink.result_record,
-                notification=sink.notification,
+        try:
+            effects = await self._shared.finish_attempt(
+                Outcome(  # guarded by the attempt row's number: a shutdown gives the attempt back
+                    task=sink.task,
+                    worker_id=self.worker_id,
+                    attempt=sink.attempt,
+                    result=sink.result_record,
+                    notification=sink.notification,
+                )
             )
-        )
+        except StoreError as exc:
+            # The store gave up (it retries inside) or refused this outcome: the attempt's lease
+            # lapses and another worker runs it again (at-least-once); a store that failed for
+            # good stops this process through its failure handler (fail-stop), not through here.
+            log.error("task %s: the end of attempt %d could not be recorded: %s", task.id, expected, exc)
+            return
+        except Exception:
+            log.exception("task %s: the end of attempt %d could not be recorded", task.id, expected)
+            return
         if not effects.applied:
             log.info(
                 "task %s: attempt %d ended after the task was %s elsewhere", task.id, expected, effects.status

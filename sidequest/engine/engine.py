@@ -13,6 +13,7 @@ ties them together: submit, cancel, wait, retry, scheduled runs and the engine's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -339,9 +340,15 @@ class Engine:
     def _claimed(self, task: TaskRecord) -> bool:
         """A task this worker's claim took: run it now (the claim counted the limits). False
         when the pool has stopped (shutdown): the caller gives it back."""
+        if task.id in self.dispatcher.running:  # its cancelled attempt here has not stopped yet
+            return False
         self._live[task.id] = task
         if task.attempts == 1:  # its first attempt: nothing has logged for it yet, no need to read
             self.tasklog.created(task.id)
+        if task.agent_snapshot is not None and task.agent not in self._limits:
+            # An agent file's limit, for the next claims (a worker never resolved it at submit).
+            with contextlib.suppress(AgentLookupError):
+                self._limits[task.agent] = self.agents.from_snapshot(task.agent_snapshot).max_concurrency
         if self.dispatcher.start_claimed(task):
             return True
         self._live.pop(task.id, None)
@@ -465,7 +472,19 @@ class Engine:
     def check_task(self, agent: str, prompt: str, options: TaskOptions, project: str | None) -> Agent:
         """What submit would refuse, without submitting (a schedule's runs must be able to start)."""
         validate_submit(self.settings, agent, prompt, options, nul=not self.shared)
+        self._check_selectable_queue(options)
         return self._resolve_agent(agent, project)
+
+    def _check_selectable_queue(self, options: TaskOptions) -> None:
+        """A queue picks which machines run the task (and with what secrets): a submitter (a
+        model) may only choose among the queues the configuration opens to it."""
+        if options.queue and options.queue not in self.settings.workers.selectable_queues:
+            allowed = ", ".join(self.settings.workers.selectable_queues) or "none"
+            raise InvalidRequest(
+                f"queue {options.queue!r} is not open to submitters; allowed: {allowed} "
+                "([workers] selectable_queues in the config; agent files may name any queue with "
+                "`sidequest: {queue: …}`)"
+            )
 
     def _new_task(
         self,
@@ -482,15 +501,7 @@ class Engine:
         if timeout is None:
             timeout = resolved.timeout if resolved.timeout is not None else self.settings.default_timeout
         definition = resolved.definition
-        if options.queue and options.queue not in self.settings.workers.selectable_queues:
-            # A queue picks which machines run the task (and with what secrets): a model may only
-            # choose among the queues the configuration opens to it.
-            allowed = ", ".join(self.settings.workers.selectable_queues) or "none"
-            raise InvalidRequest(
-                f"queue {options.queue!r} is not open to submitters; allowed: {allowed} "
-                "([workers] selectable_queues in the config; agent files may name any queue with "
-                "`sidequest: {queue: …}`)"
-            )
+        self._check_selectable_queue(options)
         queue = options.queue or (definition.keys.queue if definition else None) or "default"
         self._seq += 1
         return TaskRecord(
@@ -794,8 +805,10 @@ class Engine:
         for stopped, worker in effects.stop:
             if worker == self.worker_id:
                 self.dispatcher.cancel_running(stopped)
+        elsewhere = {t for t, worker in effects.stop if worker != self.worker_id}
         for task in effects.tasks:
-            if task.id not in self.dispatcher.running:  # a running attempt logs its own end
+            if task.id not in self.dispatcher.running and task.id not in elsewhere:
+                # a running attempt (here or on another worker) logs its own end
                 await self.tasklog.resume(task)
                 self.tasklog.add(task, "cancelled", "the task was cancelled")
                 self.tasklog.forget(task.id)
@@ -991,7 +1004,10 @@ class Engine:
         if self.shared:
             requeued = await self._shared_store.requeue(task_id, utcnow())
             if requeued is None:
-                raise InvalidRequest(f"task {task_id} was retried or changed meanwhile; read its status")
+                raise InvalidRequest(
+                    f"task {task_id} could not be queued again: it was retried meanwhile, or its "
+                    "cancelled attempt is still stopping on a worker; retry it in a moment"
+                )
             self.notifier.emit(
                 NotificationKind.task_retried,
                 requeued.workflow_id,

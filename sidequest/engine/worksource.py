@@ -101,11 +101,12 @@ class ClaimingQueue:
                 self.claims += 1
                 got = len(tasks)
                 refused = [task for task in tasks if not self._claimed(task)]
-                if refused:  # claimed while this worker stopped (the claim was in flight)
+                if refused:  # claimed while this worker stopped, or while its cancelled attempt winds down
                     with anyio.CancelScope(shield=True):
                         for task in refused:
                             await self._give_back(task)
-                    got = 0
+                    await anyio.sleep(POLL_SECONDS)  # not straight back to the task just given back
+                    continue
             if got and got == free:
                 continue  # there may be more: claim again as soon as slots free up
             with anyio.move_on_after(POLL_SECONDS):

@@ -1066,9 +1066,11 @@ class PostgresStore:
                 request.error = exc
                 request.done.set()
             return
-        except Exception:
+        except Exception as exc:
             if len(batch) == 1:
-                raise
+                batch[0].error = exc
+                batch[0].done.set()
+                return
             # One outcome the database refuses must not fail the others: settle them one by one.
             log.exception(
                 "%s: a batch of %d finishes failed; finishing them one by one", self.target, len(batch)
@@ -1188,6 +1190,12 @@ class PostgresStore:
         stale = [o.task.id for o in outcomes if o.task.id not in updated]
         current: dict[str, str] = {}
         if stale:
+            released = [
+                {"id": o.task.id, "worker_id": o.worker_id, "attempt": o.attempt.attempt}
+                for o in outcomes
+                if o.task.id not in updated
+            ]
+            await cur.execute(Q["release_cancelled"], {"rows": Jsonb(released)})
             await cur.execute(Q["task_statuses_of"], {"ids": stale})
             current = {task_id: status for task_id, status in await cur.fetchall()}
         ended = sorted({t.workflow_id for t in updated.values() if t.status in FINISHED})
@@ -1289,6 +1297,8 @@ class PostgresStore:
         row = await dcur.fetchone()
         await cur.execute(Q["insert_attempt"], attempt_params)
         if row is None:
+            released = [{"id": task.id, "worker_id": outcome.worker_id, "attempt": attempt.attempt}]
+            await cur.execute(Q["release_cancelled"], {"rows": Jsonb(released)})
             await cur.execute(Q["task_status"], {"id": task.id})
             current = await cur.fetchone()
             return Effects(applied=False, status=current[0] if current else None), []

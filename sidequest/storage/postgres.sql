@@ -227,6 +227,13 @@ FROM jsonb_to_recordset(%(rows)s::jsonb) AS v(
 WHERE t.id = v.id AND t.status = 'running' AND t.worker_id = v.worker_id AND t.attempts = v.attempt
 RETURNING t.*;
 
+-- release_cancelled --
+-- Attempts that ended after their task was cancelled: the worker lets go of the row (a retry
+-- waits for this, or for the lease to lapse, so a cancelled attempt never runs beside its retry).
+UPDATE task_executions t SET worker_id = NULL, lease_expires_at = NULL
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS v(id text, worker_id text, attempt int)
+WHERE t.id = v.id AND t.status = 'cancelled' AND t.worker_id = v.worker_id AND t.attempts = v.attempt;
+
 -- insert_attempts --
 -- A batch of attempts' history rows (a repeat of the same row is ignored).
 INSERT INTO task_attempts (task_id, attempt, status, started_at, finished_at, error, worker_id)
@@ -292,6 +299,7 @@ UPDATE task_executions SET status = 'queued', failures = 0, lost_attempts = 0, e
     finished_at = NULL, updated_at = %(now)s, next_attempt_at = NULL, worker_id = NULL,
     lease_expires_at = NULL
 WHERE id = %(id)s AND status IN ('failed', 'cancelled')
+  AND (worker_id IS NULL OR lease_expires_at IS NULL OR lease_expires_at < now())
 RETURNING *;
 
 -- requeued_at --
@@ -301,13 +309,13 @@ SELECT * FROM task_executions WHERE id = %(id)s AND status = 'queued' AND update
 -- lapsed --
 -- Running rows whose lease lapsed (their process died), oldest first; rows another transaction holds are skipped.
 SELECT id, workflow_id FROM task_executions
-WHERE status = 'running' AND lease_expires_at < %(now)s
+WHERE status = 'running' AND lease_expires_at < now()
 ORDER BY lease_expires_at LIMIT %(limit)s;
 
 -- lock_lapsed --
 -- The lapsed rows themselves, once their workflows are locked (still lapsed: not renewed meanwhile).
 SELECT * FROM task_executions
-WHERE id = ANY(%(ids)s) AND status = 'running' AND lease_expires_at < %(now)s
+WHERE id = ANY(%(ids)s) AND status = 'running' AND lease_expires_at < now()
 ORDER BY id FOR UPDATE SKIP LOCKED;
 
 -- reap_task --
