@@ -133,9 +133,7 @@ def main() -> None:
     parser.add_argument("--dsn", default=os.environ.get("SIDEQUEST_TEST_POSTGRES_DSN", DEFAULT_DSN))
     args = parser.parse_args()
     print(f"run: .venv/bin/python -m bench.pg_failover {' '.join(sys.argv[1:])}")
-    print(
-        f"lease_seconds = {args.lease:g}; goal: every task running again within {args.lease + 1:g} s"
-    )
+    print(f"lease_seconds = {args.lease:g}; goal: every task running again within {args.lease + 1:g} s")
     everything: list[float] = []
     for k in range(args.rounds):
         waits = asyncio.run(one_round(args.dsn, args.tasks, args.lease))

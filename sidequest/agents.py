@@ -406,19 +406,22 @@ class AgentRegistry:
         if cached.agent is None:
             definition = cached.value
             assert isinstance(definition, AgentDefinition)
-            executor, warnings = self._build_file_executor(definition)
-            cached.agent = Agent(
-                name=definition.name,
-                description=definition.description,
-                executor=executor,
-                max_concurrency=definition.keys.max_concurrency,
-                source=str(definition.source),
-                model=self.settings.model_id(definition.model),
-                timeout=definition.keys.timeout,
-                warnings=tuple(warnings),
-                definition=definition,
-            )
+            cached.agent = self._file_agent(definition)
         return cached.agent
+
+    def _file_agent(self, definition: AgentDefinition) -> Agent:
+        executor, warnings = self._build_file_executor(definition)
+        return Agent(
+            name=definition.name,
+            description=definition.description,
+            executor=executor,
+            max_concurrency=definition.keys.max_concurrency,
+            source=str(definition.source),
+            model=self.settings.model_id(definition.model),
+            timeout=definition.keys.timeout,
+            warnings=tuple(warnings),
+            definition=definition,
+        )
 
     def from_snapshot(self, snapshot: dict[str, Any]) -> Agent:
         """The agent a task's snapshot describes, built as it was at submit (cached by content hash).
@@ -434,18 +437,7 @@ class AgentRegistry:
                 raise AgentLookupError(
                     f"the agent snapshot stored with this task is unusable: {exc}"
                 ) from exc
-            executor, warnings = self._build_file_executor(definition)
-            agent = Agent(
-                name=definition.name,
-                description=definition.description,
-                executor=executor,
-                max_concurrency=definition.keys.max_concurrency,
-                source=str(definition.source),
-                model=self.settings.model_id(definition.model),
-                timeout=definition.keys.timeout,
-                warnings=tuple(warnings),
-                definition=definition,
-            )
+            agent = self._file_agent(definition)
             self._snapshots[key] = agent
         return agent
 

@@ -117,6 +117,21 @@ _FINISHED_KINDS = {
 }
 
 
+def _wait_result(
+    ids: list[str], statuses: dict[str, str], mode: WaitMode, met: bool, started: float
+) -> WaitResult:
+    return WaitResult(
+        timed_out=not met,
+        mode=mode,
+        waited_seconds=round(anyio.current_time() - started, 3),
+        tasks=[
+            WaitedTask(task_id=t, status=TaskStatus(statuses[t]), finished=TaskStatus(statuses[t]).finished)
+            for t in ids
+            if t in statuses
+        ],
+    )
+
+
 class Engine:
     def __init__(
         self,
@@ -907,18 +922,7 @@ class Engine:
             remove()
         met = holds()
         statuses = await self.task_statuses(ids)
-        return WaitResult(
-            timed_out=not met,
-            mode=mode,
-            waited_seconds=round(anyio.current_time() - started, 3),
-            tasks=[
-                WaitedTask(
-                    task_id=t, status=TaskStatus(statuses[t]), finished=TaskStatus(statuses[t]).finished
-                )
-                for t in ids
-                if t in statuses
-            ],
-        )
+        return _wait_result(ids, statuses, mode, met, started)
 
     async def _wait_shared(
         self, ids: list[str], mode: WaitMode, timeout: float, started: float
@@ -949,18 +953,7 @@ class Engine:
         finally:
             remove()
         statuses = await self.task_statuses(ids)
-        return WaitResult(
-            timed_out=not met(statuses),
-            mode=mode,
-            waited_seconds=round(anyio.current_time() - started, 3),
-            tasks=[
-                WaitedTask(
-                    task_id=t, status=TaskStatus(statuses[t]), finished=TaskStatus(statuses[t]).finished
-                )
-                for t in ids
-                if t in statuses
-            ],
-        )
+        return _wait_result(ids, statuses, mode, met(statuses), started)
 
     # ---- retry -----------------------------------------------------------
 
