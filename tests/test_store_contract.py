@@ -11,6 +11,7 @@ connections, and LISTEN/NOTIFY between processes (two store instances stand in f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import threading
 from collections.abc import AsyncIterator
@@ -400,6 +401,27 @@ async def test_claim_respects_queues_agents_and_delays(pg: PostgresStore) -> Non
     assert await pg.claim(ClaimRequest("w", 5, 60, agents={"echo"})) == []
     assert [t.id for t in await pg.claim(ClaimRequest("w", 5, 60, queues=["gpu"]))] == ["t_q"]
     assert [t.id for t in await pg.claim(ClaimRequest("w", 5, 60))] == ["t_ag"]
+
+
+async def test_an_agent_files_limit_holds_on_workers_that_never_read_it(
+    pg: PostgresStore, pg2: PostgresStore
+) -> None:
+    """The limit travels in the task rows (agent_limit): workers asking with no limits at all
+    still never run more than it over all of them."""
+    tasks = [dataclasses.replace(task(f"t_{i:02d}", "w_1", agent="file"), agent_limit=2) for i in range(8)]
+    await pg.enqueue([workflow("w_1", "flow")], tasks)
+    claimed: list[TaskRecord] = []
+    async with anyio.create_task_group() as tg:
+
+        async def take(store: PostgresStore, worker: str) -> None:
+            for _ in range(4):
+                claimed.extend(await store.claim(ClaimRequest(worker, 3, 60)))
+
+        tg.start_soon(take, pg, "w_a")
+        tg.start_soon(take, pg2, "w_b")
+    assert len(claimed) == 2, [t.id for t in claimed]
+    await pg.finish_attempt(outcome(claimed[0], claimed[0].worker_id or "", "completed"))
+    assert len(await pg2.claim(ClaimRequest("w_b", 5, 60))) == 1
 
 
 async def test_agent_limit_holds_across_workers(pg: PostgresStore, pg2: PostgresStore) -> None:

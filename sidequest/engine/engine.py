@@ -536,6 +536,7 @@ class Engine:
             timeout_s=timeout,
             queue=queue,
             agent_snapshot=agent_snapshot(definition) if definition is not None else None,
+            agent_limit=resolved.max_concurrency,
         )
 
     async def submit(

@@ -5,3 +5,5 @@
 ALTER TABLE task_executions ADD COLUMN queue VARCHAR DEFAULT 'default';
 UPDATE task_executions SET queue = 'default' WHERE queue IS NULL;
 ALTER TABLE task_executions ADD COLUMN agent_snapshot JSON;
+-- The agent's max_concurrency at submit, so claims on a shared store can honour it everywhere.
+ALTER TABLE task_executions ADD COLUMN agent_limit INTEGER;

@@ -68,6 +68,9 @@ class TaskRecord:
     agent_snapshot: dict[str, Any] | None = None
     """The agent file resolved at submit (front matter, body, source path, content hash), so a
     worker on another machine runs exactly what was submitted; None for config agents."""
+    agent_limit: int | None = None
+    """The agent's `max_concurrency` at submit: a shared store's claims honour it over every
+    worker, including workers that never read the agent's file or config."""
 
     def mutable_state(self) -> tuple[Any, ...]:
         """Snapshot of the columns that change after insert, in TASK_MUTABLE_COLUMNS order."""

@@ -197,6 +197,7 @@ _WRITES: dict[str, _Write] = {
             "project",
             "queue",
             "agent_snapshot",
+            "agent_limit",
         ),
     ),
     "task_updates": _Write("task_executions", TASK_MUTABLE_COLUMNS, "update", "id"),

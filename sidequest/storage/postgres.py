@@ -323,6 +323,7 @@ _TASK_INSERT_COLUMNS = (
     "project",
     "queue",
     "agent_snapshot",
+    "agent_limit",
 )
 _INSERT_TASK = (
     f"INSERT INTO task_executions ({', '.join(_TASK_INSERT_COLUMNS)}) "
@@ -971,8 +972,23 @@ class PostgresStore:
                 "limit": request.limit * 4 + 16 if room else request.limit,
             }
             await cur.execute(Q["claim_candidates"], params)
+            candidates = await cur.fetchall()
+            # Agents limited by their task rows (an agent file's max_concurrency, which this worker
+            # may never have read): counted like the request's, but with a try-lock, so claimers
+            # that met the agents in another order never wait for each other (no deadlock); an
+            # agent another claimer is counting right now is left for the next claim.
+            for agent in sorted({a for _, a, limit in candidates if limit is not None and a not in room}):
+                row_limit = min(limit for _, a, limit in candidates if a == agent and limit is not None)
+                await cur.execute(Q["agent_try_lock"], {"key": self._agent_lock, "agent": agent})
+                got = await cur.fetchone()
+                if not (got and got[0]):
+                    room[agent] = 0
+                    continue
+                await cur.execute(Q["running_per_agent"], {"agents": [agent]})
+                running_now = {a: int(n) for a, n in await cur.fetchall()}
+                room[agent] = row_limit - running_now.get(agent, 0)
             chosen: list[str] = []
-            for task_id, agent in await cur.fetchall():
+            for task_id, agent, _ in candidates:
                 if len(chosen) >= request.limit:
                     break
                 if agent in room:

@@ -137,7 +137,7 @@ SELECT id, seq FROM task_executions WHERE id = ANY(%(ids)s);
 -- claim_candidates --
 -- Ready tasks this worker may run, in priority then submission order, skipping rows another
 -- claim holds and agents at their limit.
-SELECT id, agent FROM task_executions
+SELECT id, agent, agent_limit FROM task_executions
 WHERE status IN ('queued', 'retrying')
   AND ((status = 'queued' AND (not_before IS NULL OR not_before <= now())
         AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
@@ -152,6 +152,10 @@ FOR UPDATE SKIP LOCKED;
 -- agent_lock --
 -- One claimer at a time counts and takes an agent's running slots (per-agent limits over every worker).
 SELECT pg_advisory_xact_lock(%(key)s, hashtext(%(agent)s));
+
+-- agent_try_lock --
+-- The same lock as agent_lock, without waiting (true: taken).
+SELECT pg_try_advisory_xact_lock(%(key)s, hashtext(%(agent)s));
 
 -- running_per_agent --
 -- Running rows of some agents, over every worker.

@@ -1,6 +1,8 @@
 -- Workers serve queues; an agent file resolved at submit travels with the task (see DuckDB's 0008).
 ALTER TABLE task_executions ADD COLUMN queue TEXT NOT NULL DEFAULT 'default';
 ALTER TABLE task_executions ADD COLUMN agent_snapshot JSONB;
+-- The agent's max_concurrency at submit: claims honour it over every worker (see claim).
+ALTER TABLE task_executions ADD COLUMN agent_limit INTEGER;
 
 -- What a claim reads: ready rows in (priority rank, seq) order. Partial, so finished rows (nearly
 -- all of them, in a long-lived store) cost the claim nothing.
