@@ -324,7 +324,8 @@ async def test_listing_defaults_to_the_callers_scope(tmp_path: Path) -> None:
 
 async def test_agent_concurrency_limit_holds(tmp_path: Path) -> None:
     async with running_engine(tmp_path) as engine:
-        first = await engine.submit("solo", "0.3")
+        # long enough that the first is still running when the second is looked at, under load
+        first = await engine.submit("solo", "1.5")
         second = await engine.submit("solo", "0.3")
         await wait_status(engine, first.task_id, TaskStatus.running)
         await anyio.sleep(0.1)

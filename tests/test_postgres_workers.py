@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -177,7 +176,6 @@ async def test_a_worker_killed_mid_task_its_task_runs_again_elsewhere_counted_as
         pids = {w.id: w.pid for w in (await engine.list_workers()).workers}
         if pids[worker_id] != victim.pid:  # kill whichever worker holds it
             victim = next(p for p in cluster.procs if p.pid == pids[worker_id])
-        killed_at = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
 
         async def finished() -> bool:
@@ -185,7 +183,6 @@ async def test_a_worker_killed_mid_task_its_task_runs_again_elsewhere_counted_as
             return all(s == "completed" for s in statuses.values())
 
         await wait_for(finished, timeout=60, interval=0.2, what=f"the task completed again\n{cluster.logs()}")
-        assert time.monotonic() - killed_at < 60
         task = await engine.store.get_task(held.task_id)
         assert task is not None and task.lost_attempts == 1 and task.failures == 0
         history = [(a.status, a.worker_id) for a in await engine.store.get_attempts(held.task_id)]

@@ -13,7 +13,6 @@ ties them together: submit, cancel, wait, retry, scheduled runs and the engine's
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -129,6 +128,19 @@ def _wait_result(
             for t in ids
             if t in statuses
         ],
+    )
+
+
+def _submitted(
+    task: TaskRecord, warnings: list[str] | None = None, deduplicated: bool = False
+) -> TaskSubmitted:
+    return TaskSubmitted(
+        task_id=task.id,
+        workflow_id=task.workflow_id,
+        status=TaskStatus(task.status),
+        created_at=task.created_at,
+        deduplicated=deduplicated,
+        warnings=warnings or [],
     )
 
 
@@ -339,10 +351,13 @@ class Engine:
     # ---- shared store: claiming, heartbeats, workers ----------------------
 
     def _claim_request(self, free: int) -> ClaimRequest:
-        limits = {name: limit for name, limit in self._limits.items() if limit is not None}
-        for name, agent in self.agents.config_agents().items():
-            if agent.max_concurrency is not None:
-                limits[name] = agent.max_concurrency
+        # Agent files' limits travel in their task rows (agent_limit); a config agent's current
+        # limit (after a reload) is this machine's to say.
+        limits = {
+            name: agent.max_concurrency
+            for name, agent in self.agents.config_agents().items()
+            if agent.max_concurrency is not None
+        }
         return ClaimRequest(
             worker_id=self.worker_id,
             limit=free,
@@ -360,10 +375,6 @@ class Engine:
         self._live[task.id] = task
         if task.attempts == 1:  # its first attempt: nothing has logged for it yet, no need to read
             self.tasklog.created(task.id)
-        if task.agent_snapshot is not None and task.agent not in self._limits:
-            # An agent file's limit, for the next claims (a worker never resolved it at submit).
-            with contextlib.suppress(AgentLookupError):
-                self._limits[task.agent] = self.agents.from_snapshot(task.agent_snapshot).max_concurrency
         if self.dispatcher.start_claimed(task):
             return True
         self._live.pop(task.id, None)
@@ -407,19 +418,7 @@ class Engine:
         return WorkerList(
             as_of=now,
             workers=[
-                WorkerInfo(
-                    id=r.id,
-                    host=r.host,
-                    pid=r.pid,
-                    kind=r.kind,
-                    queues=r.queues,
-                    agents=r.agents,
-                    concurrency=r.concurrency,
-                    running=r.running,
-                    started_at=r.started_at,
-                    heartbeat_at=r.heartbeat_at,
-                    alive=(now - r.heartbeat_at).total_seconds() <= lease,
-                )
+                WorkerInfo(**dataclasses.asdict(r), alive=(now - r.heartbeat_at).total_seconds() <= lease)
                 for r in records
             ],
         )
@@ -555,8 +554,7 @@ class Engine:
             earlier = await self._existing_submission(scope, options.idempotency_key)
             if earlier is not None:
                 return earlier
-        await self._check_queue_shared()
-        self._check_queue()
+        await self._check_queue()
 
         now = utcnow()
         new_workflow: WorkflowRecord | None = None
@@ -603,15 +601,9 @@ class Engine:
             earlier = await self._existing_submission(scope, options.idempotency_key)
             if earlier is not None:
                 return earlier
-        self._check_queue()
+        await self._check_queue()  # on this store it never suspends: nothing slips in before the insert
 
-        not_before = options.not_before
-        if options.delay:
-            not_before = now + timedelta(seconds=options.delay)
-        task = self._new_task(resolved, agent, prompt, options, scope, workflow_id, now)
-        task.project = project
-        task.idempotency_key = options.idempotency_key
-        task.not_before = not_before
+        task = self._submitted_task(resolved, agent, prompt, options, scope, project, workflow_id, now)
         inserted = anyio.Event()
         self._inserting[task.id] = inserted
         key = (scope, options.idempotency_key) if options.idempotency_key else None
@@ -636,13 +628,25 @@ class Engine:
             self.ledger.reopened(reopen, reopen_counts, now)
         self.ledger.task_added(workflow_id)
         self.worksource.submitted(task)
-        return TaskSubmitted(
-            task_id=task.id,
-            workflow_id=workflow_id,
-            status=TaskStatus(task.status),
-            created_at=task.created_at,
-            warnings=warnings,
-        )
+        return _submitted(task, warnings)
+
+    def _submitted_task(
+        self,
+        resolved: Agent,
+        agent: str,
+        prompt: str,
+        options: TaskOptions,
+        scope: str,
+        project: str | None,
+        workflow_id: str,
+        now: datetime,
+    ) -> TaskRecord:
+        """The row a submit inserts, on either store."""
+        task = self._new_task(resolved, agent, prompt, options, scope, workflow_id, now)
+        task.project = project
+        task.idempotency_key = options.idempotency_key
+        task.not_before = now + timedelta(seconds=options.delay) if options.delay else options.not_before
+        return task
 
     async def _submit_shared(
         self,
@@ -658,38 +662,27 @@ class Engine:
     ) -> TaskSubmitted:
         """Submit on a shared store: one transaction decides it, idempotency key included (a
         unique index, so two processes given the same key make one task)."""
-        now = utcnow()
-        task = self._new_task(resolved, agent, prompt, options, scope, workflow_id, now)
-        task.project = project
-        task.idempotency_key = options.idempotency_key
-        task.not_before = now + timedelta(seconds=options.delay) if options.delay else options.not_before
+        task = self._submitted_task(resolved, agent, prompt, options, scope, project, workflow_id, utcnow())
         with anyio.CancelScope(shield=True):  # committed means queued, even if we are cancelled
             duplicates = await self._shared_store.enqueue([new_workflow] if new_workflow else [], [task])
         earlier_id = duplicates.get(task.id)
         if earlier_id is not None:
             earlier = await self.store.get_task(earlier_id)
-            if earlier is not None:
-                return TaskSubmitted(
-                    task_id=earlier.id,
-                    workflow_id=earlier.workflow_id,
-                    status=TaskStatus(earlier.status),
-                    created_at=earlier.created_at,
-                    deduplicated=True,
+            if earlier is None:  # deleted by retention between the key check and this read
+                raise InvalidRequest(
+                    f"the task idempotency_key {task.idempotency_key!r} named was just deleted; submit again"
                 )
+            return _submitted(earlier, deduplicated=True)
         self._unfinished_count = (self._unfinished_count[0], self._unfinished_count[1] + 1)
         self.worksource.submitted(task)
-        return TaskSubmitted(
-            task_id=task.id,
-            workflow_id=workflow_id,
-            status=TaskStatus(task.status),
-            created_at=task.created_at,
-            warnings=warnings,
-        )
+        return _submitted(task, warnings)
 
-    async def _check_queue_shared(self) -> None:
-        """The queue limit over every process's work: counted by the store, at most once a second
-        (the limit protects memory and disk from a runaway caller, it need not be exact)."""
+    async def _check_queue(self) -> None:
+        """The queue limit. The owned store counts its live tasks in memory (and never suspends
+        here); a shared store counts every process's work, read at most once a second (the limit
+        protects memory and disk from a runaway caller, it need not be exact there)."""
         if not self.shared:
+            check_queue(len(self._live) + len(self._inserting), self.settings.max_queued_tasks)
             return
         at, count = self._unfinished_count
         if anyio.current_time() - at > 1.0:
@@ -714,9 +707,6 @@ class Engine:
             return []
         return list(agent.executor.preflight(options, scope, self.workdir_roots(scope, project)))
 
-    def _check_queue(self) -> None:
-        check_queue(len(self._live) + len(self._inserting), self.settings.max_queued_tasks)
-
     async def _existing_submission(self, scope: str, key: str) -> TaskSubmitted | None:
         """The earlier task this key made, or None when the key is free (never used, past its
         window, or its task is gone: deleted by retention, or its insert failed)."""
@@ -730,13 +720,7 @@ class Engine:
         if task is None:
             self._idempotency.forget((scope, key), task_id)
             return None
-        return TaskSubmitted(
-            task_id=task.id,
-            workflow_id=task.workflow_id,
-            status=TaskStatus(task.status),
-            created_at=task.created_at,
-            deduplicated=True,
-        )
+        return _submitted(task, deduplicated=True)
 
     async def _record(self, task_id: str) -> TaskRecord | None:
         """The live record when there is one (it is ahead of the store), else the stored row."""
@@ -993,8 +977,7 @@ class Engine:
                 f"task {task_id} was cancelled and its attempt is still stopping; retry it in a moment"
             )
         self._resolve_agent(task.agent, task.project)  # the agent may be gone: say so now
-        self._check_queue()
-        await self._check_queue_shared()
+        await self._check_queue()
         if self.shared:
             requeued = await self._shared_store.requeue(task_id, utcnow())
             if requeued is None:
@@ -1194,7 +1177,7 @@ class Engine:
         self._require_running()
         options = TaskOptions.model_validate({**schedule.options, "scope": schedule.scope})
         resolved = self.check_task(schedule.agent, schedule.prompt, options, schedule.project)
-        self._check_queue()
+        await self._check_queue()
         now = utcnow()
         workflow = WorkflowRecord(
             id=new_id("wf"),

@@ -74,8 +74,6 @@ class ClaimingQueue:
         self._claimed = claimed
         self._give_back = give_back
         self._wake = anyio.Event()
-        self.claims = 0
-        """Claim statements run (benchmarks read it)."""
 
     def submitted(self, task: TaskRecord) -> None:
         self._wake.set()
@@ -98,7 +96,6 @@ class ClaimingQueue:
                     backoff = min(backoff * 2, 5.0)
                     continue
                 backoff = 0.1
-                self.claims += 1
                 got = len(tasks)
                 refused = [task for task in tasks if not self._claimed(task)]
                 if refused:  # claimed while this worker stopped, or while its cancelled attempt winds down

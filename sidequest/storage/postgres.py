@@ -1103,10 +1103,9 @@ class PostgresStore:
             request.done.set()
 
     async def _finish_batch(self, outcomes: list[Outcome]) -> list[Effects]:
-        """A retry of a finish whose commit went through (its answer lost) finds its attempt row and
-        reports the row as it is (applied when it carries this outcome's status and time), writing
-        nothing. Only a retry looks: a first try never takes an attempt row written some other way
-        (add_attempt) for a finished transition."""
+        """A retry of a finish whose commit went through (its answer lost) finds its attempt rows
+        (see _lost_finish). Only a retry looks: a first try never takes an attempt row written some
+        other way (add_attempt) for a finished transition."""
         committed = Committed()
         tries = 0
 
@@ -1118,17 +1117,16 @@ class PostgresStore:
             dcur = conn.cursor(row_factory=dict_row)
             # every workflow of the batch locked up front, in order: batches never deadlock
             workflows = await self._lock_workflows(cur, {o.task.workflow_id for o in outcomes})
-            results: list[Effects] = []
-            notes: list[NotificationRecord] = []
-            if tries == 1:
-                results, notes = await self._finish_set(cur, dcur, outcomes, workflows, committed)
-            else:  # a retry: each outcome looks for what a lost commit may have written
-                for outcome in outcomes:
-                    effects, new_notes = await self._finish_one(
-                        cur, dcur, outcome, True, workflows, committed
-                    )
-                    results.append(effects)
-                    notes += new_notes
+            found: dict[int, Effects] = {}
+            if tries > 1:  # a retry: each outcome looks for what a lost commit may have written
+                for i, outcome in enumerate(outcomes):
+                    lost = await self._lost_finish(cur, dcur, outcome, committed)
+                    if lost is not None:
+                        found[i] = lost
+            rest = [o for i, o in enumerate(outcomes) if i not in found]
+            applied, notes = await self._finish_set(cur, dcur, rest, workflows, committed)
+            fresh = iter(applied)
+            results = [found[i] if i in found else next(fresh) for i in range(len(outcomes))]
             work = any(e.applied and e.status in ("queued", "retrying") for e in results)
             await self._insert_notifications(cur, notes)
             committed.notifications += notes
@@ -1150,6 +1148,8 @@ class PostgresStore:
         """A batch's first try, set-based: one guarded UPDATE for every outcome, one INSERT of the
         attempt rows, the results, and one tally of the workflows whose tasks finished; a few
         statements per batch instead of a few per attempt."""
+        if not outcomes:
+            return [], []
         rows = [
             {
                 "id": o.task.id,
@@ -1247,99 +1247,39 @@ class PostgresStore:
             effects_list.append(effects)
         return effects_list, notes
 
-    async def _finish_one(
-        self,
-        cur: AsyncCursor[Any],
-        dcur: AsyncCursor[Any],
-        outcome: Outcome,
-        retried: bool,
-        workflows: dict[str, tuple[str, str]],
-        committed: Committed,
-    ) -> tuple[Effects, list[NotificationRecord]]:
-        """One outcome inside a finish transaction: (its effects, the notifications it writes; the
-        caller inserts those with the batch's, under the cursor lock)."""
+    async def _lost_finish(
+        self, cur: AsyncCursor[Any], dcur: AsyncCursor[Any], outcome: Outcome, committed: Committed
+    ) -> Effects | None:
+        """On a retried finish transaction: what an earlier try whose answer was lost did with this
+        outcome (its attempt row is there), reported as the row is now, writing nothing; None when
+        that try did not commit it (the outcome is applied as on a first try)."""
         task, attempt = outcome.task, outcome.attempt
-        attempt_params = {
-            "task_id": attempt.task_id,
-            "attempt": attempt.attempt,
-            "status": attempt.status,
-            "started_at": _utc(attempt.started_at),
-            "finished_at": _utc(attempt.finished_at),
-            "error": attempt.error,
-            "worker_id": attempt.worker_id,
-        }
-        if retried:
-            await cur.execute(Q["attempt_recorded"], attempt_params)
-        if retried and await cur.fetchone() is not None:
-            await dcur.execute(Q["get_task"], {"id": task.id})
-            row = await dcur.fetchone()
-            now_row = _task_from(row) if row else None
-            applied = (
-                now_row is not None
-                and now_row.status == task.status
-                and now_row.updated_at == _utc(task.updated_at)
-            )
-            if not applied or now_row is None:
-                return Effects(applied=False, status=now_row.status if now_row else None), []
-            # what the lost commit wrote, as far as listeners need it: the row and its notifications
-            await cur.execute(Q["notifications_of_task_at"], {"id": task.id, "at": _utc(task.updated_at)})
-            notes = [NotificationRecord(*r) for r in await cur.fetchall()]
-            committed.task_ids.add(task.id)
-            committed.workflow_ids.add(task.workflow_id)
-            committed.notifications += notes
-            return Effects(applied=True, status=now_row.status, tasks=[now_row], notifications=notes), []
-        params = {
-            "id": task.id,
-            "worker_id": outcome.worker_id,
-            "attempt": attempt.attempt,
-            "attempts": task.attempts,  # one less after a shutdown: not one of its tries
-            "status": task.status,
-            "failures": task.failures,
-            "updated_at": _utc(task.updated_at),
-            "next_attempt_at": _utc(task.next_attempt_at),
-            "started_at": _utc(task.started_at),
-            "finished_at": _utc(task.finished_at),
-            "progress_percent": task.progress_percent,
-            "progress_message": task.progress_message,
-            "error": task.error,
-            "result_preview": task.result_preview,
-            "new_worker_id": task.worker_id,
-            "lease_expires_at": _utc(task.lease_expires_at),
-            "session_id": task.session_id,
-            "batch_id": task.batch_id,
-            "lost_attempts": task.lost_attempts,
-        }
-        await dcur.execute(Q["finish_task"], params)
+        await cur.execute(
+            Q["attempt_recorded"],
+            {
+                "task_id": attempt.task_id,
+                "attempt": attempt.attempt,
+                "status": attempt.status,
+                "started_at": _utc(attempt.started_at),
+                "finished_at": _utc(attempt.finished_at),
+                "error": attempt.error,
+                "worker_id": attempt.worker_id,
+            },
+        )
+        if await cur.fetchone() is None:
+            return None
+        await dcur.execute(Q["get_task"], {"id": task.id})
         row = await dcur.fetchone()
-        await cur.execute(Q["insert_attempt"], attempt_params)
-        if row is None:
-            released = [{"id": task.id, "worker_id": outcome.worker_id, "attempt": attempt.attempt}]
-            await cur.execute(Q["release_cancelled"], {"rows": Jsonb(released)})
-            await cur.execute(Q["task_status"], {"id": task.id})
-            current = await cur.fetchone()
-            return Effects(applied=False, status=current[0] if current else None), []
-        updated = _task_from(row)
-        effects = Effects(applied=True, status=updated.status, tasks=[updated])
-        if outcome.result is not None:
-            await cur.execute(Q["insert_result"], self._result_params(outcome.result))
-        now = _utc(task.updated_at) or datetime.now(UTC)
-        notes: list[NotificationRecord] = []
-        if outcome.notification is not None:
-            kind, message = outcome.notification
-            notes.append(
-                NotificationRecord(0, kind, updated.id, updated.workflow_id, updated.scope, message, now)
-            )
-        if updated.status in FINISHED:
-            wid = updated.workflow_id
-            finished, note = await self._finish_workflow(cur, wid, workflows.get(wid), updated.agent, now)
-            if finished is not None:
-                effects.workflows_finished.append(finished)
-            if note is not None:
-                notes.append(note)
-        effects.notifications = notes
-        committed.task_ids.add(updated.id)
-        committed.workflow_ids.add(updated.workflow_id)
-        return effects, notes
+        now_row = _task_from(row) if row else None
+        if now_row is None or now_row.status != task.status or now_row.updated_at != _utc(task.updated_at):
+            return Effects(applied=False, status=now_row.status if now_row else None)
+        # what the lost commit wrote, as far as listeners need it: the row and its notifications
+        await cur.execute(Q["notifications_of_task_at"], {"id": task.id, "at": _utc(task.updated_at)})
+        notes = [NotificationRecord(*r) for r in await cur.fetchall()]
+        committed.task_ids.add(task.id)
+        committed.workflow_ids.add(task.workflow_id)
+        committed.notifications += notes
+        return Effects(applied=True, status=now_row.status, tasks=[now_row], notifications=notes)
 
     async def cancel(
         self, task_ids: Sequence[str] | None, workflow_id: str | None, now: datetime

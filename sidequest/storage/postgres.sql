@@ -76,12 +76,6 @@ INSERT INTO token_usage (task_id, attempt, model, input_tokens, output_tokens, c
 VALUES (%(task_id)s, %(attempt)s, %(model)s, %(input_tokens)s, %(output_tokens)s,
     %(cache_creation_input_tokens)s, %(cache_read_input_tokens)s, %(cost_usd)s, %(recorded_at)s);
 
--- insert_task_event --
--- One run-log entry (a repeat of the same (task, seq) is ignored).
-INSERT INTO task_events (task_id, seq, logged_at, attempt, kind, message, data)
-VALUES (%(task_id)s, %(seq)s, %(logged_at)s, %(attempt)s, %(kind)s, %(message)s, %(data)s::jsonb)
-ON CONFLICT DO NOTHING;
-
 -- insert_task_events --
 -- A batch of run-log entries (one JSON object each; `data` is the entry's JSON text).
 INSERT INTO task_events (task_id, seq, logged_at, attempt, kind, message, data)
@@ -204,16 +198,6 @@ SELECT id, name, scope FROM workflow_executions WHERE id = ANY(%(ids)s) ORDER BY
 -- Task counts by status of a workflow, as of now (after the locks above).
 SELECT status, count(*) FROM task_executions WHERE workflow_id = %(id)s GROUP BY status;
 
--- finish_task --
--- An attempt's outcome, only while the attempt is still current.
-UPDATE task_executions SET status = %(status)s, attempts = %(attempts)s, failures = %(failures)s,
-    updated_at = %(updated_at)s, next_attempt_at = %(next_attempt_at)s, started_at = %(started_at)s,
-    finished_at = %(finished_at)s, progress_percent = %(progress_percent)s, progress_message = %(progress_message)s, error = %(error)s,
-    result_preview = %(result_preview)s, worker_id = %(new_worker_id)s, lease_expires_at = %(lease_expires_at)s,
-    session_id = %(session_id)s, batch_id = %(batch_id)s, lost_attempts = %(lost_attempts)s
-WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker_id)s AND attempts = %(attempt)s
-RETURNING *;
-
 -- finish_tasks --
 -- A batch of attempts' outcomes (one JSON object each), applied only where the attempt is still
 -- current: one statement for the whole batch.
@@ -255,10 +239,6 @@ SELECT id, status FROM task_executions WHERE id = ANY(%(ids)s);
 -- Task counts by status of some workflows, as of now (after their rows were locked).
 SELECT workflow_id, status, count(*) FROM task_executions WHERE workflow_id = ANY(%(ids)s)
 GROUP BY workflow_id, status;
-
--- task_status --
--- One task's status.
-SELECT status FROM task_executions WHERE id = %(id)s;
 
 -- workflow_task_ids --
 -- Every task of a workflow.
