@@ -286,3 +286,16 @@ async def test_a_task_claimed_as_the_worker_stops_goes_back_to_the_queue(
     assert rows(database, "SELECT attempt, status FROM task_attempts WHERE task_id = %s", task.id) == [
         (1, "interrupted")
     ]
+
+
+async def test_status_says_when_no_worker_serves_a_queued_tasks_queue(database: str, tmp_path: Path) -> None:
+    """An API-only daemon and no worker: the task waits, and check_workflow_status says why."""
+    async with client_engine(tmp_path, database) as engine:
+        submitted = await engine.submit("echo", "nobody takes this")
+        report = await engine.status(task_id=submitted.task_id)
+        assert report.hint is not None
+        assert report.hint.startswith("no worker serves agent echo on queue 'default'"), report.hint
+        workflow = await engine.status(workflow_id=submitted.workflow_id)
+        assert workflow.hint is not None and workflow.hint.startswith("no worker serves agent echo"), (
+            workflow.hint
+        )

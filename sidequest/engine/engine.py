@@ -1066,8 +1066,12 @@ class Engine:
         workers = [
             w for w in await self._shared_store.list_workers(self.settings.lease_seconds) if w.concurrency
         ]
-        for info in waiting[:20]:
-            row = await self.store.get_task(info.task_id)
+        if report.workflow is not None:  # one read for the workflow's rows, not one per task
+            rows = {t.id: t for t in await self.store.get_tasks(report.workflow.workflow_id)}
+        else:
+            rows = {t.id: t for t in [await self.store.get_task(waiting[0].task_id)] if t is not None}
+        for info in waiting:
+            row = rows.get(info.task_id)
             if row is None:
                 continue
             able = [
